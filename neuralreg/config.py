@@ -1,0 +1,181 @@
+"""Configuration dataclasses: one documented schema for the encoding, the field and the optimizer.
+
+Every default is written here once; the command line and the README refer to these.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class HashGridConfig:
+    """Multiresolution hash-grid encoding, with tiny-cuda-nn's ``HashGrid`` keys and meaning.
+
+    Attributes:
+        n_levels: number of resolution levels L.
+        n_features_per_level: features F per level (output width is L*F).
+        log2_hashmap_size: log2 of the table size T of each hashed level.
+        base_resolution: grid vertices per axis on the coarsest level.
+        per_level_scale: resolution growth factor b between levels.
+        interpolation: ``"Linear"`` or ``"Smoothstep"`` (C1 in the input).
+    """
+
+    n_levels: int = 8
+    n_features_per_level: int = 2
+    log2_hashmap_size: int = 16
+    base_resolution: int = 4
+    per_level_scale: float = 1.5
+    interpolation: str = "Linear"
+
+    def __post_init__(self):
+        if self.interpolation not in ("Linear", "Smoothstep"):
+            raise ValueError(
+                f"interpolation must be 'Linear' or 'Smoothstep', not {self.interpolation!r}"
+            )
+        if self.n_levels < 1 or self.n_features_per_level < 1:
+            raise ValueError("n_levels and n_features_per_level must be positive")
+        if not 1 <= self.log2_hashmap_size <= 30:
+            raise ValueError("log2_hashmap_size must be in [1, 30]")
+        if self.base_resolution < 2 or self.per_level_scale < 1.0:
+            raise ValueError("base_resolution must be >= 2 and per_level_scale >= 1")
+
+    def to_tcnn(self) -> dict:
+        """The same encoding as a tiny-cuda-nn config dictionary."""
+        return {
+            "otype": "HashGrid",
+            "n_levels": self.n_levels,
+            "n_features_per_level": self.n_features_per_level,
+            "log2_hashmap_size": self.log2_hashmap_size,
+            "base_resolution": self.base_resolution,
+            "per_level_scale": self.per_level_scale,
+            "interpolation": self.interpolation,
+        }
+
+
+@dataclass
+class FieldConfig:
+    """A neural displacement field: hash-grid encoding followed by an MLP.
+
+    Attributes:
+        encoding: the hash-grid encoding.
+        hidden_width: neurons per hidden layer.
+        hidden_layers: number of hidden layers.
+        activation: ``"relu"``, ``"silu"``, ``"softplus"`` or ``"tanh"``.
+        backend: hash-grid implementation: ``"torch"`` (reference), ``"native"``,
+            ``"tcnn"`` or ``"auto"`` (fastest available).
+    """
+
+    encoding: HashGridConfig = field(default_factory=HashGridConfig)
+    hidden_width: int = 64
+    hidden_layers: int = 2
+    activation: str = "relu"
+    backend: str = "auto"
+
+    def __post_init__(self):
+        if isinstance(self.encoding, dict):
+            self.encoding = HashGridConfig(**self.encoding)
+        if self.activation not in ("relu", "silu", "softplus", "tanh"):
+            raise ValueError(f"unknown activation {self.activation!r}")
+        if self.backend not in ("torch", "native", "tcnn", "auto"):
+            raise ValueError(
+                f"backend must be torch, native, tcnn or auto, not {self.backend!r}"
+            )
+
+
+SIMILARITIES = ("mse", "ncc", "lncc")
+REGULARIZERS = ("gradicon", "gradicon_fd", "icon", "diffusion", "bending", "none")
+
+
+@dataclass
+class RegistrationConfig:
+    """How one pair is optimized.
+
+    Attributes:
+        field: the neural field (both directions use the same architecture).
+        similarity: ``"mse"``, ``"ncc"`` (global) or ``"lncc"`` (local windows).
+        regularizer: ``"gradicon"`` (autograd Jacobian), ``"gradicon_fd"`` (finite
+            differences), ``"icon"``, ``"diffusion"``, ``"bending"`` or ``"none"``.
+        regularizer_weight: lambda multiplying the regularizer.
+        steps: Adam steps in total, spread over the pyramid stages.
+        learning_rate: Adam learning rate (tables and MLP alike).
+        points: similarity points per field and step.
+        regularizer_points: points per step for the regularizer.
+        lncc_window: side of the local NCC window, in voxels of the image sampled.
+        lncc_patch_points: points per local window.
+        fd_step_mm: finite-difference step of ``gradicon_fd`` (mm).
+        pyramid: image down-sampling factor of each stage, coarse to fine.
+        stage_fractions: share of ``steps`` per stage (same length as ``pyramid``).
+        margin: margin added to each side of the pair's world box, as a fraction of its extent.
+        seed: seeds initialization and point sampling (deterministic on CPU).
+        device: ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
+        threads: CPU threads for torch (None: leave torch's default).
+        progress: show a tqdm progress bar with the loss terms.
+        max_recoveries: NaN/Inf losses recovered from (restore, halve learning rate)
+            before the run is declared diverged.
+    """
+
+    field: FieldConfig = field(default_factory=FieldConfig)
+    similarity: str = "lncc"
+    regularizer: str = "gradicon"
+    regularizer_weight: float = 1.0
+    steps: int = 1000
+    learning_rate: float = 2e-3
+    points: int = 16384
+    regularizer_points: int = 4096
+    lncc_window: float = 7.0
+    lncc_patch_points: int = 32
+    fd_step_mm: float = 0.5
+    pyramid: tuple = (4, 2, 1)
+    stage_fractions: tuple = (0.25, 0.25, 0.5)
+    margin: float = 0.15
+    seed: int = 0
+    device: str = "cpu"
+    threads: int | None = None
+    progress: bool = True
+    max_recoveries: int = 3
+
+    def __post_init__(self):
+        if isinstance(self.field, dict):
+            self.field = FieldConfig(**self.field)
+        self.pyramid = tuple(int(f) for f in self.pyramid)
+        self.stage_fractions = tuple(float(f) for f in self.stage_fractions)
+        if self.similarity not in SIMILARITIES:
+            raise ValueError(
+                f"similarity must be one of {SIMILARITIES}, not {self.similarity!r}"
+            )
+        if self.regularizer not in REGULARIZERS:
+            raise ValueError(
+                f"regularizer must be one of {REGULARIZERS}, not {self.regularizer!r}"
+            )
+        if len(self.pyramid) != len(self.stage_fractions) or not self.pyramid:
+            raise ValueError(
+                "pyramid and stage_fractions must have the same, non-zero length"
+            )
+        if any(f < 1 for f in self.pyramid):
+            raise ValueError("pyramid factors must be >= 1")
+        if self.steps < 1 or self.points < 8 or self.regularizer_points < 1:
+            raise ValueError(
+                "steps, points and regularizer_points must be positive (points >= 8)"
+            )
+        if self.regularizer_weight < 0 or self.learning_rate <= 0:
+            raise ValueError("regularizer_weight must be >= 0 and learning_rate > 0")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> RegistrationConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ValueError(f"unknown configuration keys: {sorted(unknown)}")
+        return cls(**d)
+
+    @classmethod
+    def from_json(cls, path) -> RegistrationConfig:
+        with open(path) as f:
+            return cls.from_dict(json.load(f))

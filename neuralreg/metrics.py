@@ -1,0 +1,89 @@
+"""Evaluation: Dice, Jacobian determinant and folds, inverse consistency, landmark error."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+def dice(labels_a, labels_b, labels=None) -> dict:
+    """Dice per label and their mean.
+
+    Args:
+        labels_a, labels_b: integer label maps of equal shape (tensor or array).
+        labels: labels to score; default every non-zero label present in either map.
+
+    Returns:
+        ``{"per_label": {label: dice}, "mean": mean dice}``; a label absent from both maps is skipped.
+    """
+    a = torch.as_tensor(
+        np.asarray(labels_a) if not torch.is_tensor(labels_a) else labels_a
+    )
+    b = torch.as_tensor(
+        np.asarray(labels_b) if not torch.is_tensor(labels_b) else labels_b
+    )
+    if a.shape != b.shape:
+        raise ValueError(
+            f"label maps differ in shape: {tuple(a.shape)} vs {tuple(b.shape)}"
+        )
+    a, b = a.long(), b.long()
+    if labels is None:
+        labels = sorted(
+            set(torch.unique(a).tolist()) | set(torch.unique(b).tolist()) - {0}
+        )
+    per = {}
+    for lab in labels:
+        ma, mb = a == lab, b == lab
+        denom = int(ma.sum() + mb.sum())
+        if denom:
+            per[int(lab)] = 2.0 * float((ma & mb).sum()) / denom
+    return {
+        "per_label": per,
+        "mean": float(np.mean(list(per.values()))) if per else float("nan"),
+    }
+
+
+def jacobian_determinant(map_world: torch.Tensor, affine: np.ndarray) -> torch.Tensor:
+    """det of the spatial Jacobian of a map sampled on a grid.
+
+    Args:
+        map_world: (*shape, d) world coordinates (mm) of the map at every voxel of a grid.
+        affine: the grid's (d+1)x(d+1) voxel-to-world affine.
+
+    Returns:
+        (*shape) determinants of d(map)/d(world x), by backward differences on the voxel
+        grid (as the GradICON paper counts folds); the first slice along each axis repeats
+        its neighbour.
+    """
+    d = map_world.shape[-1]
+    m = map_world.double()
+    cols = []
+    for k in range(d):
+        diff = m.narrow(k, 1, m.shape[k] - 1) - m.narrow(k, 0, m.shape[k] - 1)
+        diff = torch.cat([diff.narrow(k, 0, 1), diff], k)
+        cols.append(diff)
+    jac_index = torch.stack(cols, -1)  # (*shape, d_out, d_index)
+    det = torch.linalg.det(jac_index) / float(np.linalg.det(affine[:d, :d]))
+    return det
+
+
+def percent_folds(det: torch.Tensor, mask: torch.Tensor | None = None) -> float:
+    """Percentage of voxels with a negative Jacobian determinant (first slices excluded)."""
+    interior = det[(slice(1, None),) * det.dim()]
+    if mask is not None:
+        interior = interior[mask[(slice(1, None),) * det.dim()] > 0]
+    return 100.0 * float((interior < 0).double().mean()) if interior.numel() else 0.0
+
+
+def landmark_error(
+    mapped_fixed_points: torch.Tensor, moving_points: torch.Tensor
+) -> dict:
+    """Distances (mm) between fixed landmarks mapped into the moving image and their moving partners."""
+    dist = torch.linalg.norm(
+        torch.as_tensor(mapped_fixed_points) - torch.as_tensor(moving_points), dim=-1
+    )
+    return {
+        "mean": float(dist.mean()),
+        "max": float(dist.max()),
+        "per_point": dist.tolist(),
+    }

@@ -1,0 +1,270 @@
+"""``register_pair``: optimize the two neural fields of one image pair."""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from . import regularizers
+from .config import RegistrationConfig
+from .coordinates import NormalizedBox, apply_affine
+from .field import NeuralField
+from .image import Image
+from .points import VoxelSampler
+from .result import Registration
+from .similarity import SIMILARITY_FUNCTIONS
+
+
+class RegistrationDiverged(RuntimeError):
+    """The loss became NaN/Inf more often than ``config.max_recoveries`` allowed."""
+
+
+class InputError(ValueError):
+    """Input images, masks or options that cannot be registered (message is one line)."""
+
+
+def check_image(image: Image, name: str) -> None:
+    """Raise ``InputError`` for non-finite or constant images."""
+    data = image.data
+    if not data.is_floating_point():
+        data = data.float()
+    if not bool(torch.isfinite(data).all()):
+        raise InputError(f"{name} contains NaN or Inf voxels")
+    if float(data.max() - data.min()) == 0.0:
+        raise InputError(f"{name} is constant: nothing to register")
+
+
+class _Stage:
+    """One pyramid level: down-sampled images, their voxel<->normalized maps and samplers."""
+
+    def __init__(
+        self, moving, fixed, moving_mask, fixed_mask, factor, box, generator, device
+    ):
+        self.moving = moving.downsample(factor).to(device)
+        self.fixed = fixed.downsample(factor).to(device)
+        self.moving_sampler = VoxelSampler(
+            self.moving.shape, _mask(moving_mask, factor), generator
+        )
+        self.fixed_sampler = VoxelSampler(
+            self.fixed.shape, _mask(fixed_mask, factor), generator
+        )
+        self.vox_to_u = {
+            "moving": box.voxel_to_normalized_matrix(self.moving.affine),
+            "fixed": box.voxel_to_normalized_matrix(self.fixed.affine),
+        }
+        self.u_to_vox = {k: np.linalg.inv(v) for k, v in self.vox_to_u.items()}
+
+
+def _mask(mask: Image | None, factor: int):
+    if mask is None:
+        return None
+    return mask.with_data((mask.data > 0).float()).downsample(factor).data > 0.5
+
+
+def _similarity_term(cfg, stage, field, source: str, target: str, device):
+    """sim(source o field, target) at points sampled in the target's domain."""
+    sampler = stage.fixed_sampler if target == "fixed" else stage.moving_sampler
+    target_img = stage.fixed if target == "fixed" else stage.moving
+    source_img = stage.moving if source == "moving" else stage.fixed
+    if cfg.similarity == "lncc":
+        k = cfg.lncc_patch_points
+        vox = sampler.sample_windows(max(1, cfg.points // k), k, cfg.lncc_window).to(
+            device
+        )
+    else:
+        vox = sampler.sample(cfg.points).to(device)
+    u = apply_affine(stage.vox_to_u[target], vox)
+    warped_vox = apply_affine(stage.u_to_vox[source], field(u))
+    warped = source_img.sample(warped_vox)
+    fixed_vals = target_img.sample(vox)
+    if cfg.similarity == "lncc":
+        warped = warped.reshape(-1, cfg.lncc_patch_points)
+        fixed_vals = fixed_vals.reshape(-1, cfg.lncc_patch_points)
+    return SIMILARITY_FUNCTIONS[cfg.similarity](warped, fixed_vals)
+
+
+def _regularizer_term(cfg, stage, phi_ab, phi_ba, box, device):
+    if cfg.regularizer == "none" or cfg.regularizer_weight == 0:
+        return torch.zeros((), device=device)
+    vox = stage.moving_sampler.sample(cfg.regularizer_points).to(device)
+    u = apply_affine(stage.vox_to_u["moving"], vox)
+    if cfg.regularizer == "gradicon":
+        return regularizers.gradicon(phi_ab, phi_ba, u)
+    if cfg.regularizer == "gradicon_fd":
+        return regularizers.gradicon_fd(phi_ab, phi_ba, u, cfg.fd_step_mm / box.scale)
+    return getattr(regularizers, cfg.regularizer)(phi_ab, phi_ba, u)
+
+
+def stage_steps(config: RegistrationConfig) -> list[int]:
+    """Steps of each pyramid stage (they add up to ``config.steps``)."""
+    total = sum(config.stage_fractions)
+    steps = [int(round(config.steps * f / total)) for f in config.stage_fractions]
+    steps[-1] = config.steps - sum(steps[:-1])
+    return steps
+
+
+def register_pair(
+    moving: Image,
+    fixed: Image,
+    config: RegistrationConfig | None = None,
+    moving_mask: Image | None = None,
+    fixed_mask: Image | None = None,
+) -> Registration:
+    """Register ``moving`` (A) to ``fixed`` (B) with two neural fields.
+
+    Minimizes sim(A o Phi_AB, B) + sim(B o Phi_BA, A) + lambda * regularizer(Phi_AB, Phi_BA)
+    with Adam, resampling points every step, coarse to fine: the images are box-averaged
+    by ``config.pyramid[s]`` and the finest hash levels are switched on stage by stage.
+
+    Args:
+        moving, fixed: 2D or 3D ``Image`` s with affines (world mm); intensities as given
+            (see ``neuralreg.io`` for MRI/CT preprocessing).
+        config: ``RegistrationConfig`` (defaults if None).
+        moving_mask, fixed_mask: optional masks on the images' grids; similarity points
+            are drawn inside them.
+
+    Returns:
+        ``Registration`` holding both fields (``forward`` = Phi_AB maps fixed-space points
+        into the moving space).
+
+    Raises:
+        InputError: unusable input; RegistrationDiverged: NaN loss beyond recovery.
+    """
+    cfg = config or RegistrationConfig()
+    if moving.n_dims != fixed.n_dims:
+        raise InputError(
+            f"moving image is {moving.n_dims}D but fixed image is {fixed.n_dims}D"
+        )
+    check_image(moving, "moving image")
+    check_image(fixed, "fixed image")
+    for mask, img, name in (
+        (moving_mask, moving, "moving mask"),
+        (fixed_mask, fixed, "fixed mask"),
+    ):
+        if mask is not None:
+            if mask.shape != img.shape:
+                raise InputError(
+                    f"{name} has shape {mask.shape}, its image {img.shape}"
+                )
+            if not bool((mask.data > 0).any()):
+                raise InputError(f"{name} is empty")
+    device = torch.device(cfg.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(
+            f"device {cfg.device!r} requested but no CUDA GPU is available"
+        )
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    d = fixed.n_dims
+    t_start = time.perf_counter()
+
+    torch.manual_seed(cfg.seed)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    box = NormalizedBox.around(
+        [(moving.shape, moving.affine), (fixed.shape, fixed.affine)], cfg.margin
+    )
+    phi_ab = NeuralField(d, cfg.field).to(device)
+    phi_ba = NeuralField(d, cfg.field).to(device)
+    for f in (phi_ab, phi_ba):
+        f.set_backend(cfg.field.backend)
+    params = list(phi_ab.parameters()) + list(phi_ba.parameters())
+    lr = cfg.learning_rate
+    optimizer = torch.optim.Adam(params, lr=lr)
+
+    history: list[dict] = []
+    n_levels = cfg.field.encoding.n_levels
+    steps = stage_steps(cfg)
+    recoveries = 0
+    snapshot = None
+    bar = tqdm(
+        total=cfg.steps, disable=not cfg.progress, desc="register", dynamic_ncols=True
+    )
+    step = 0
+    for s, (factor, n_steps) in enumerate(zip(cfg.pyramid, steps)):
+        stage = _Stage(
+            moving, fixed, moving_mask, fixed_mask, factor, box, generator, device
+        )
+        active = math.ceil(n_levels * (s + 1) / len(cfg.pyramid))
+        for f in (phi_ab, phi_ba):
+            f.encoding.set_active_levels(active)
+        i = 0
+        while i < n_steps:
+            if snapshot is None or step % 50 == 0:
+                snapshot = _snapshot(phi_ab, phi_ba, optimizer)
+            optimizer.zero_grad(set_to_none=True)
+            sim_ab = _similarity_term(cfg, stage, phi_ab, "moving", "fixed", device)
+            sim_ba = _similarity_term(cfg, stage, phi_ba, "fixed", "moving", device)
+            reg = _regularizer_term(cfg, stage, phi_ab, phi_ba, box, device)
+            loss = sim_ab + sim_ba + cfg.regularizer_weight * reg
+            if not bool(torch.isfinite(loss)):
+                recoveries += 1
+                if recoveries > cfg.max_recoveries:
+                    bar.close()
+                    raise RegistrationDiverged(
+                        f"loss became non-finite at step {step} after {cfg.max_recoveries} recoveries; "
+                        "lower the learning rate or raise the regularizer weight"
+                    )
+                _restore(snapshot, phi_ab, phi_ba, optimizer)
+                lr /= 2
+                for g in optimizer.param_groups:
+                    g["lr"] = lr
+                continue
+            loss.backward()
+            optimizer.step()
+            terms = {
+                k: float(v.detach())
+                for k, v in (
+                    ("loss", loss),
+                    ("sim_ab", sim_ab),
+                    ("sim_ba", sim_ba),
+                    ("reg", reg),
+                )
+            }
+            history.append({"step": step, "stage": s, **terms})
+            bar.update(1)
+            if step % 10 == 0:
+                bar.set_postfix(
+                    stage=s,
+                    sim=f"{terms['sim_ab']:.4f}/{terms['sim_ba']:.4f}",
+                    reg=f"{terms['reg']:.2e}",
+                )
+            i += 1
+            step += 1
+    bar.close()
+    elapsed = time.perf_counter() - t_start
+    info = {
+        "seconds": elapsed,
+        "seconds_per_step": elapsed / max(cfg.steps, 1),
+        "recoveries": recoveries,
+        "final_learning_rate": lr,
+        "backend": phi_ab.encoding.backend,
+        "final": history[-1] if history else {},
+    }
+    return Registration(
+        phi_ab,
+        phi_ba,
+        box,
+        (fixed.shape, fixed.affine),
+        (moving.shape, moving.affine),
+        cfg,
+        history,
+        info,
+    )
+
+
+def _snapshot(phi_ab, phi_ba, optimizer):
+    return copy.deepcopy(
+        (phi_ab.state_dict(), phi_ba.state_dict(), optimizer.state_dict())
+    )
+
+
+def _restore(snapshot, phi_ab, phi_ba, optimizer):
+    a, b, o = copy.deepcopy(snapshot)
+    phi_ab.load_state_dict(a)
+    phi_ba.load_state_dict(b)
+    optimizer.load_state_dict(o)

@@ -1,0 +1,215 @@
+"""``Registration``: the fitted pair of fields, evaluated on any grid in chunks."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .config import RegistrationConfig
+from .coordinates import NormalizedBox, apply_affine, grid_points
+from .field import NeuralField
+from .image import Image
+from .metrics import jacobian_determinant, percent_folds
+
+FORMAT_VERSION = 1
+
+
+class Registration:
+    """Result of ``register_pair``.
+
+    ``forward`` is Phi_AB: fixed-space world points -> moving-space world points (the map
+    that pulls the moving image onto the fixed grid); ``inverse`` is Phi_BA.
+
+    Attributes:
+        phi_ab, phi_ba: the two ``NeuralField`` s (normalized coordinates).
+        box: the ``NormalizedBox`` between world mm and the fields' unit cube.
+        fixed_grid, moving_grid: (shape, affine) of the fixed and moving images.
+        config: the ``RegistrationConfig`` used.
+        history: per-step dict of loss terms.
+        info: timings and other facts of the run.
+    """
+
+    def __init__(
+        self,
+        phi_ab,
+        phi_ba,
+        box,
+        fixed_grid,
+        moving_grid,
+        config,
+        history=None,
+        info=None,
+    ):
+        self.phi_ab, self.phi_ba = phi_ab.eval(), phi_ba.eval()
+        self.box = box
+        self.fixed_grid = (
+            tuple(fixed_grid[0]),
+            np.asarray(fixed_grid[1], dtype=np.float64),
+        )
+        self.moving_grid = (
+            tuple(moving_grid[0]),
+            np.asarray(moving_grid[1], dtype=np.float64),
+        )
+        self.config = config
+        self.history = history or []
+        self.info = info or {}
+
+    @property
+    def n_dims(self) -> int:
+        return self.box.n_dims
+
+    def _field(self, direction: str) -> NeuralField:
+        if direction not in ("forward", "inverse"):
+            raise ValueError("direction must be 'forward' or 'inverse'")
+        return self.phi_ab if direction == "forward" else self.phi_ba
+
+    def _grid(self, direction: str):
+        return self.fixed_grid if direction == "forward" else self.moving_grid
+
+    @torch.no_grad()
+    def map_points(
+        self, points_world: torch.Tensor, direction: str = "forward", chunk: int = 65536
+    ) -> torch.Tensor:
+        """Phi(x) for world points (N, d) in mm, evaluated in chunks."""
+        field = self._field(direction)
+        dev = next(field.parameters()).device
+        pts = torch.as_tensor(points_world, dtype=torch.float32)
+        out = torch.empty_like(pts)
+        for s in range(0, pts.shape[0], chunk):
+            u = self.box.to_normalized(pts[s : s + chunk].to(dev))
+            out[s : s + chunk] = self.box.to_world(field(u)).cpu()
+        return out
+
+    @torch.no_grad()
+    def map_on_grid(
+        self, shape=None, affine=None, direction: str = "forward", chunk: int = 65536
+    ) -> torch.Tensor:
+        """World coordinates (*shape, d) of Phi at every voxel of a grid (default: the grid of its domain)."""
+        if shape is None:
+            shape, affine = self._grid(direction)
+        out = torch.empty(int(np.prod(shape)), len(shape))
+        for s in range(0, out.shape[0], chunk):
+            vox = _voxels(shape, s, min(s + chunk, out.shape[0]))
+            out[s : s + chunk] = self.map_points(
+                apply_affine(affine, vox), direction, chunk
+            )
+        return out.reshape(*shape, len(shape))
+
+    def displacement_on_grid(
+        self, shape=None, affine=None, direction: str = "forward"
+    ) -> torch.Tensor:
+        """Phi(x) - x in world mm, (*shape, d)."""
+        if shape is None:
+            shape, affine = self._grid(direction)
+        phi = self.map_on_grid(shape, affine, direction)
+        ident = apply_affine(affine, grid_points(shape)).reshape(phi.shape)
+        return phi - ident
+
+    @torch.no_grad()
+    def warp(
+        self, image: Image, mode: str = "linear", direction: str = "forward", grid=None
+    ) -> Image:
+        """Resample an image of the moving space onto the fixed grid (``forward``), or the reverse.
+
+        Args:
+            image: the image or label map to warp (any grid in its space).
+            mode: ``"linear"`` for intensities, ``"nearest"`` for label maps.
+            grid: (shape, affine) of the output; default the other image's grid.
+        """
+        shape, affine = grid if grid is not None else self._grid(direction)
+        phi = self.map_on_grid(shape, affine, direction).reshape(-1, len(shape))
+        vox = apply_affine(np.linalg.inv(image.affine), phi.double()).float()
+        values = torch.empty(vox.shape[0])
+        src = image.data.float()
+        for s in range(0, vox.shape[0], 262144):
+            values[s : s + 262144] = Image(src, image.affine).sample(
+                vox[s : s + 262144], mode=mode
+            )
+        data = values.reshape(shape)
+        if mode == "nearest" and not image.data.is_floating_point():
+            data = data.round().to(image.data.dtype)
+        return Image(data, affine)
+
+    def jacobian_determinant(self, direction: str = "forward") -> Image:
+        """det of d(Phi)/dx on the domain grid (backward differences), as an Image."""
+        shape, affine = self._grid(direction)
+        return Image(
+            jacobian_determinant(
+                self.map_on_grid(shape, affine, direction), affine
+            ).float(),
+            affine,
+        )
+
+    def percent_folds(self, direction: str = "forward") -> float:
+        """% of domain-grid voxels with negative Jacobian determinant."""
+        return percent_folds(self.jacobian_determinant(direction).data)
+
+    @torch.no_grad()
+    def inverse_consistency_error(
+        self, direction: str = "inverse", max_points: int = 200000
+    ) -> float:
+        """Mean ||Phi_AB(Phi_BA(x)) - x|| in mm over the moving grid (``inverse``: x in moving space)."""
+        shape, affine = self._grid(direction)
+        vox = grid_points(shape)
+        if vox.shape[0] > max_points:
+            g = torch.Generator().manual_seed(0)
+            vox = vox[torch.randperm(vox.shape[0], generator=g)[:max_points]]
+        x = apply_affine(affine, vox)
+        other = "forward" if direction == "inverse" else "inverse"
+        back = self.map_points(self.map_points(x, direction), other)
+        return float(torch.linalg.norm(back - x, dim=1).mean())
+
+    def state(self) -> dict:
+        return {
+            "format_version": FORMAT_VERSION,
+            "config": self.config.to_dict(),
+            "box": self.box.state(),
+            "fixed_grid": [list(self.fixed_grid[0]), self.fixed_grid[1].tolist()],
+            "moving_grid": [list(self.moving_grid[0]), self.moving_grid[1].tolist()],
+            "phi_ab": {k: v.cpu() for k, v in self.phi_ab.state_dict().items()},
+            "phi_ba": {k: v.cpu() for k, v in self.phi_ba.state_dict().items()},
+            "history": self.history,
+            "info": self.info,
+        }
+
+    def save(self, path) -> None:
+        """Save the fitted fields (re-evaluate later at any resolution with ``Registration.load``)."""
+        from .io import atomic_write
+
+        with atomic_write(path) as tmp:
+            torch.save(self.state(), tmp)
+
+    @classmethod
+    def load(cls, path, device: str = "cpu") -> Registration:
+        state = torch.load(path, map_location=device, weights_only=False)
+        if state.get("format_version") != FORMAT_VERSION:
+            raise ValueError(
+                f"{path} is not a neuralreg registration (format {state.get('format_version')})"
+            )
+        config = RegistrationConfig.from_dict(state["config"])
+        box = NormalizedBox.from_state(state["box"])
+        fields = []
+        for key in ("phi_ab", "phi_ba"):
+            f = NeuralField(box.n_dims, config.field)
+            f.load_state_dict(state[key])
+            f.set_backend(config.field.backend)
+            fields.append(f.to(device))
+        return cls(
+            fields[0],
+            fields[1],
+            box,
+            state["fixed_grid"],
+            state["moving_grid"],
+            config,
+            state["history"],
+            state["info"],
+        )
+
+
+def _voxels(shape, start: int, stop: int) -> torch.Tensor:
+    flat = torch.arange(start, stop)
+    idx = []
+    for n in reversed(shape):
+        idx.append(flat % n)
+        flat = flat // n
+    return torch.stack(idx[::-1], 1).float()
