@@ -33,9 +33,7 @@ class HashGridConfig:
 
     def __post_init__(self):
         if self.interpolation not in ("Linear", "Smoothstep"):
-            raise ValueError(
-                f"interpolation must be 'Linear' or 'Smoothstep', not {self.interpolation!r}"
-            )
+            raise ValueError(f"interpolation must be 'Linear' or 'Smoothstep', not {self.interpolation!r}")
         if self.n_levels < 1 or self.n_features_per_level < 1:
             raise ValueError("n_levels and n_features_per_level must be positive")
         if not 1 <= self.log2_hashmap_size <= 30:
@@ -81,9 +79,7 @@ class FieldConfig:
         if self.activation not in ("relu", "silu", "softplus", "tanh"):
             raise ValueError(f"unknown activation {self.activation!r}")
         if self.backend not in ("torch", "native", "tcnn", "auto"):
-            raise ValueError(
-                f"backend must be torch, native, tcnn or auto, not {self.backend!r}"
-            )
+            raise ValueError(f"backend must be torch, native, tcnn or auto, not {self.backend!r}")
 
 
 SIMILARITIES = ("mse", "ncc", "lncc")
@@ -144,23 +140,15 @@ class RegistrationConfig:
         self.pyramid = tuple(int(f) for f in self.pyramid)
         self.stage_fractions = tuple(float(f) for f in self.stage_fractions)
         if self.similarity not in SIMILARITIES:
-            raise ValueError(
-                f"similarity must be one of {SIMILARITIES}, not {self.similarity!r}"
-            )
+            raise ValueError(f"similarity must be one of {SIMILARITIES}, not {self.similarity!r}")
         if self.regularizer not in REGULARIZERS:
-            raise ValueError(
-                f"regularizer must be one of {REGULARIZERS}, not {self.regularizer!r}"
-            )
+            raise ValueError(f"regularizer must be one of {REGULARIZERS}, not {self.regularizer!r}")
         if len(self.pyramid) != len(self.stage_fractions) or not self.pyramid:
-            raise ValueError(
-                "pyramid and stage_fractions must have the same, non-zero length"
-            )
+            raise ValueError("pyramid and stage_fractions must have the same, non-zero length")
         if any(f < 1 for f in self.pyramid):
             raise ValueError("pyramid factors must be >= 1")
         if self.steps < 1 or self.points < 8 or self.regularizer_points < 1:
-            raise ValueError(
-                "steps, points and regularizer_points must be positive (points >= 8)"
-            )
+            raise ValueError("steps, points and regularizer_points must be positive (points >= 8)")
         if self.regularizer_weight < 0 or self.learning_rate <= 0:
             raise ValueError("regularizer_weight must be >= 0 and learning_rate > 0")
 

@@ -25,9 +25,7 @@ import torch
 def grid_corners_world(shape, affine: np.ndarray) -> np.ndarray:
     """World coordinates (2^d, d) of the corner voxel centers of a grid."""
     d = len(shape)
-    idx = np.array(np.meshgrid(*[[0, n - 1] for n in shape], indexing="ij")).reshape(
-        d, -1
-    )
+    idx = np.array(np.meshgrid(*[[0, n - 1] for n in shape], indexing="ij")).reshape(d, -1)
     return (affine[:d, :d] @ idx + affine[:d, d : d + 1]).T
 
 
@@ -71,9 +69,7 @@ class NormalizedBox:
 
     @classmethod
     def from_state(cls, s: dict) -> NormalizedBox:
-        return cls(
-            center=np.asarray(s["center"], dtype=np.float64), scale=float(s["scale"])
-        )
+        return cls(center=np.asarray(s["center"], dtype=np.float64), scale=float(s["scale"]))
 
 
 def apply_affine(matrix: np.ndarray | torch.Tensor, pts: torch.Tensor) -> torch.Tensor:

@@ -46,12 +46,8 @@ def resolve_backend(backend: str, device: torch.device | str = "cpu") -> str:
             stacklevel=2,
         )
         return "torch"
-    if backend == "tcnn" and not (
-        device.type == "cuda" and tcnn_backend.is_available()
-    ):
-        raise RuntimeError(
-            f"tcnn backend requested but {tcnn_backend.status()} (needs CUDA)"
-        )
+    if backend == "tcnn" and not (device.type == "cuda" and tcnn_backend.is_available()):
+        raise RuntimeError(f"tcnn backend requested but {tcnn_backend.status()} (needs CUDA)")
     return backend
 
 
@@ -67,14 +63,10 @@ class HashGridEncoding(nn.Module):
     ``level_mask``: a (L,) buffer of 0/1 that switches levels off (coarse-to-fine).
     """
 
-    def __init__(
-        self, n_dims: int, config: HashGridConfig | None = None, backend: str = "torch"
-    ):
+    def __init__(self, n_dims: int, config: HashGridConfig | None = None, backend: str = "torch"):
         super().__init__()
         if n_dims not in (2, 3):
-            raise ValueError(
-                f"hash-grid encoding supports 2 or 3 dimensions, not {n_dims}"
-            )
+            raise ValueError(f"hash-grid encoding supports 2 or 3 dimensions, not {n_dims}")
         self.config = config or HashGridConfig()
         self.n_dims = n_dims
         self.layout = level_layout(self.config, n_dims)
@@ -106,9 +98,7 @@ class HashGridEncoding(nn.Module):
         x = x.clamp(0.0, 1.0)
         smooth = self.config.interpolation == "Smoothstep"
         if self.backend == "torch":
-            out = hashgrid_encode_torch(
-                x, self.table.to(x.dtype), self.indexer(), smooth
-            )
+            out = hashgrid_encode_torch(x, self.table.to(x.dtype), self.indexer(), smooth)
         elif self.backend == "native":
             from . import native
 
@@ -118,10 +108,6 @@ class HashGridEncoding(nn.Module):
 
             out = tcnn_backend.encode(self, x)
         else:
-            raise RuntimeError(
-                f"backend {self.backend!r} not resolved; call set_backend"
-            )
-        mask = self.level_mask.to(out.dtype).repeat_interleave(
-            self.config.n_features_per_level
-        )
+            raise RuntimeError(f"backend {self.backend!r} not resolved; call set_backend")
+        mask = self.level_mask.to(out.dtype).repeat_interleave(self.config.n_features_per_level)
         return out * mask

@@ -40,11 +40,8 @@ def level_layout(config: HashGridConfig, n_dims: int) -> LevelLayout:
     offset = 0
     max_params = np.iinfo(np.uint32).max // 2
     for level in range(config.n_levels):
-        scale = np.float32(
-            np.exp2(np.float32(level) * log2_pls) * np.float32(config.base_resolution)
-            - np.float32(1.0)
-        )
-        resolution = int(math.ceil(float(scale))) + 1
+        scale = np.float32(np.exp2(np.float32(level) * log2_pls) * np.float32(config.base_resolution) - np.float32(1.0))
+        resolution = math.ceil(float(scale)) + 1
         dense = resolution**n_dims
         params = max_params if float(resolution) ** n_dims > max_params else dense
         params = (params + 7) // 8 * 8
@@ -74,9 +71,7 @@ def _uses_hash(resolution: int, hashmap_size: int, n_dims: int) -> bool:
     return hashmap_size < stride
 
 
-def grid_index(
-    pos_grid: np.ndarray, resolution: int, hashmap_size: int, hashed: bool
-) -> np.ndarray:
+def grid_index(pos_grid: np.ndarray, resolution: int, hashmap_size: int, hashed: bool) -> np.ndarray:
     """tcnn's ``grid_index`` for integer vertex coordinates ``pos_grid`` (..., d), in numpy uint64."""
     pos = pos_grid.astype(np.uint64)
     if hashed:

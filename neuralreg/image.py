@@ -31,9 +31,7 @@ class Image:
         if d not in (2, 3):
             raise ValueError(f"images must be 2D or 3D, got {d} dimensions")
         if self.affine.shape != (d + 1, d + 1):
-            raise ValueError(
-                f"a {d}D image needs a {d + 1}x{d + 1} affine, got {self.affine.shape}"
-            )
+            raise ValueError(f"a {d}D image needs a {d + 1}x{d + 1} affine, got {self.affine.shape}")
         if abs(np.linalg.det(self.affine[:d, :d])) < 1e-12:
             raise ValueError("the image affine is singular")
 
@@ -43,9 +41,7 @@ class Image:
         data = torch.as_tensor(np.asarray(data)) if not torch.is_tensor(data) else data
         d = data.dim()
         aff = np.eye(d + 1)
-        aff[:d, :d] = np.diag(
-            np.ones(d) if spacing is None else np.asarray(spacing, dtype=np.float64)
-        )
+        aff[:d, :d] = np.diag(np.ones(d) if spacing is None else np.asarray(spacing, dtype=np.float64))
         if origin is not None:
             aff[:d, d] = origin
         return cls(data, aff)
@@ -69,9 +65,7 @@ class Image:
     def with_data(self, data: torch.Tensor) -> Image:
         return Image(data, self.affine)
 
-    def sample(
-        self, voxel_points: torch.Tensor, mode: str = "linear", padding: str = "zeros"
-    ) -> torch.Tensor:
+    def sample(self, voxel_points: torch.Tensor, mode: str = "linear", padding: str = "zeros") -> torch.Tensor:
         """Values at voxel-index points (N, d); see ``sampling.sample_image``."""
         return sample_image(self.data.float(), voxel_points, mode=mode, padding=padding)
 

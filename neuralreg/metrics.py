@@ -16,21 +16,14 @@ def dice(labels_a, labels_b, labels=None) -> dict:
     Returns:
         ``{"per_label": {label: dice}, "mean": mean dice}``; a label absent from both maps is skipped.
     """
-    a = torch.as_tensor(
-        np.asarray(labels_a) if not torch.is_tensor(labels_a) else labels_a
-    )
-    b = torch.as_tensor(
-        np.asarray(labels_b) if not torch.is_tensor(labels_b) else labels_b
-    )
+    a = torch.as_tensor(np.asarray(labels_a) if not torch.is_tensor(labels_a) else labels_a)
+    b = torch.as_tensor(np.asarray(labels_b) if not torch.is_tensor(labels_b) else labels_b)
     if a.shape != b.shape:
-        raise ValueError(
-            f"label maps differ in shape: {tuple(a.shape)} vs {tuple(b.shape)}"
-        )
+        raise ValueError(f"label maps differ in shape: {tuple(a.shape)} vs {tuple(b.shape)}")
     a, b = a.long(), b.long()
     if labels is None:
-        labels = sorted(
-            set(torch.unique(a).tolist()) | set(torch.unique(b).tolist()) - {0}
-        )
+        present = set(torch.unique(a).tolist()) | set(torch.unique(b).tolist())
+        labels = sorted(present - {0})
     per = {}
     for lab in labels:
         ma, mb = a == lab, b == lab
@@ -75,13 +68,9 @@ def percent_folds(det: torch.Tensor, mask: torch.Tensor | None = None) -> float:
     return 100.0 * float((interior < 0).double().mean()) if interior.numel() else 0.0
 
 
-def landmark_error(
-    mapped_fixed_points: torch.Tensor, moving_points: torch.Tensor
-) -> dict:
+def landmark_error(mapped_fixed_points: torch.Tensor, moving_points: torch.Tensor) -> dict:
     """Distances (mm) between fixed landmarks mapped into the moving image and their moving partners."""
-    dist = torch.linalg.norm(
-        torch.as_tensor(mapped_fixed_points) - torch.as_tensor(moving_points), dim=-1
-    )
+    dist = torch.linalg.norm(torch.as_tensor(mapped_fixed_points) - torch.as_tensor(moving_points), dim=-1)
     return {
         "mean": float(dist.mean()),
         "max": float(dist.max()),

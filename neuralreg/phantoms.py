@@ -78,17 +78,11 @@ def smooth_random_displacement(
     """
     d = len(shape)
     g = torch.Generator().manual_seed(seed)
-    coarse = torch.randn(
-        1, d, *([control_points] * d), generator=g, dtype=torch.float64
-    )
+    coarse = torch.randn(1, d, *([control_points] * d), generator=g, dtype=torch.float64)
     if d == 2:
-        disp = F.interpolate(
-            coarse, size=tuple(shape), mode="bicubic", align_corners=True
-        )
+        disp = F.interpolate(coarse, size=tuple(shape), mode="bicubic", align_corners=True)
     else:
-        fine = F.interpolate(
-            coarse, scale_factor=4, mode="trilinear", align_corners=True
-        )
+        fine = F.interpolate(coarse, scale_factor=4, mode="trilinear", align_corners=True)
         k = torch.tensor([1.0, 4.0, 6.0, 4.0, 1.0], dtype=torch.float64) / 16
         for axis in range(3):
             view = [1, 1, 1]
@@ -97,17 +91,13 @@ def smooth_random_displacement(
             pad = [0, 0, 0, 0, 0, 0]
             pad[2 * (2 - axis)] = pad[2 * (2 - axis) + 1] = 2
             fine = F.conv3d(F.pad(fine, pad, mode="replicate"), w, groups=d)
-        disp = F.interpolate(
-            fine, size=tuple(shape), mode="trilinear", align_corners=True
-        )
+        disp = F.interpolate(fine, size=tuple(shape), mode="trilinear", align_corners=True)
     disp = disp[0].movedim(0, -1)
     disp = disp * (amplitude_mm / disp.norm(dim=-1).max())
     return disp.float()
 
 
-def warp_by_displacement(
-    image: Image, displacement_mm: torch.Tensor, mode: str = "linear"
-) -> Image:
+def warp_by_displacement(image: Image, displacement_mm: torch.Tensor, mode: str = "linear") -> Image:
     """``image(x + u(x))`` on the image's own grid, u (*shape, d) in world mm."""
     shape, d = image.shape, image.n_dims
     x = apply_affine(image.affine, grid_points(shape, dtype=torch.float64))
@@ -126,7 +116,7 @@ def knee_labels(shape=(40, 64, 64), spacing=(1.5, 1.0, 1.0), seed: int = 0) -> I
     axis 0, as the OAI DESS scans). Sizes vary a little with ``seed``.
     """
     rng = np.random.default_rng(seed)
-    aff = np.diag(list(spacing) + [1.0])
+    aff = np.diag([*list(spacing), 1.0])
     aff[:3, 3] = -(np.asarray(shape) - 1) * np.asarray(spacing) / 2  # centered at 0
     x = apply_affine(aff, grid_points(shape, dtype=torch.float64)).reshape(*shape, 3)
     lr, ap, si = x[..., 0], x[..., 1], x[..., 2]
@@ -136,39 +126,22 @@ def knee_labels(shape=(40, 64, 64), spacing=(1.5, 1.0, 1.0), seed: int = 0) -> I
     femur_sdf = torch.full(shape, 1e9, dtype=torch.float64)
     for side in (-1, 1):  # two condyles: spheres elongated across LR
         dlr = (lr - side * cond_lr).abs().clamp(min=0) / 1.4
-        femur_sdf = torch.minimum(
-            femur_sdf, torch.sqrt(dlr**2 + ap**2 + (si - center_si) ** 2) - radius
-        )
+        femur_sdf = torch.minimum(femur_sdf, torch.sqrt(dlr**2 + ap**2 + (si - center_si) ** 2) - radius)
     shaft = torch.sqrt((lr / 1.3) ** 2 + (ap + 2) ** 2) - (radius * 0.8)
     shaft = torch.where(si > center_si, shaft, torch.full_like(shaft, 1e9))
     femur_sdf = torch.minimum(femur_sdf, shaft)
     plateau = -2.0 + 0.02 * ap**2 / 10
-    tibia_sdf = torch.maximum(
-        si - plateau, torch.sqrt((lr / 1.25) ** 2 + (ap / 1.0) ** 2) - 21.0
-    )
+    tibia_sdf = torch.maximum(si - plateau, torch.sqrt((lr / 1.25) ** 2 + (ap / 1.0) ** 2) - 21.0)
     labels = torch.zeros(shape, dtype=torch.uint8)
     thickness = 2.2 + rng.uniform(-0.3, 0.3)
-    labels[
-        (femur_sdf > 0)
-        & (femur_sdf <= thickness)
-        & (si < center_si - 2)
-        & (ap < radius * 0.9)
-    ] = 2
-    labels[
-        (tibia_sdf > 0)
-        & (si - plateau <= thickness - 0.4)
-        & (si > plateau)
-        & (ap.abs() < 17)
-        & (lr.abs() < 22)
-    ] = 4
+    labels[(femur_sdf > 0) & (femur_sdf <= thickness) & (si < center_si - 2) & (ap < radius * 0.9)] = 2
+    labels[(tibia_sdf > 0) & (si - plateau <= thickness - 0.4) & (si > plateau) & (ap.abs() < 17) & (lr.abs() < 22)] = 4
     labels[femur_sdf <= 0] = 1
     labels[tibia_sdf <= 0] = 3
     return Image(labels, aff)
 
 
-def synthesize_mr(
-    labels: Image, seed: int = 0, noise: float = 0.03, intensities: dict | None = None
-) -> Image:
+def synthesize_mr(labels: Image, seed: int = 0, noise: float = 0.03, intensities: dict | None = None) -> Image:
     """An MR-like image from a label map: tissue intensities, textured soft tissue, bias field, blur, noise."""
     rng = np.random.default_rng(seed)
     g = torch.Generator().manual_seed(seed)
@@ -187,9 +160,7 @@ def synthesize_mr(
         align_corners=True,
     )[0, 0]
     img = img + 0.05 * texture * (lab == 0)
-    bias = smooth_random_displacement(lab.shape, labels.affine, 1.0, 3, seed + 101)[
-        ..., 0
-    ]
+    bias = smooth_random_displacement(lab.shape, labels.affine, 1.0, 3, seed + 101)[..., 0]
     img = img * (1.0 + 0.15 * bias)
     img = _blur(img, 0.6)
     img = img + noise * torch.randn(img.shape, generator=g)

@@ -36,21 +36,12 @@ class VoxelSampler:
         d = len(self.shape)
         if self.mask_voxels is None:
             return torch.rand(n, d, generator=self.generator) * self.upper
-        pick = torch.randint(
-            0, self.mask_voxels.shape[0], (n,), generator=self.generator
-        )
+        pick = torch.randint(0, self.mask_voxels.shape[0], (n,), generator=self.generator)
         jitter = torch.rand(n, d, generator=self.generator) - 0.5
         return (self.mask_voxels[pick] + jitter).clamp(min=0).minimum(self.upper)
 
-    def sample_windows(
-        self, n_windows: int, points_per_window: int, window: float
-    ) -> torch.Tensor:
+    def sample_windows(self, n_windows: int, points_per_window: int, window: float) -> torch.Tensor:
         """(n_windows * points_per_window, d) points, grouped by window (side ``window`` voxels)."""
         centers = self.sample(n_windows)
-        offsets = (
-            torch.rand(
-                n_windows, points_per_window, len(self.shape), generator=self.generator
-            )
-            - 0.5
-        ) * window
+        offsets = (torch.rand(n_windows, points_per_window, len(self.shape), generator=self.generator) - 0.5) * window
         return (centers[:, None, :] + offsets).reshape(-1, len(self.shape))

@@ -42,17 +42,11 @@ def check_image(image: Image, name: str) -> None:
 class _Stage:
     """One pyramid level: down-sampled images, their voxel<->normalized maps and samplers."""
 
-    def __init__(
-        self, moving, fixed, moving_mask, fixed_mask, factor, box, generator, device
-    ):
+    def __init__(self, moving, fixed, moving_mask, fixed_mask, factor, box, generator, device):
         self.moving = moving.downsample(factor).to(device)
         self.fixed = fixed.downsample(factor).to(device)
-        self.moving_sampler = VoxelSampler(
-            self.moving.shape, _mask(moving_mask, factor), generator
-        )
-        self.fixed_sampler = VoxelSampler(
-            self.fixed.shape, _mask(fixed_mask, factor), generator
-        )
+        self.moving_sampler = VoxelSampler(self.moving.shape, _mask(moving_mask, factor), generator)
+        self.fixed_sampler = VoxelSampler(self.fixed.shape, _mask(fixed_mask, factor), generator)
         self.vox_to_u = {
             "moving": box.voxel_to_normalized_matrix(self.moving.affine),
             "fixed": box.voxel_to_normalized_matrix(self.fixed.affine),
@@ -73,9 +67,7 @@ def _similarity_term(cfg, stage, field, source: str, target: str, device):
     source_img = stage.moving if source == "moving" else stage.fixed
     if cfg.similarity == "lncc":
         k = cfg.lncc_patch_points
-        vox = sampler.sample_windows(max(1, cfg.points // k), k, cfg.lncc_window).to(
-            device
-        )
+        vox = sampler.sample_windows(max(1, cfg.points // k), k, cfg.lncc_window).to(device)
     else:
         vox = sampler.sample(cfg.points).to(device)
     u = apply_affine(stage.vox_to_u[target], vox)
@@ -103,7 +95,7 @@ def _regularizer_term(cfg, stage, phi_ab, phi_ba, box, device):
 def stage_steps(config: RegistrationConfig) -> list[int]:
     """Steps of each pyramid stage (they add up to ``config.steps``)."""
     total = sum(config.stage_fractions)
-    steps = [int(round(config.steps * f / total)) for f in config.stage_fractions]
+    steps = [round(config.steps * f / total) for f in config.stage_fractions]
     steps[-1] = config.steps - sum(steps[:-1])
     return steps
 
@@ -137,9 +129,7 @@ def register_pair(
     """
     cfg = config or RegistrationConfig()
     if moving.n_dims != fixed.n_dims:
-        raise InputError(
-            f"moving image is {moving.n_dims}D but fixed image is {fixed.n_dims}D"
-        )
+        raise InputError(f"moving image is {moving.n_dims}D but fixed image is {fixed.n_dims}D")
     check_image(moving, "moving image")
     check_image(fixed, "fixed image")
     for mask, img, name in (
@@ -148,16 +138,12 @@ def register_pair(
     ):
         if mask is not None:
             if mask.shape != img.shape:
-                raise InputError(
-                    f"{name} has shape {mask.shape}, its image {img.shape}"
-                )
+                raise InputError(f"{name} has shape {mask.shape}, its image {img.shape}")
             if not bool((mask.data > 0).any()):
                 raise InputError(f"{name} is empty")
     device = torch.device(cfg.device)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise InputError(
-            f"device {cfg.device!r} requested but no CUDA GPU is available"
-        )
+        raise InputError(f"device {cfg.device!r} requested but no CUDA GPU is available")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     d = fixed.n_dims
@@ -165,9 +151,7 @@ def register_pair(
 
     torch.manual_seed(cfg.seed)
     generator = torch.Generator().manual_seed(cfg.seed)
-    box = NormalizedBox.around(
-        [(moving.shape, moving.affine), (fixed.shape, fixed.affine)], cfg.margin
-    )
+    box = NormalizedBox.around([(moving.shape, moving.affine), (fixed.shape, fixed.affine)], cfg.margin)
     phi_ab = NeuralField(d, cfg.field).to(device)
     phi_ba = NeuralField(d, cfg.field).to(device)
     for f in (phi_ab, phi_ba):
@@ -181,14 +165,10 @@ def register_pair(
     steps = stage_steps(cfg)
     recoveries = 0
     snapshot = None
-    bar = tqdm(
-        total=cfg.steps, disable=not cfg.progress, desc="register", dynamic_ncols=True
-    )
+    bar = tqdm(total=cfg.steps, disable=not cfg.progress, desc="register", dynamic_ncols=True)
     step = 0
-    for s, (factor, n_steps) in enumerate(zip(cfg.pyramid, steps)):
-        stage = _Stage(
-            moving, fixed, moving_mask, fixed_mask, factor, box, generator, device
-        )
+    for s, (factor, n_steps) in enumerate(zip(cfg.pyramid, steps, strict=False)):
+        stage = _Stage(moving, fixed, moving_mask, fixed_mask, factor, box, generator, device)
         active = math.ceil(n_levels * (s + 1) / len(cfg.pyramid))
         for f in (phi_ab, phi_ba):
             f.encoding.set_active_levels(active)
@@ -258,9 +238,7 @@ def register_pair(
 
 
 def _snapshot(phi_ab, phi_ba, optimizer):
-    return copy.deepcopy(
-        (phi_ab.state_dict(), phi_ba.state_dict(), optimizer.state_dict())
-    )
+    return copy.deepcopy((phi_ab.state_dict(), phi_ba.state_dict(), optimizer.state_dict()))
 
 
 def _restore(snapshot, phi_ab, phi_ba, optimizer):

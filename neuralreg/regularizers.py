@@ -18,14 +18,10 @@ def _eye_rows(u: torch.Tensor):
     return torch.eye(d, dtype=u.dtype, device=u.device)
 
 
-def jacobian_autograd(
-    y: torch.Tensor, u: torch.Tensor, create_graph: bool = True
-) -> torch.Tensor:
+def jacobian_autograd(y: torch.Tensor, u: torch.Tensor, create_graph: bool = True) -> torch.Tensor:
     """Spatial Jacobian dy/du (N, d_out, d_in) of pointwise y(u) by autograd (one pass per output)."""
     rows = [
-        torch.autograd.grad(
-            y[:, i].sum(), u, create_graph=create_graph, retain_graph=True
-        )[0]
+        torch.autograd.grad(y[:, i].sum(), u, create_graph=create_graph, retain_graph=True)[0]
         for i in range(y.shape[1])
     ]
     return torch.stack(rows, 1)
@@ -73,8 +69,6 @@ def bending(phi_ab, phi_ba, u: torch.Tensor) -> torch.Tensor:
         d = v.shape[1]
         for i in range(d):
             for j in range(d):
-                h = torch.autograd.grad(
-                    jac[:, i, j].sum(), v, create_graph=True, retain_graph=True
-                )[0]
+                h = torch.autograd.grad(jac[:, i, j].sum(), v, create_graph=True, retain_graph=True)[0]
                 total = total + (h**2).sum(1).mean()
     return total

@@ -53,6 +53,7 @@ class Registration:
         self.config = config
         self.history = history or []
         self.info = info or {}
+        self._grid_cache: dict = {}
 
     @property
     def n_dims(self) -> int:
@@ -67,9 +68,7 @@ class Registration:
         return self.fixed_grid if direction == "forward" else self.moving_grid
 
     @torch.no_grad()
-    def map_points(
-        self, points_world: torch.Tensor, direction: str = "forward", chunk: int = 65536
-    ) -> torch.Tensor:
+    def map_points(self, points_world: torch.Tensor, direction: str = "forward", chunk: int = 65536) -> torch.Tensor:
         """Phi(x) for world points (N, d) in mm, evaluated in chunks."""
         field = self._field(direction)
         dev = next(field.parameters()).device
@@ -81,23 +80,24 @@ class Registration:
         return out
 
     @torch.no_grad()
-    def map_on_grid(
-        self, shape=None, affine=None, direction: str = "forward", chunk: int = 65536
-    ) -> torch.Tensor:
+    def map_on_grid(self, shape=None, affine=None, direction: str = "forward", chunk: int = 65536) -> torch.Tensor:
         """World coordinates (*shape, d) of Phi at every voxel of a grid (default: the grid of its domain)."""
         if shape is None:
             shape, affine = self._grid(direction)
+        key = (direction, tuple(shape), np.asarray(affine, dtype=np.float64).tobytes())
+        if key in self._grid_cache:
+            return self._grid_cache[key].clone()
         out = torch.empty(int(np.prod(shape)), len(shape))
         for s in range(0, out.shape[0], chunk):
             vox = _voxels(shape, s, min(s + chunk, out.shape[0]))
-            out[s : s + chunk] = self.map_points(
-                apply_affine(affine, vox), direction, chunk
-            )
-        return out.reshape(*shape, len(shape))
+            out[s : s + chunk] = self.map_points(apply_affine(affine, vox), direction, chunk)
+        out = out.reshape(*shape, len(shape))
+        if len(self._grid_cache) >= 4:
+            self._grid_cache.pop(next(iter(self._grid_cache)))
+        self._grid_cache[key] = out
+        return out.clone()
 
-    def displacement_on_grid(
-        self, shape=None, affine=None, direction: str = "forward"
-    ) -> torch.Tensor:
+    def displacement_on_grid(self, shape=None, affine=None, direction: str = "forward") -> torch.Tensor:
         """Phi(x) - x in world mm, (*shape, d)."""
         if shape is None:
             shape, affine = self._grid(direction)
@@ -106,9 +106,7 @@ class Registration:
         return phi - ident
 
     @torch.no_grad()
-    def warp(
-        self, image: Image, mode: str = "linear", direction: str = "forward", grid=None
-    ) -> Image:
+    def warp(self, image: Image, mode: str = "linear", direction: str = "forward", grid=None) -> Image:
         """Resample an image of the moving space onto the fixed grid (``forward``), or the reverse.
 
         Args:
@@ -122,21 +120,27 @@ class Registration:
         values = torch.empty(vox.shape[0])
         src = image.data.float()
         for s in range(0, vox.shape[0], 262144):
-            values[s : s + 262144] = Image(src, image.affine).sample(
-                vox[s : s + 262144], mode=mode
-            )
+            values[s : s + 262144] = Image(src, image.affine).sample(vox[s : s + 262144], mode=mode)
         data = values.reshape(shape)
         if mode == "nearest" and not image.data.is_floating_point():
             data = data.round().to(image.data.dtype)
         return Image(data, affine)
 
+    @staticmethod
+    @torch.no_grad()
+    def identity_warp(image: Image, target: Image, mode: str = "nearest") -> Image:
+        """``image`` resampled onto ``target``'s grid by the identity map (world coordinates)."""
+        vox = apply_affine(np.linalg.inv(image.affine) @ target.affine, grid_points(target.shape, dtype=torch.float64))
+        values = image.sample(vox.float(), mode=mode).reshape(target.shape)
+        if mode == "nearest" and not image.data.is_floating_point():
+            values = values.round().to(image.data.dtype)
+        return Image(values, target.affine)
+
     def jacobian_determinant(self, direction: str = "forward") -> Image:
         """det of d(Phi)/dx on the domain grid (backward differences), as an Image."""
         shape, affine = self._grid(direction)
         return Image(
-            jacobian_determinant(
-                self.map_on_grid(shape, affine, direction), affine
-            ).float(),
+            jacobian_determinant(self.map_on_grid(shape, affine, direction), affine).float(),
             affine,
         )
 
@@ -145,9 +149,7 @@ class Registration:
         return percent_folds(self.jacobian_determinant(direction).data)
 
     @torch.no_grad()
-    def inverse_consistency_error(
-        self, direction: str = "inverse", max_points: int = 200000
-    ) -> float:
+    def inverse_consistency_error(self, direction: str = "inverse", max_points: int = 200000) -> float:
         """Mean ||Phi_AB(Phi_BA(x)) - x|| in mm over the moving grid (``inverse``: x in moving space)."""
         shape, affine = self._grid(direction)
         vox = grid_points(shape)
@@ -183,9 +185,7 @@ class Registration:
     def load(cls, path, device: str = "cpu") -> Registration:
         state = torch.load(path, map_location=device, weights_only=False)
         if state.get("format_version") != FORMAT_VERSION:
-            raise ValueError(
-                f"{path} is not a neuralreg registration (format {state.get('format_version')})"
-            )
+            raise ValueError(f"{path} is not a neuralreg registration (format {state.get('format_version')})")
         config = RegistrationConfig.from_dict(state["config"])
         box = NormalizedBox.from_state(state["box"])
         fields = []

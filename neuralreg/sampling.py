@@ -13,9 +13,7 @@ import torch.nn.functional as F
 
 def voxel_to_grid_sample(points: torch.Tensor, shape) -> torch.Tensor:
     """Voxel indices (N, d) in array order -> grid_sample coordinates (N, d), reversed, in [-1, 1]."""
-    sizes = torch.tensor(
-        [max(n - 1, 1) for n in shape], dtype=points.dtype, device=points.device
-    )
+    sizes = torch.tensor([max(n - 1, 1) for n in shape], dtype=points.dtype, device=points.device)
     return (2.0 * points / sizes - 1.0).flip(-1)
 
 

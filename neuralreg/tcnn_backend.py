@@ -43,14 +43,10 @@ def encode(encoding, x: torch.Tensor) -> torch.Tensor:
     """
     tcnn = _load()
     if encoding._tcnn is None:
-        encoding._tcnn = tcnn.Encoding(
-            encoding.n_dims, encoding.config.to_tcnn(), dtype=torch.float32
-        )
+        encoding._tcnn = tcnn.Encoding(encoding.n_dims, encoding.config.to_tcnn(), dtype=torch.float32)
         n_params = encoding._tcnn.params.numel()
         if n_params != encoding.table.numel():
-            raise RuntimeError(
-                f"tcnn expects {n_params} parameters, our layout has {encoding.table.numel()}"
-            )
+            raise RuntimeError(f"tcnn expects {n_params} parameters, our layout has {encoding.table.numel()}")
     mod = encoding._tcnn
     n = x.shape[0]
     granularity = int(tcnn._C.batch_size_granularity())

@@ -1,0 +1,371 @@
+"""The ``neuralreg`` command line: register, warp, jacobian, evaluate, demo."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from .config import REGULARIZERS, SIMILARITIES, RegistrationConfig
+
+_DEFAULTS = RegistrationConfig()
+
+
+class CLIError(Exception):
+    """A one-line error for the user."""
+
+
+def _add_register_options(p: argparse.ArgumentParser) -> None:
+    d = _DEFAULTS
+    p.add_argument("--similarity", choices=SIMILARITIES, help=f"similarity measure (default: {d.similarity})")
+    p.add_argument("--regularizer", choices=REGULARIZERS, help=f"regularizer (default: {d.regularizer})")
+    p.add_argument(
+        "--lambda", dest="regularizer_weight", type=float, help=f"regularizer weight (default: {d.regularizer_weight})"
+    )
+    p.add_argument("--steps", type=int, help=f"optimization steps (default: {d.steps})")
+    p.add_argument("--points", type=int, help=f"similarity points per field and step (default: {d.points})")
+    p.add_argument("--learning-rate", type=float, help=f"Adam learning rate (default: {d.learning_rate})")
+    p.add_argument("--backend", choices=("auto", "torch", "native", "tcnn"), help="hash-grid backend (default: auto)")
+    p.add_argument("--device", help=f"cpu, cuda or cuda:N (default: {d.device})")
+    p.add_argument("--seed", type=int, help=f"random seed (default: {d.seed})")
+    p.add_argument("--threads", type=int, help="CPU threads (default: torch's choice)")
+    p.add_argument("--config", type=Path, help="JSON file of RegistrationConfig keys; flags given override it")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _build_config(args) -> RegistrationConfig:
+    base = RegistrationConfig.from_json(args.config).to_dict() if args.config else RegistrationConfig().to_dict()
+    for key in (
+        "similarity",
+        "regularizer",
+        "regularizer_weight",
+        "steps",
+        "points",
+        "learning_rate",
+        "device",
+        "seed",
+    ):
+        value = getattr(args, key, None)
+        if value is not None:
+            base[key] = value
+    if getattr(args, "threads", None):
+        base["threads"] = args.threads
+    if getattr(args, "backend", None):
+        base["field"]["backend"] = args.backend
+    base["progress"] = not getattr(args, "quiet", False)
+    return RegistrationConfig.from_dict(base)
+
+
+def _check_device(device: str) -> None:
+    import torch
+
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise CLIError(f"--device {device} requested but no CUDA GPU is available; use --device cpu")
+
+
+def _check_out(out: Path, overwrite: bool) -> None:
+    if out.exists() and not overwrite:
+        raise CLIError(f"output {out} exists; pass --overwrite to replace it")
+
+
+def _read_pair(args):
+    from .io import preprocess, read_image, read_labels, read_mask
+
+    fixed = preprocess(read_image(args.fixed, "fixed image"), args.modality, tuple(args.ct_window))
+    moving = preprocess(read_image(args.moving, "moving image"), args.modality, tuple(args.ct_window))
+    if fixed.n_dims != moving.n_dims:
+        raise CLIError(f"fixed image is {fixed.n_dims}D but moving image is {moving.n_dims}D")
+    extras = {}
+    for key, reader, image in (
+        ("fixed_labels", read_labels, fixed),
+        ("moving_labels", read_labels, moving),
+        ("fixed_mask", read_mask, fixed),
+        ("moving_mask", read_mask, moving),
+    ):
+        path = getattr(args, key)
+        extras[key] = None
+        if path is not None:
+            img = reader(path, key.replace("_", " "))
+            if img.shape != image.shape:
+                raise CLIError(f"{key.replace('_', ' ')} {path} has shape {img.shape}, its image {image.shape}")
+            extras[key] = img
+    return fixed, moving, extras
+
+
+def cmd_register(args) -> int:
+    from .outputs import write_outputs
+    from .registration import register_pair
+
+    cfg = _build_config(args)
+    _check_device(cfg.device)
+    _check_out(args.out, args.overwrite)
+    fixed, moving, ex = _read_pair(args)
+    t0 = time.perf_counter()
+    reg = register_pair(moving, fixed, cfg, moving_mask=ex["moving_mask"], fixed_mask=ex["fixed_mask"])
+    report = write_outputs(
+        args.out,
+        reg,
+        moving,
+        fixed,
+        ex["moving_labels"],
+        ex["fixed_labels"],
+        extra_report={"inputs": {k: str(getattr(args, k)) for k in ("fixed", "moving")}},
+        overwrite=args.overwrite,
+    )
+    _print_summary(report, time.perf_counter() - t0, args.out)
+    return 0
+
+
+def _print_summary(report: dict, seconds: float, out) -> None:
+    lines = [f"registered in {seconds:.1f} s"]
+    if "dice_after" in report:
+        lines.append(f"Dice before {report['dice_before']['mean']:.4f} -> after {report['dice_after']['mean']:.4f}")
+    lines.append(
+        f"folds {report['percent_folds_forward']:.4f} % (forward), {report['percent_folds_inverse']:.4f} % (inverse)"
+    )
+    lines.append(f"inverse consistency error {report['inverse_consistency_error_mm']:.3f} mm")
+    lines.append(f"outputs in {out}")
+    print("\n".join(lines))
+
+
+def _load_transform(args):
+    """A callable world points -> world points, and the default output grid."""
+    from .io import read_displacement_field
+    from .result import Registration
+
+    if (args.registration is None) == (args.displacement is None):
+        raise CLIError("give exactly one of --registration (registration.pt) and --displacement (NIfTI field)")
+    if args.registration is not None:
+        if not args.registration.is_file():
+            raise CLIError(f"registration not found: {args.registration}")
+        try:
+            reg = Registration.load(args.registration)
+        except Exception as exc:
+            raise CLIError(f"{args.registration} is not a neuralreg registration ({type(exc).__name__})") from None
+        direction = args.direction
+        return (lambda pts: reg.map_points(pts, direction)), reg._grid(direction), reg
+    field = read_displacement_field(args.displacement)
+    return field.map_points, (tuple(field.data.shape[:-1]), field.affine), None
+
+
+def cmd_warp(args) -> int:
+    import numpy as np
+    import torch
+
+    from .coordinates import apply_affine, grid_points
+    from .image import Image
+    from .io import read_image, read_labels, write_image
+
+    _check_out(args.out, args.overwrite)
+    transform, grid, _ = _load_transform(args)
+    img = read_labels(args.image) if args.interpolation == "nearest" else read_image(args.image)
+    if args.reference is not None:
+        ref = read_image(args.reference, "reference image")
+        grid = (ref.shape, ref.affine)
+    shape, affine = grid
+    if len(shape) != img.n_dims:
+        raise CLIError(f"image is {img.n_dims}D but the transform is {len(shape)}D")
+    pts = apply_affine(affine, grid_points(shape, dtype=torch.float64)).float()
+    mapped = torch.cat([transform(pts[s : s + 262144]) for s in range(0, pts.shape[0], 262144)])
+    vox = apply_affine(np.linalg.inv(img.affine), mapped.double()).float()
+    values = img.sample(vox, mode=args.interpolation).reshape(shape)
+    if args.interpolation == "nearest":
+        values = values.round().to(torch.int32)
+    write_image(Image(values, affine), args.out)
+    print(f"wrote {args.out}")
+    return 0
+
+
+def cmd_jacobian(args) -> int:
+    import torch
+
+    from .coordinates import apply_affine, grid_points
+    from .image import Image
+    from .io import write_image
+    from .metrics import jacobian_determinant, percent_folds
+
+    _check_out(args.out, args.overwrite)
+    transform, (shape, affine), _ = _load_transform(args)
+    pts = apply_affine(affine, grid_points(shape, dtype=torch.float64)).float()
+    mapped = torch.cat([transform(pts[s : s + 262144]) for s in range(0, pts.shape[0], 262144)])
+    det = jacobian_determinant(mapped.reshape(*shape, len(shape)), affine).float()
+    write_image(Image(det, affine), args.out)
+    lo, hi = float(det.min()), float(det.max())
+    print(f"wrote {args.out}; folds {percent_folds(det):.4f} %, det range [{lo:.3f}, {hi:.3f}]")
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from .io import read_image, read_labels
+    from .metrics import dice, percent_folds
+
+    a = read_labels(args.warped_labels, "warped label map")
+    b = read_labels(args.reference_labels, "reference label map")
+    if a.shape != b.shape:
+        raise CLIError(f"label maps differ in shape: {a.shape} vs {b.shape}")
+    labels = [int(x) for x in args.labels.split(",")] if args.labels else None
+    result = {"dice": dice(a.data, b.data, labels)}
+    if args.jacobian is not None:
+        result["percent_folds"] = percent_folds(read_image(args.jacobian, "Jacobian map").data)
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .metrics import dice
+    from .outputs import write_outputs
+    from .phantoms import knee_phantom_pair
+    from .registration import register_pair
+
+    _check_out(args.out, args.overwrite)
+    cfg = RegistrationConfig(
+        steps=args.steps, points=4096, regularizer_points=1024, progress=not args.quiet, threads=args.threads
+    )
+    print("generating a knee-like phantom pair (femur, tibia, cartilage; known smooth deformation)")
+    pair = knee_phantom_pair(args.seed)
+    t0 = time.perf_counter()
+    reg = register_pair(pair["moving"], pair["fixed"], cfg)
+    seconds = time.perf_counter() - t0
+    report = write_outputs(
+        args.out,
+        reg,
+        pair["moving"],
+        pair["fixed"],
+        pair["moving_labels"],
+        pair["fixed_labels"],
+        overwrite=args.overwrite,
+        extra_images={
+            "fixed.nii.gz": pair["fixed"],
+            "moving.nii.gz": pair["moving"],
+            "fixed_labels.nii.gz": pair["fixed_labels"],
+            "moving_labels.nii.gz": pair["moving_labels"],
+        },
+    )
+    before = dice(reg.identity_warp(pair["moving_labels"], pair["fixed"]).data, pair["fixed_labels"].data, [2, 4])
+    after = dice(reg.warp(pair["moving_labels"], mode="nearest").data, pair["fixed_labels"].data, [2, 4])
+    print(f"cartilage Dice (femoral, tibial) before {before['mean']:.3f}, after {after['mean']:.3f}")
+    _print_summary(report, seconds, args.out)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="neuralreg",
+        description="Pairwise image registration with neural fields and GradICON.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=_version())
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+
+    r = sub.add_parser("register", help="register a moving image to a fixed image", formatter_class=fmt)
+    r.add_argument("--fixed", type=Path, required=True, help="fixed image (.nii, .nii.gz, .png, .jpg)")
+    r.add_argument("--moving", type=Path, required=True, help="moving image")
+    r.add_argument("--out", type=Path, required=True, help="output folder (must not exist, see --overwrite)")
+    r.add_argument("--fixed-labels", type=Path, help="fixed label map (integer), for Dice")
+    r.add_argument("--moving-labels", type=Path, help="moving label map (integer), warped and scored")
+    r.add_argument("--fixed-mask", type=Path, help="fixed mask: similarity points drawn inside it")
+    r.add_argument("--moving-mask", type=Path, help="moving mask")
+    r.add_argument(
+        "--modality",
+        choices=("mri", "ct", "none"),
+        default="mri",
+        help="intensity normalization: mri clips to [min, 99th percentile] -> [0, 1]; ct windows",
+    )
+    r.add_argument(
+        "--ct-window",
+        type=float,
+        nargs=2,
+        default=(40.0, 400.0),
+        metavar=("CENTER", "WIDTH"),
+        help="CT window in HU, with --modality ct",
+    )
+    r.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    _add_register_options(r)
+    r.set_defaults(func=cmd_register)
+
+    for name, func, helptext in (
+        ("warp", cmd_warp, "apply a saved registration or displacement field to an image or label map"),
+        ("jacobian", cmd_jacobian, "Jacobian determinant map of a saved registration or displacement field"),
+    ):
+        w = sub.add_parser(name, help=helptext, formatter_class=fmt)
+        w.add_argument("--registration", type=Path, help="registration.pt written by register")
+        w.add_argument("--displacement", type=Path, help="ITK/ANTs displacement field NIfTI")
+        w.add_argument(
+            "--direction",
+            choices=("forward", "inverse"),
+            default="forward",
+            help="with --registration: forward maps fixed-space points to the moving space",
+        )
+        w.add_argument("--out", type=Path, required=True, help="output NIfTI file")
+        w.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+        if name == "warp":
+            w.add_argument("--image", type=Path, required=True, help="image or label map in the moving space")
+            w.add_argument(
+                "--interpolation",
+                choices=("linear", "nearest"),
+                default="linear",
+                help="linear for intensities, nearest for label maps",
+            )
+            w.add_argument("--reference", type=Path, help="image whose grid the output takes (default: the field's)")
+        w.set_defaults(func=func)
+
+    e = sub.add_parser(
+        "evaluate", help="Dice (and folds) between a warped label map and a reference", formatter_class=fmt
+    )
+    e.add_argument("--warped-labels", type=Path, required=True, help="warped label map")
+    e.add_argument("--reference-labels", type=Path, required=True, help="reference label map on the same grid")
+    e.add_argument("--labels", help="comma-separated labels to score (default: all non-zero)")
+    e.add_argument("--jacobian", type=Path, help="Jacobian determinant map: also report % folds")
+    e.set_defaults(func=cmd_evaluate)
+
+    dm = sub.add_parser("demo", help="register a generated knee-like phantom pair", formatter_class=fmt)
+    dm.add_argument("--out", type=Path, default=Path("neuralreg_demo"), help="output folder")
+    dm.add_argument("--steps", type=int, default=300, help="optimization steps")
+    dm.add_argument("--seed", type=int, default=0, help="phantom and optimization seed")
+    dm.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
+    dm.add_argument("--quiet", action="store_true", help="no progress bar")
+    dm.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    dm.set_defaults(func=cmd_demo)
+    return parser
+
+
+def _version() -> str:
+    from . import __version__
+
+    return f"neuralreg {__version__}"
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from .outputs import OutputExists
+    from .registration import InputError, RegistrationDiverged
+
+    try:
+        return args.func(args)
+    except (CLIError, InputError, OutputExists, RegistrationDiverged) as exc:
+        print(f"neuralreg: error: {exc}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print("neuralreg: interrupted; no partial outputs were kept", file=sys.stderr)
+        return 130
+    except (ValueError, OSError) as exc:
+        print(f"neuralreg: error: {exc}".splitlines()[0], file=sys.stderr)
+    except Exception as exc:
+        if os.environ.get("NEURALREG_DEBUG"):
+            raise
+        print(
+            f"neuralreg: error: {type(exc).__name__}: {exc} (set NEURALREG_DEBUG=1 for a traceback)".splitlines()[0],
+            file=sys.stderr,
+        )
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
+
+__all__ = ["build_parser", "main"]

@@ -1,0 +1,36 @@
+"""neuralreg: pairwise medical image registration with neural fields and GradICON.
+
+No torch import here: pip may build in an isolated environment, and torch there would
+pull the newest CUDA build. Native kernels build on first use (see neuralreg/native.py).
+"""
+
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+setup(
+    name="neuralreg",
+    version="0.1.0",
+    description="Register a pair of 2D/3D medical images by optimizing neural fields with GradICON",
+    long_description=Path(__file__).with_name("README.md").read_text(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["neuralreg", "neuralreg.*"]),
+    package_data={"neuralreg": ["csrc/*"]},
+    install_requires=[
+        "torch>=2.1",
+        "numpy>=1.24",
+        "nibabel>=5.0",
+        "tqdm>=4.60",
+        "matplotlib>=3.7",  # figures; also brings Pillow for PNG/JPEG input
+    ],
+    extras_require={
+        "test": ["pytest>=7", "SimpleITK>=2.2", "ruff>=0.5"],
+        # tinycudann: install by hand on a CUDA machine, see README ("GPU and tinycudann")
+        "tcnn": [],
+        # icon-registration pins torchvision, which has no CPU build here: install it with --no-deps
+        "compare": [],
+    },
+    entry_points={"console_scripts": ["neuralreg=neuralreg.cli:main"]},
+    classifiers=["Programming Language :: Python :: 3", "Topic :: Scientific/Engineering :: Medical Science Apps."],
+)

@@ -1,0 +1,38 @@
+import numpy as np
+import torch
+
+from neuralreg.coordinates import apply_affine, grid_points
+from neuralreg.metrics import dice, jacobian_determinant, landmark_error, percent_folds
+
+
+def test_dice_values():
+    a = torch.tensor([[1, 1, 0, 2], [0, 0, 2, 2]])
+    b = torch.tensor([[1, 0, 0, 2], [0, 0, 2, 0]])
+    r = dice(a, b)
+    assert r["per_label"] == {1: 2 / 3, 2: 0.8}
+    assert abs(r["mean"] - (2 / 3 + 0.8) / 2) < 1e-12
+    assert dice(a, a)["mean"] == 1.0
+
+
+def test_jacobian_of_affine_map_in_world_units():
+    aff = np.diag([0.7, 0.4, 0.4, 1.0])  # anisotropic grid
+    m = np.array([[1.2, 0.1, 0.0], [0.0, 0.9, 0.2], [0.1, 0.0, 1.1]])
+    x = apply_affine(aff, grid_points((6, 7, 8), dtype=torch.float64))
+    phi = (x @ torch.tensor(m).T).reshape(6, 7, 8, 3)
+    det = jacobian_determinant(phi, aff)
+    torch.testing.assert_close(det, torch.full_like(det, float(np.linalg.det(m))))
+    assert percent_folds(det) == 0.0
+
+
+def test_folds_detected_and_orientation_independent():
+    flip = np.diag([-1.0, 1.0, 1.0])  # an LPS-like grid: det(affine) < 0
+    x = apply_affine(flip, grid_points((10, 10), dtype=torch.float64)).reshape(10, 10, 2)
+    assert percent_folds(jacobian_determinant(x, flip)) == 0.0  # the identity map never folds
+    folded = x.clone()
+    folded[4:6, :, 0] = folded[4:6, :, 0].flip(0)  # two rows swapped
+    assert percent_folds(jacobian_determinant(folded, flip)) > 0
+
+
+def test_landmark_error():
+    r = landmark_error(torch.tensor([[0.0, 0.0], [3.0, 4.0]]), torch.tensor([[0.0, 0.0], [0.0, 0.0]]))
+    assert r["mean"] == 2.5 and r["max"] == 5.0
