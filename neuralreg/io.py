@@ -52,7 +52,7 @@ def read_image(path, what: str = "image") -> Image:
         data, affine = _read_raster(path, what)
     else:
         raise InputError(f"{what} {path}: unsupported format {suffix or '(none)'}; use .nii, .nii.gz, .png or .jpg")
-    return Image(torch.from_numpy(np.ascontiguousarray(data)), affine)
+    return Image(torch.from_numpy(np.array(data, copy=True, order="C")), affine)
 
 
 def _read_nifti(path: Path, what: str):
@@ -68,6 +68,7 @@ def _read_nifti(path: Path, what: str):
         data = data[..., 0]
     if data.ndim == 3 and data.shape[2] == 1:
         data = data[:, :, 0]
+    if data.ndim == 2:
         affine = np.delete(np.delete(affine, 2, 0), 2, 1)
     if data.ndim not in (2, 3):
         raise InputError(f"{what} {path} has {data.ndim} dimensions {data.shape}; only 2D and 3D images are supported")

@@ -1,0 +1,274 @@
+"""The command line: outputs, ITK convention through SimpleITK, and every bad input."""
+
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from neuralreg.cli import main
+from neuralreg.io import read_displacement_field, write_image
+from neuralreg.phantoms import knee_phantom_pair, triangles_pair
+
+FAST = ["--steps", "12", "--points", "1024", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def phantom_files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("phantom")
+    pair = knee_phantom_pair(1, shape=(20, 28, 24), spacing=(1.5, 1.0, 1.0))
+    # an oblique, LAS-like affine for the fixed image: world coordinates must decide
+    rot = np.array([[np.cos(0.2), -np.sin(0.2), 0], [np.sin(0.2), np.cos(0.2), 0], [0, 0, 1]])
+    aff = pair["fixed"].affine.copy()
+    aff[:3, :3] = rot @ np.diag([-1.5, 1.0, 1.0])
+    files = {}
+    for key in ("fixed", "moving", "fixed_labels", "moving_labels"):
+        img = pair[key]
+        if key.startswith("fixed"):
+            img = type(img)(img.data, aff)
+        files[key] = d / f"{key}.nii.gz"
+        write_image(img, files[key])
+    return files
+
+
+@pytest.fixture(scope="module")
+def registered(phantom_files, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run") / "out"
+    f = phantom_files
+    code = main(
+        ["register", "--fixed", str(f["fixed"]), "--moving", str(f["moving"]), "--out", str(out)]
+        + ["--fixed-labels", str(f["fixed_labels"]), "--moving-labels", str(f["moving_labels"])]
+        + FAST
+    )
+    assert code == 0
+    return out
+
+
+def test_register_writes_every_output(registered):
+    names = {p.name for p in registered.iterdir()}
+    expected = {
+        "warped.nii.gz",
+        "warped_labels.nii.gz",
+        "displacement_forward.nii.gz",
+        "displacement_inverse.nii.gz",
+        "jacobian.nii.gz",
+        "registration.pt",
+        "report.json",
+        "figure.png",
+    }
+    assert names == expected
+    report = json.loads((registered / "report.json").read_text())
+    for key in ("config", "versions", "timings", "final_loss_terms", "percent_folds_forward"):
+        assert key in report
+    assert 0 <= report["dice_after"]["mean"] <= 1
+    assert report["inverse_consistency_error_mm"] >= 0
+    warped = nib.load(registered / "warped.nii.gz")
+    assert warped.shape == (20, 28, 24)
+
+
+def test_displacement_field_applies_in_simpleitk_as_our_warp(registered, phantom_files):
+    sitk = pytest.importorskip("SimpleITK")
+    field = sitk.ReadImage(str(registered / "displacement_forward.nii.gz"), sitk.sitkVectorFloat64)
+    transform = sitk.DisplacementFieldTransform(field)
+    moving = sitk.ReadImage(str(phantom_files["moving_labels"]))
+    fixed = sitk.ReadImage(str(phantom_files["fixed_labels"]))
+    warped_sitk = sitk.Resample(moving, fixed, transform, sitk.sitkNearestNeighbor, 0)
+    ours = nib.load(registered / "warped_labels.nii.gz").get_fdata()
+    theirs = sitk.GetArrayFromImage(warped_sitk).transpose(2, 1, 0)  # sitk arrays are z, y, x
+    assert (ours == theirs).mean() > 0.995
+
+
+def test_warp_and_jacobian_commands(registered, phantom_files, tmp_path):
+    out = tmp_path / "w.nii.gz"
+    assert (
+        main(
+            [
+                "warp",
+                "--registration",
+                str(registered / "registration.pt"),
+                "--image",
+                str(phantom_files["moving_labels"]),
+                "--interpolation",
+                "nearest",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    ours = nib.load(registered / "warped_labels.nii.gz").get_fdata()
+    np.testing.assert_array_equal(nib.load(out).get_fdata(), ours)
+    out2 = tmp_path / "w2.nii.gz"
+    assert (
+        main(
+            [
+                "warp",
+                "--displacement",
+                str(registered / "displacement_forward.nii.gz"),
+                "--image",
+                str(phantom_files["moving_labels"]),
+                "--interpolation",
+                "nearest",
+                "--out",
+                str(out2),
+            ]
+        )
+        == 0
+    )
+    assert (nib.load(out2).get_fdata() == ours).mean() > 0.995
+    jac = tmp_path / "j.nii.gz"
+    assert main(["jacobian", "--registration", str(registered / "registration.pt"), "--out", str(jac)]) == 0
+    np.testing.assert_allclose(
+        nib.load(jac).get_fdata(), nib.load(registered / "jacobian.nii.gz").get_fdata(), rtol=1e-4, atol=1e-4
+    )
+
+
+def test_evaluate_command(registered, phantom_files, capsys):
+    assert (
+        main(
+            [
+                "evaluate",
+                "--warped-labels",
+                str(registered / "warped_labels.nii.gz"),
+                "--reference-labels",
+                str(phantom_files["fixed_labels"]),
+                "--labels",
+                "2,4",
+                "--jacobian",
+                str(registered / "jacobian.nii.gz"),
+            ]
+        )
+        == 0
+    )
+    result = json.loads(capsys.readouterr().out)
+    assert set(result["dice"]["per_label"]) <= {"2", "4"} and "percent_folds" in result
+
+
+def test_displacement_field_round_trip(registered):
+    field = read_displacement_field(registered / "displacement_forward.nii.gz")
+    from neuralreg.result import Registration
+
+    reg = Registration.load(registered / "registration.pt")
+    torch.testing.assert_close(field.data, reg.displacement_on_grid(direction="forward"), rtol=1e-5, atol=1e-4)
+
+
+def test_2d_png_registration(tmp_path):
+    from PIL import Image as PILImage
+
+    pair = triangles_pair(4, size=48)
+    for key in ("fixed", "moving"):
+        PILImage.fromarray((pair[key].data.numpy() * 255).astype(np.uint8)).save(tmp_path / f"{key}.png")
+    out = tmp_path / "out"
+    assert (
+        main(
+            [
+                "register",
+                "--fixed",
+                str(tmp_path / "fixed.png"),
+                "--moving",
+                str(tmp_path / "moving.png"),
+                "--out",
+                str(out),
+            ]
+            + FAST
+        )
+        == 0
+    )
+    assert nib.load(out / "warped.nii.gz").shape == (48, 48, 1)
+
+
+# ---- bad input: one line on stderr, non-zero exit, no traceback, nothing written ----
+
+
+def _nifti(path, data, affine=None):
+    nib.save(nib.Nifti1Image(np.asarray(data), np.eye(4) if affine is None else affine), str(path))
+    return path
+
+
+@pytest.fixture
+def bad_inputs(tmp_path):
+    rng = np.random.default_rng(0)
+    good = _nifti(tmp_path / "good.nii.gz", rng.random((10, 11, 12)).astype(np.float32))
+    return {
+        "dir": tmp_path,
+        "good": good,
+        "good2d": _nifti(tmp_path / "good2d.nii.gz", rng.random((10, 11)).astype(np.float32)),
+        "4d": _nifti(tmp_path / "4d.nii.gz", rng.random((5, 6, 7, 3)).astype(np.float32)),
+        "1d": _nifti(tmp_path / "1d.nii.gz", rng.random((1, 9, 1)).astype(np.float32)),
+        "nan": _nifti(
+            tmp_path / "nan.nii.gz", np.where(rng.random((10, 11, 12)) > 0.5, np.nan, 1.0).astype(np.float32)
+        ),
+        "const": _nifti(tmp_path / "const.nii.gz", np.ones((10, 11, 12), np.float32)),
+        "empty_mask": _nifti(tmp_path / "empty_mask.nii.gz", np.zeros((10, 11, 12), np.uint8)),
+        "float_labels": _nifti(tmp_path / "fl.nii.gz", rng.random((10, 11, 12)).astype(np.float32)),
+        "garbage": (tmp_path / "garbage.nii.gz"),
+        "txt": (tmp_path / "image.txt"),
+    }
+
+
+def _register(files, fixed, moving, *extra, out=None):
+    out = out or files["dir"] / "out"
+    return ["register", "--fixed", str(fixed), "--moving", str(moving), "--out", str(out), *FAST, *extra]
+
+
+CASES = {
+    "missing file": (lambda f: _register(f, f["dir"] / "nope.nii.gz", f["good"]), "not found"),
+    "unreadable file": (lambda f: _register(f, f["garbage"], f["good"]), "not a readable NIfTI"),
+    "unsupported format": (lambda f: _register(f, f["txt"], f["good"]), "unsupported format"),
+    "4D image": (lambda f: _register(f, f["4d"], f["good"]), "only 2D and 3D"),
+    "1D image": (lambda f: _register(f, f["1d"], f["good"]), "at least 2 voxels"),
+    "different dimensionality": (lambda f: _register(f, f["good2d"], f["good"]), "2D but moving image is 3D"),
+    "NaN voxels": (lambda f: _register(f, f["nan"], f["good"]), "NaN or Inf"),
+    "constant image": (lambda f: _register(f, f["const"], f["good"]), "constant"),
+    "empty mask": (lambda f: _register(f, f["good"], f["good"], "--fixed-mask", str(f["empty_mask"])), "empty"),
+    "non-integer labels": (
+        lambda f: _register(f, f["good"], f["good"], "--fixed-labels", str(f["float_labels"])),
+        "not an integer label map",
+    ),
+    "output exists": (lambda f: _register(f, f["good"], f["good"], out=f["dir"]), "exists; pass --overwrite"),
+    "GPU without CUDA": (lambda f: _register(f, f["good"], f["good"], "--device", "cuda"), "no CUDA GPU"),
+    "bad config file": (lambda f: _register(f, f["good"], f["good"], "--config", str(f["txt"])), "error"),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_input_gives_one_line_and_writes_nothing(case, bad_inputs, capsys):
+    if case == "GPU without CUDA" and torch.cuda.is_available():
+        pytest.skip("a CUDA GPU is present")
+    bad_inputs["garbage"].write_bytes(b"this is not a nifti file")
+    bad_inputs["txt"].write_text("{not json")
+    before = sorted(p.name for p in bad_inputs["dir"].iterdir())
+    argv, message = CASES[case]
+    code = main(argv(bad_inputs))
+    err = capsys.readouterr().err
+    assert code != 0
+    assert err.count("\n") == 1 and err.startswith("neuralreg: error:"), err
+    assert message in err
+    assert "Traceback" not in err
+    assert sorted(p.name for p in bad_inputs["dir"].iterdir()) == before
+
+
+def test_console_script_exit_code_and_stderr(tmp_path):
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "neuralreg",
+            "register",
+            "--fixed",
+            str(tmp_path / "a.nii"),
+            "--moving",
+            str(tmp_path / "b.nii"),
+            "--out",
+            str(tmp_path / "o"),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0 and "not found" in proc.stderr
+    assert not (tmp_path / "o").exists()
