@@ -23,6 +23,7 @@ setup(
         "nibabel>=5.0",
         "tqdm>=4.60",
         "matplotlib>=3.7",  # figures; also brings Pillow for PNG/JPEG input
+        "ninja",  # torch.utils.cpp_extension builds the native kernels with it on first use
     ],
     extras_require={
         "test": ["pytest>=7", "SimpleITK>=2.2", "ruff>=0.5"],

@@ -3,7 +3,7 @@
 Registers ``--pairs`` random pairs of the generated set and prints Dice of the filled
 shapes before and after, % folds and seconds per pair; writes a figure of the first pair.
 
-    python examples/triangles_2d.py --pairs 3 --steps 500 --out triangles.png
+    python examples/triangles_2d.py --pairs 3 --steps 800 --out triangles.png
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from neuralreg.phantoms import triangles_pair
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pairs", type=int, default=3, help="number of pairs (seeds 0..pairs-1)")
-    parser.add_argument("--steps", type=int, default=500, help="optimization steps per pair")
+    parser.add_argument("--steps", type=int, default=800, help="optimization steps per pair")
     parser.add_argument("--lam", type=float, default=2.0, help="GradICON weight")
     parser.add_argument("--out", default="triangles.png", help="figure of the first pair")
     args = parser.parse_args()

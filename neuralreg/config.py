@@ -98,6 +98,8 @@ class RegistrationConfig:
         regularizer_weight: lambda multiplying the regularizer.
         steps: Adam steps in total, spread over the pyramid stages.
         learning_rate: Adam learning rate (tables and MLP alike).
+        final_lr_fraction: the learning rate decays (cosine) over the last pyramid stage to
+            this fraction of ``learning_rate``; 1 keeps it constant.
         points: similarity points per field and step.
         regularizer_points: points per step for the regularizer.
         lncc_window: side of the local NCC window, in voxels of the image sampled.
@@ -120,6 +122,7 @@ class RegistrationConfig:
     regularizer_weight: float = 1.0
     steps: int = 1000
     learning_rate: float = 2e-3
+    final_lr_fraction: float = 0.1
     points: int = 16384
     regularizer_points: int = 4096
     lncc_window: float = 7.0

@@ -24,7 +24,7 @@ def available_backends() -> dict[str, str]:
 
     return {
         "torch": "available (pure-PyTorch reference)",
-        "native": native.status(),
+        "native": native.status("cpu") + (f"; CUDA: {native.status('cuda')}" if torch.cuda.is_available() else ""),
         "tcnn": tcnn_backend.status(),
     }
 

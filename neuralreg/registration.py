@@ -72,7 +72,12 @@ def _similarity_term(cfg, stage, field, source: str, target: str, device):
         vox = sampler.sample(cfg.points).to(device)
     u = apply_affine(stage.vox_to_u[target], vox)
     warped_vox = apply_affine(stage.u_to_vox[source], field(u))
-    warped = source_img.sample(warped_vox)
+    if field.encoding.backend == "native":  # fused value + gradient kernel
+        from . import native
+
+        warped = native.warp(source_img.data.float(), warped_vox)
+    else:
+        warped = source_img.sample(warped_vox)
     fixed_vals = target_img.sample(vox)
     if cfg.similarity == "lncc":
         warped = warped.reshape(-1, cfg.lncc_patch_points)
@@ -176,6 +181,11 @@ def register_pair(
         while i < n_steps:
             if snapshot is None or step % 50 == 0:
                 snapshot = _snapshot(phi_ab, phi_ba, optimizer)
+            if s == len(cfg.pyramid) - 1 and cfg.final_lr_fraction != 1.0:
+                frac = cfg.final_lr_fraction
+                scheduled = lr * (frac + (1 - frac) * 0.5 * (1 + math.cos(math.pi * i / max(n_steps, 1))))
+                for g in optimizer.param_groups:
+                    g["lr"] = scheduled
             optimizer.zero_grad(set_to_none=True)
             sim_ab = _similarity_term(cfg, stage, phi_ab, "moving", "fixed", device)
             sim_ba = _similarity_term(cfg, stage, phi_ba, "fixed", "moving", device)

@@ -149,10 +149,17 @@ class Registration:
         return percent_folds(self.jacobian_determinant(direction).data)
 
     @torch.no_grad()
-    def inverse_consistency_error(self, direction: str = "inverse", max_points: int = 200000) -> float:
-        """Mean ||Phi_AB(Phi_BA(x)) - x|| in mm over the moving grid (``inverse``: x in moving space)."""
+    def inverse_consistency_error(
+        self, direction: str = "inverse", max_points: int = 200000, mask: torch.Tensor | None = None
+    ) -> float:
+        """Mean ||Phi_AB(Phi_BA(x)) - x|| in mm over the moving grid (``inverse``: x in moving space).
+
+        ``mask`` (the grid's shape) restricts the mean to its non-zero voxels.
+        """
         shape, affine = self._grid(direction)
         vox = grid_points(shape)
+        if mask is not None:
+            vox = vox[mask.reshape(-1) > 0]
         if vox.shape[0] > max_points:
             g = torch.Generator().manual_seed(0)
             vox = vox[torch.randperm(vox.shape[0], generator=g)[:max_points]]

@@ -20,7 +20,7 @@ def quick_config(**kw):
 def triangles_result():
     pair = triangles_pair(0)
     cfg = RegistrationConfig(
-        steps=500, points=4096, regularizer_points=1024, similarity="lncc", regularizer_weight=2.0, progress=False
+        steps=800, points=4096, regularizer_points=1024, similarity="lncc", regularizer_weight=2.0, progress=False
     )
     return pair, register_pair(pair["moving"], pair["fixed"], cfg)
 
@@ -35,7 +35,8 @@ def test_triangles_circles_pair_dice_and_no_folds(triangles_result):
     assert after >= 0.90
     assert reg.percent_folds("forward") == 0.0
     assert reg.percent_folds("inverse") == 0.0
-    assert reg.inverse_consistency_error() < 3.0  # pixels (1 mm spacing)
+    # inside the shape, where the images constrain the maps (pixels, 1 mm spacing)
+    assert reg.inverse_consistency_error(mask=pair["moving_labels"].data) < 2.0
 
 
 @pytest.mark.slow

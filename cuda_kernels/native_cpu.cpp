@@ -1,0 +1,284 @@
+// CPU twins of the CUDA kernels (hash grid forward / backward / double backward, fused
+// warp), parallel with at::parallel_for, and their torch bindings.
+// Table gradients are race-free: levels own disjoint table rows, so they are split
+// between threads by level.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <vector>
+
+#include "pointmath.h"
+
+namespace {
+
+struct Layout {
+  std::vector<float> scales;
+  std::vector<int64_t> resolutions, sizes, offsets;
+  std::vector<bool> hashed;
+  int64_t n_levels() const { return (int64_t)scales.size(); }
+};
+
+Layout make_layout(const std::vector<double>& scales, const std::vector<int64_t>& resolutions,
+                   const std::vector<int64_t>& sizes, const std::vector<int64_t>& offsets,
+                   const std::vector<bool>& hashed) {
+  Layout l;
+  for (double s : scales) l.scales.push_back((float)s);
+  l.resolutions = resolutions;
+  l.sizes = sizes;
+  l.offsets = offsets;
+  l.hashed = hashed;
+  return l;
+}
+
+template <int D, typename T>
+nr::Cell<D, T> cell_at(const T* x, const Layout& lay, int64_t level, bool smooth) {
+  nr::Cell<D, T> cell;
+  cell.setup(x, (T)lay.scales[level], (uint32_t)lay.resolutions[level], (uint32_t)lay.sizes[level],
+             (uint32_t)lay.offsets[level], lay.hashed[level], smooth);
+  return cell;
+}
+
+template <int D, typename T>
+void forward_impl(const T* x, const T* table, T* y, int64_t n, int64_t F, const Layout& lay, bool smooth) {
+  const int64_t L = lay.n_levels();
+  at::parallel_for(0, n, 1024, [&](int64_t begin, int64_t end) {
+    for (int64_t p = begin; p < end; ++p) {
+      for (int64_t l = 0; l < L; ++l) {
+        auto cell = cell_at<D, T>(x + p * D, lay, l, smooth);
+        T* out = y + (p * L + l) * F;
+        for (int64_t f = 0; f < F; ++f) out[f] = T(0);
+        for (int c = 0; c < (1 << D); ++c) {
+          T w = cell.weight(c);
+          const T* row = table + (int64_t)cell.rows[c] * F;
+          for (int64_t f = 0; f < F; ++f) out[f] += w * row[f];
+        }
+      }
+    }
+  });
+}
+
+// gx[p, i] = sum_{l,c,f} gy[p,l,f] T[row,f] dw_c/dx_i ; gT[row,f] += w_c gy[p,l,f]
+template <int D, typename T>
+void backward_impl(const T* gy, const T* x, const T* table, T* gx, T* gT, int64_t n, int64_t F, const Layout& lay,
+                   bool smooth) {
+  const int64_t L = lay.n_levels();
+  if (gx) {
+    at::parallel_for(0, n, 1024, [&](int64_t begin, int64_t end) {
+      for (int64_t p = begin; p < end; ++p) {
+        T acc[D] = {};
+        for (int64_t l = 0; l < L; ++l) {
+          auto cell = cell_at<D, T>(x + p * D, lay, l, smooth);
+          const T* g = gy + (p * L + l) * F;
+          for (int c = 0; c < (1 << D); ++c) {
+            const T* row = table + (int64_t)cell.rows[c] * F;
+            T dot = T(0);
+            for (int64_t f = 0; f < F; ++f) dot += g[f] * row[f];
+            for (int i = 0; i < D; ++i) acc[i] += dot * cell.dweight(c, i);
+          }
+        }
+        for (int i = 0; i < D; ++i) gx[p * D + i] = acc[i];
+      }
+    });
+  }
+  if (gT) {
+    at::parallel_for(0, L, 1, [&](int64_t lbegin, int64_t lend) {
+      for (int64_t l = lbegin; l < lend; ++l) {
+        for (int64_t p = 0; p < n; ++p) {
+          auto cell = cell_at<D, T>(x + p * D, lay, l, smooth);
+          const T* g = gy + (p * L + l) * F;
+          for (int c = 0; c < (1 << D); ++c) {
+            T w = cell.weight(c);
+            T* row = gT + (int64_t)cell.rows[c] * F;
+            for (int64_t f = 0; f < F; ++f) row[f] += w * g[f];
+          }
+        }
+      }
+    });
+  }
+}
+
+// Derivatives of (gx, gT) = backward(gy, x, T) against upstream (ggx, ggT):
+//   g_gy[p,l,f] = sum_c w_c ggT[row,f] + sum_{c,i} ggx[p,i] T[row,f] dw_c/dx_i
+//   g_x[p,j]    = sum_{l,c,f} gy[p,l,f] (ggT[row,f] dw_c/dx_j + T[row,f] sum_i ggx[p,i] d2w_c/dx_i dx_j)
+//   g_T[row,f] += gy[p,l,f] sum_i dw_c/dx_i ggx[p,i]
+template <int D, typename T>
+void double_backward_impl(const T* ggx, const T* ggT, const T* gy, const T* x, const T* table, T* g_gy, T* g_x,
+                          T* g_T, int64_t n, int64_t F, const Layout& lay, bool smooth) {
+  const int64_t L = lay.n_levels();
+  at::parallel_for(0, n, 512, [&](int64_t begin, int64_t end) {
+    for (int64_t p = begin; p < end; ++p) {
+      T accx[D] = {};
+      const T* gg = ggx ? ggx + p * D : nullptr;
+      for (int64_t l = 0; l < L; ++l) {
+        auto cell = cell_at<D, T>(x + p * D, lay, l, smooth);
+        const T* g = gy + (p * L + l) * F;
+        T* out = g_gy ? g_gy + (p * L + l) * F : nullptr;
+        if (out)
+          for (int64_t f = 0; f < F; ++f) out[f] = T(0);
+        for (int c = 0; c < (1 << D); ++c) {
+          const T* row = table + (int64_t)cell.rows[c] * F;
+          const T* rowgg = ggT ? ggT + (int64_t)cell.rows[c] * F : nullptr;
+          T dw[D];
+          T dw_dot_gg = T(0);
+          for (int i = 0; i < D; ++i) {
+            dw[i] = cell.dweight(c, i);
+            if (gg) dw_dot_gg += dw[i] * gg[i];
+          }
+          T w = cell.weight(c);
+          T g_row = T(0), g_rowgg = T(0);
+          for (int64_t f = 0; f < F; ++f) {
+            if (out) out[f] += (rowgg ? w * rowgg[f] : T(0)) + dw_dot_gg * row[f];
+            g_row += g[f] * row[f];
+            if (rowgg) g_rowgg += g[f] * rowgg[f];
+          }
+          if (g_x) {
+            for (int j = 0; j < D; ++j) {
+              T a = g_rowgg * dw[j];
+              if (gg) {
+                T h = T(0);
+                for (int i = 0; i < D; ++i) h += gg[i] * cell.d2weight(c, i, j);
+                a += g_row * h;
+              }
+              accx[j] += a;
+            }
+          }
+        }
+      }
+      if (g_x)
+        for (int j = 0; j < D; ++j) g_x[p * D + j] = accx[j];
+    }
+  });
+  if (g_T && ggx) {
+    at::parallel_for(0, L, 1, [&](int64_t lbegin, int64_t lend) {
+      for (int64_t l = lbegin; l < lend; ++l) {
+        for (int64_t p = 0; p < n; ++p) {
+          auto cell = cell_at<D, T>(x + p * D, lay, l, smooth);
+          const T* g = gy + (p * L + l) * F;
+          const T* gg = ggx + p * D;
+          for (int c = 0; c < (1 << D); ++c) {
+            T s = T(0);
+            for (int i = 0; i < D; ++i) s += cell.dweight(c, i) * gg[i];
+            T* row = g_T + (int64_t)cell.rows[c] * F;
+            for (int64_t f = 0; f < F; ++f) row[f] += s * g[f];
+          }
+        }
+      }
+    });
+  }
+}
+
+template <typename T>
+const T* ptr_or_null(const c10::optional<torch::Tensor>& t) {
+  return (t.has_value() && t->defined()) ? t->data_ptr<T>() : nullptr;
+}
+
+#define DISPATCH_DIMS(d, ...)                                   \
+  if (d == 2) {                                                 \
+    constexpr int D = 2;                                        \
+    __VA_ARGS__;                                                \
+  } else if (d == 3) {                                          \
+    constexpr int D = 3;                                        \
+    __VA_ARGS__;                                                \
+  } else {                                                      \
+    TORCH_CHECK(false, "hash grid supports 2 or 3 dimensions"); \
+  }
+
+void check_inputs(const torch::Tensor& x, const torch::Tensor& table) {
+  TORCH_CHECK(x.device().is_cpu() && table.device().is_cpu(), "CPU tensors expected");
+  TORCH_CHECK(x.is_contiguous() && table.is_contiguous(), "contiguous tensors expected");
+  TORCH_CHECK(x.scalar_type() == table.scalar_type(), "x and table must share a dtype");
+}
+
+}  // namespace
+
+torch::Tensor hashgrid_forward(torch::Tensor x, torch::Tensor table, std::vector<double> scales,
+                               std::vector<int64_t> resolutions, std::vector<int64_t> sizes,
+                               std::vector<int64_t> offsets, std::vector<bool> hashed, bool smooth) {
+  check_inputs(x, table);
+  auto lay = make_layout(scales, resolutions, sizes, offsets, hashed);
+  const int64_t n = x.size(0), F = table.size(1), d = x.size(1);
+  auto y = torch::empty({n, lay.n_levels() * F}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "hashgrid_forward", [&] {
+    DISPATCH_DIMS(d, forward_impl<D, scalar_t>(x.data_ptr<scalar_t>(), table.data_ptr<scalar_t>(),
+                                               y.data_ptr<scalar_t>(), n, F, lay, smooth));
+  });
+  return y;
+}
+
+std::vector<torch::Tensor> hashgrid_backward(torch::Tensor gy, torch::Tensor x, torch::Tensor table,
+                                             std::vector<double> scales, std::vector<int64_t> resolutions,
+                                             std::vector<int64_t> sizes, std::vector<int64_t> offsets,
+                                             std::vector<bool> hashed, bool smooth, bool need_x, bool need_table) {
+  check_inputs(x, table);
+  gy = gy.contiguous();
+  auto lay = make_layout(scales, resolutions, sizes, offsets, hashed);
+  const int64_t n = x.size(0), F = table.size(1), d = x.size(1);
+  torch::Tensor gx = need_x ? torch::empty_like(x) : torch::Tensor();
+  torch::Tensor gT = need_table ? torch::zeros_like(table) : torch::Tensor();
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "hashgrid_backward", [&] {
+    DISPATCH_DIMS(d, backward_impl<D, scalar_t>(gy.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(),
+                                                table.data_ptr<scalar_t>(),
+                                                need_x ? gx.data_ptr<scalar_t>() : nullptr,
+                                                need_table ? gT.data_ptr<scalar_t>() : nullptr, n, F, lay, smooth));
+  });
+  return {gx, gT};
+}
+
+std::vector<torch::Tensor> hashgrid_double_backward(c10::optional<torch::Tensor> ggx, c10::optional<torch::Tensor> ggT,
+                                                    torch::Tensor gy, torch::Tensor x, torch::Tensor table,
+                                                    std::vector<double> scales, std::vector<int64_t> resolutions,
+                                                    std::vector<int64_t> sizes, std::vector<int64_t> offsets,
+                                                    std::vector<bool> hashed, bool smooth, bool need_gy, bool need_x,
+                                                    bool need_table) {
+  check_inputs(x, table);
+  gy = gy.contiguous();
+  if (ggx.has_value() && ggx->defined()) ggx = ggx->contiguous();
+  if (ggT.has_value() && ggT->defined()) ggT = ggT->contiguous();
+  auto lay = make_layout(scales, resolutions, sizes, offsets, hashed);
+  const int64_t n = x.size(0), F = table.size(1), d = x.size(1);
+  torch::Tensor g_gy = need_gy ? torch::empty_like(gy) : torch::Tensor();
+  torch::Tensor g_x = need_x ? torch::empty_like(x) : torch::Tensor();
+  torch::Tensor g_T = need_table ? torch::zeros_like(table) : torch::Tensor();
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "hashgrid_double_backward", [&] {
+    DISPATCH_DIMS(d, double_backward_impl<D, scalar_t>(
+                         ptr_or_null<scalar_t>(ggx), ptr_or_null<scalar_t>(ggT), gy.data_ptr<scalar_t>(),
+                         x.data_ptr<scalar_t>(), table.data_ptr<scalar_t>(),
+                         need_gy ? g_gy.data_ptr<scalar_t>() : nullptr, need_x ? g_x.data_ptr<scalar_t>() : nullptr,
+                         need_table ? g_T.data_ptr<scalar_t>() : nullptr, n, F, lay, smooth));
+  });
+  return {g_gy, g_x, g_T};
+}
+
+// Fused warp: values (N) and spatial gradients (N, d) of a volume at voxel-index points.
+std::vector<torch::Tensor> warp_forward(torch::Tensor image, torch::Tensor points) {
+  TORCH_CHECK(image.device().is_cpu() && points.device().is_cpu(), "CPU tensors expected");
+  image = image.contiguous();
+  points = points.contiguous();
+  TORCH_CHECK(image.scalar_type() == points.scalar_type(), "image and points must share a dtype");
+  const int64_t d = points.size(1), n = points.size(0);
+  TORCH_CHECK(image.dim() == d, "image dimensionality must match the points");
+  auto values = torch::empty({n}, points.options());
+  auto grads = torch::empty({n, d}, points.options());
+  std::vector<int64_t> shape(image.sizes().begin(), image.sizes().end());
+  AT_DISPATCH_FLOATING_TYPES(points.scalar_type(), "warp_forward", [&] {
+    const scalar_t* img = image.data_ptr<scalar_t>();
+    const scalar_t* pts = points.data_ptr<scalar_t>();
+    scalar_t* val = values.data_ptr<scalar_t>();
+    scalar_t* grd = grads.data_ptr<scalar_t>();
+    DISPATCH_DIMS(d, at::parallel_for(0, n, 2048, [&](int64_t b, int64_t e) {
+      for (int64_t p = b; p < e; ++p)
+        val[p] = nr::sample_with_gradient<D, scalar_t>(img, shape.data(), pts + p * D, grd + p * D);
+    }));
+  });
+  return {values, grads};
+}
+
+int num_threads() { return at::get_num_threads(); }
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("hashgrid_forward", &hashgrid_forward);
+  m.def("hashgrid_backward", &hashgrid_backward);
+  m.def("hashgrid_double_backward", &hashgrid_double_backward);
+  m.def("warp_forward", &warp_forward);
+  m.def("num_threads", &num_threads);
+}

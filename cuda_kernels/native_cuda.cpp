@@ -1,0 +1,157 @@
+// Torch binding of the CUDA kernels (hashgrid.cu, warp.cu). Built on first use by
+// neuralreg/native.py when torch has CUDA and nvcc exists; mirrors native_cpu.cpp.
+#include <torch/extension.h>
+#include <ATen/cuda/CUDAContext.h>
+
+#include <vector>
+
+#include "layout.h"
+
+extern "C" {
+int nr_hashgrid_forward_f32(int, const float*, const float*, float*, int64_t, int, const nr::LevelLayout*, bool,
+                            cudaStream_t);
+int nr_hashgrid_forward_f64(int, const double*, const double*, double*, int64_t, int, const nr::LevelLayout*, bool,
+                            cudaStream_t);
+int nr_hashgrid_backward_f32(int, const float*, const float*, const float*, float*, float*, int64_t, int,
+                             const nr::LevelLayout*, bool, cudaStream_t);
+int nr_hashgrid_backward_f64(int, const double*, const double*, const double*, double*, double*, int64_t, int,
+                             const nr::LevelLayout*, bool, cudaStream_t);
+int nr_hashgrid_double_backward_f32(int, const float*, const float*, const float*, const float*, const float*, float*,
+                                    float*, float*, int64_t, int, const nr::LevelLayout*, bool, cudaStream_t);
+int nr_hashgrid_double_backward_f64(int, const double*, const double*, const double*, const double*, const double*,
+                                    double*, double*, double*, int64_t, int, const nr::LevelLayout*, bool,
+                                    cudaStream_t);
+int nr_warp_f32(int, const float*, const int64_t*, const float*, float*, float*, int64_t, cudaStream_t);
+int nr_warp_f64(int, const double*, const int64_t*, const double*, double*, double*, int64_t, cudaStream_t);
+}
+
+namespace {
+
+nr::LevelLayout make_layout(const std::vector<double>& scales, const std::vector<int64_t>& resolutions,
+                            const std::vector<int64_t>& sizes, const std::vector<int64_t>& offsets,
+                            const std::vector<bool>& hashed) {
+  TORCH_CHECK((int)scales.size() <= nr::kMaxLevels, "at most 32 levels");
+  nr::LevelLayout l{};
+  l.n_levels = (int)scales.size();
+  for (int i = 0; i < l.n_levels; ++i) {
+    l.scales[i] = (float)scales[i];
+    l.resolutions[i] = (uint32_t)resolutions[i];
+    l.sizes[i] = (uint32_t)sizes[i];
+    l.offsets[i] = (uint32_t)offsets[i];
+    l.hashed[i] = hashed[i];
+  }
+  return l;
+}
+
+void check(const torch::Tensor& t, const char* name) {
+  TORCH_CHECK(t.is_cuda() && t.is_contiguous(), name, " must be a contiguous CUDA tensor");
+}
+
+template <typename T>
+const T* opt_ptr(const c10::optional<torch::Tensor>& t) {
+  return (t.has_value() && t->defined()) ? t->data_ptr<T>() : nullptr;
+}
+
+void check_status(int status) { TORCH_CHECK(status == 0, "CUDA kernel launch failed with error ", status); }
+
+}  // namespace
+
+torch::Tensor hashgrid_forward(torch::Tensor x, torch::Tensor table, std::vector<double> scales,
+                               std::vector<int64_t> resolutions, std::vector<int64_t> sizes,
+                               std::vector<int64_t> offsets, std::vector<bool> hashed, bool smooth) {
+  check(x, "x");
+  check(table, "table");
+  auto lay = make_layout(scales, resolutions, sizes, offsets, hashed);
+  const int64_t n = x.size(0);
+  const int F = (int)table.size(1), d = (int)x.size(1);
+  auto y = torch::empty({n, lay.n_levels * F}, x.options());
+  auto stream = at::cuda::getCurrentCUDAStream();
+  if (x.scalar_type() == torch::kFloat64)
+    check_status(nr_hashgrid_forward_f64(d, x.data_ptr<double>(), table.data_ptr<double>(), y.data_ptr<double>(), n,
+                                         F, &lay, smooth, stream));
+  else
+    check_status(nr_hashgrid_forward_f32(d, x.data_ptr<float>(), table.data_ptr<float>(), y.data_ptr<float>(), n, F,
+                                         &lay, smooth, stream));
+  return y;
+}
+
+std::vector<torch::Tensor> hashgrid_backward(torch::Tensor gy, torch::Tensor x, torch::Tensor table,
+                                             std::vector<double> scales, std::vector<int64_t> resolutions,
+                                             std::vector<int64_t> sizes, std::vector<int64_t> offsets,
+                                             std::vector<bool> hashed, bool smooth, bool need_x, bool need_table) {
+  gy = gy.contiguous();
+  check(gy, "gy");
+  auto lay = make_layout(scales, resolutions, sizes, offsets, hashed);
+  const int64_t n = x.size(0);
+  const int F = (int)table.size(1), d = (int)x.size(1);
+  auto gx = torch::zeros_like(x);
+  auto gT = torch::zeros_like(table);
+  auto stream = at::cuda::getCurrentCUDAStream();
+  if (x.scalar_type() == torch::kFloat64)
+    check_status(nr_hashgrid_backward_f64(d, gy.data_ptr<double>(), x.data_ptr<double>(), table.data_ptr<double>(),
+                                          need_x ? gx.data_ptr<double>() : nullptr,
+                                          need_table ? gT.data_ptr<double>() : nullptr, n, F, &lay, smooth, stream));
+  else
+    check_status(nr_hashgrid_backward_f32(d, gy.data_ptr<float>(), x.data_ptr<float>(), table.data_ptr<float>(),
+                                          need_x ? gx.data_ptr<float>() : nullptr,
+                                          need_table ? gT.data_ptr<float>() : nullptr, n, F, &lay, smooth, stream));
+  return {gx, gT};
+}
+
+std::vector<torch::Tensor> hashgrid_double_backward(c10::optional<torch::Tensor> ggx, c10::optional<torch::Tensor> ggT,
+                                                    torch::Tensor gy, torch::Tensor x, torch::Tensor table,
+                                                    std::vector<double> scales, std::vector<int64_t> resolutions,
+                                                    std::vector<int64_t> sizes, std::vector<int64_t> offsets,
+                                                    std::vector<bool> hashed, bool smooth, bool need_gy, bool need_x,
+                                                    bool need_table) {
+  gy = gy.contiguous();
+  if (ggx.has_value() && ggx->defined()) ggx = ggx->contiguous();
+  if (ggT.has_value() && ggT->defined()) ggT = ggT->contiguous();
+  auto lay = make_layout(scales, resolutions, sizes, offsets, hashed);
+  const int64_t n = x.size(0);
+  const int F = (int)table.size(1), d = (int)x.size(1);
+  auto g_gy = torch::zeros_like(gy);
+  auto g_x = torch::zeros_like(x);
+  auto g_T = torch::zeros_like(table);
+  auto stream = at::cuda::getCurrentCUDAStream();
+  if (x.scalar_type() == torch::kFloat64)
+    check_status(nr_hashgrid_double_backward_f64(
+        d, opt_ptr<double>(ggx), opt_ptr<double>(ggT), gy.data_ptr<double>(), x.data_ptr<double>(),
+        table.data_ptr<double>(), need_gy ? g_gy.data_ptr<double>() : nullptr,
+        need_x ? g_x.data_ptr<double>() : nullptr, need_table ? g_T.data_ptr<double>() : nullptr, n, F, &lay, smooth,
+        stream));
+  else
+    check_status(nr_hashgrid_double_backward_f32(
+        d, opt_ptr<float>(ggx), opt_ptr<float>(ggT), gy.data_ptr<float>(), x.data_ptr<float>(),
+        table.data_ptr<float>(), need_gy ? g_gy.data_ptr<float>() : nullptr, need_x ? g_x.data_ptr<float>() : nullptr,
+        need_table ? g_T.data_ptr<float>() : nullptr, n, F, &lay, smooth, stream));
+  return {g_gy, g_x, g_T};
+}
+
+std::vector<torch::Tensor> warp_forward(torch::Tensor image, torch::Tensor points) {
+  image = image.contiguous();
+  points = points.contiguous();
+  check(image, "image");
+  check(points, "points");
+  const int d = (int)points.size(1);
+  const int64_t n = points.size(0);
+  TORCH_CHECK(image.dim() == d, "image dimensionality must match the points");
+  int64_t shape[3] = {image.size(0), image.size(1), d == 3 ? image.size(2) : 1};
+  auto values = torch::empty({n}, points.options());
+  auto grads = torch::empty({n, d}, points.options());
+  auto stream = at::cuda::getCurrentCUDAStream();
+  if (points.scalar_type() == torch::kFloat64)
+    check_status(nr_warp_f64(d, image.data_ptr<double>(), shape, points.data_ptr<double>(), values.data_ptr<double>(),
+                             grads.data_ptr<double>(), n, stream));
+  else
+    check_status(nr_warp_f32(d, image.data_ptr<float>(), shape, points.data_ptr<float>(), values.data_ptr<float>(),
+                             grads.data_ptr<float>(), n, stream));
+  return {values, grads};
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("hashgrid_forward", &hashgrid_forward);
+  m.def("hashgrid_backward", &hashgrid_backward);
+  m.def("hashgrid_double_backward", &hashgrid_double_backward);
+  m.def("warp_forward", &warp_forward);
+}
