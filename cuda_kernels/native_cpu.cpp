@@ -73,7 +73,9 @@ void backward_impl(const T* gy, const T* x, const T* table, T* gx, T* gT, int64_
             const T* row = table + (int64_t)cell.rows[c] * F;
             T dot = T(0);
             for (int64_t f = 0; f < F; ++f) dot += g[f] * row[f];
-            for (int i = 0; i < D; ++i) acc[i] += dot * cell.dweight(c, i);
+            T w, dw[D];
+            cell.corner(c, w, dw, nullptr);
+            for (int i = 0; i < D; ++i) acc[i] += dot * dw[i];
           }
         }
         for (int i = 0; i < D; ++i) gx[p * D + i] = acc[i];
@@ -118,13 +120,11 @@ void double_backward_impl(const T* ggx, const T* ggT, const T* gy, const T* x, c
         for (int c = 0; c < (1 << D); ++c) {
           const T* row = table + (int64_t)cell.rows[c] * F;
           const T* rowgg = ggT ? ggT + (int64_t)cell.rows[c] * F : nullptr;
-          T dw[D];
+          T w, dw[D], d2w[D][D];
+          cell.corner(c, w, dw, d2w);
           T dw_dot_gg = T(0);
-          for (int i = 0; i < D; ++i) {
-            dw[i] = cell.dweight(c, i);
-            if (gg) dw_dot_gg += dw[i] * gg[i];
-          }
-          T w = cell.weight(c);
+          if (gg)
+            for (int i = 0; i < D; ++i) dw_dot_gg += dw[i] * gg[i];
           T g_row = T(0), g_rowgg = T(0);
           for (int64_t f = 0; f < F; ++f) {
             if (out) out[f] += (rowgg ? w * rowgg[f] : T(0)) + dw_dot_gg * row[f];
@@ -136,7 +136,7 @@ void double_backward_impl(const T* ggx, const T* ggT, const T* gy, const T* x, c
               T a = g_rowgg * dw[j];
               if (gg) {
                 T h = T(0);
-                for (int i = 0; i < D; ++i) h += gg[i] * cell.d2weight(c, i, j);
+                for (int i = 0; i < D; ++i) h += gg[i] * d2w[i][j];
                 a += g_row * h;
               }
               accx[j] += a;
@@ -156,8 +156,10 @@ void double_backward_impl(const T* ggx, const T* ggT, const T* gy, const T* x, c
           const T* g = gy + (p * L + l) * F;
           const T* gg = ggx + p * D;
           for (int c = 0; c < (1 << D); ++c) {
+            T w, dw[D];
+            cell.corner(c, w, dw, nullptr);
             T s = T(0);
-            for (int i = 0; i < D; ++i) s += cell.dweight(c, i) * gg[i];
+            for (int i = 0; i < D; ++i) s += dw[i] * gg[i];
             T* row = g_T + (int64_t)cell.rows[c] * F;
             for (int64_t f = 0; f < F; ++f) row[f] += s * g[f];
           }

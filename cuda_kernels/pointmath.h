@@ -36,7 +36,9 @@ NR_HD uint32_t grid_index(const uint32_t* pos, uint32_t resolution, uint32_t siz
       stride *= resolution;
     }
   }
-  return index % size;
+  // same result as index % size, without a division in the common cases
+  if ((size & (size - 1)) == 0) return index & (size - 1);
+  return index < size ? index : index % size;
 }
 
 // One level's cell around a point: corner rows and 1D weights with derivatives
@@ -68,6 +70,34 @@ struct Cell {
       uint32_t v[D];
       for (int i = 0; i < D; ++i) v[i] = base[i] + ((c >> i) & 1);
       rows[c] = offset + grid_index<D>(v, resolution, size, hashed);
+    }
+  }
+  // Per-corner factors along each axis, and the weight with its first and second
+  // derivatives: dw[i] = d w / d x_i, d2w[i][j] = d2 w / d x_i d x_j.
+  NR_HD void corner(int c, T& w, T* dw, T (*d2w)[D]) const {
+    T a[D], da[D], d2a[D];
+    for (int i = 0; i < D; ++i) {
+      bool up = (c >> i) & 1;
+      a[i] = up ? s[i] : T(1) - s[i];
+      da[i] = up ? ds[i] : -ds[i];
+      d2a[i] = up ? d2s[i] : -d2s[i];
+    }
+    w = T(1);
+    for (int i = 0; i < D; ++i) w *= a[i];
+    for (int i = 0; i < D; ++i) {
+      T rest = T(1);
+      for (int k = 0; k < D; ++k)
+        if (k != i) rest *= a[k];
+      dw[i] = da[i] * rest;
+      if (d2w) {
+        d2w[i][i] = d2a[i] * rest;
+        for (int j = i + 1; j < D; ++j) {
+          T r = T(1);
+          for (int k = 0; k < D; ++k)
+            if (k != i && k != j) r *= a[k];
+          d2w[i][j] = d2w[j][i] = da[i] * da[j] * r;
+        }
+      }
     }
   }
   NR_HD T factor(int c, int i) const { return ((c >> i) & 1) ? s[i] : T(1) - s[i]; }

@@ -55,7 +55,7 @@ def _build(kind: str, src: Path):
             name="neuralreg_native_cpu",
             sources=[str(src / "native_cpu.cpp")],
             extra_include_paths=[str(src)],
-            extra_cflags=["-O3", "-fopenmp", "-std=c++17"],
+            extra_cflags=["-O3", "-march=native", "-fopenmp", "-std=c++17"],
             extra_ldflags=["-fopenmp"],
             verbose=False,
         )
@@ -124,6 +124,23 @@ def _layout_args(layout):
     )
 
 
+def _engine_needs(ctx, index: int) -> bool:
+    """Whether the running backward pass will use the gradient of input ``index``.
+
+    ``autograd.grad(y, x)`` (the Jacobian passes of GradICON) does not need the table's
+    gradient although the table requires grad; skipping it halves those kernels.
+    """
+    if not ctx.needs_input_grad[index]:
+        return False
+    node = ctx.next_functions[index][0]
+    if node is None:
+        return False
+    try:
+        return bool(torch._C._will_engine_execute_node(node))
+    except (AttributeError, RuntimeError):  # private API; fall back to computing it
+        return True
+
+
 class _HashGridEncode(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, table, layout, smooth):
@@ -135,7 +152,10 @@ class _HashGridEncode(torch.autograd.Function):
     @staticmethod
     def backward(ctx, gy):
         x, table = ctx.saved_tensors
-        gx, gt = _HashGridBackward.apply(gy, x, table, ctx.layout, ctx.smooth)
+        need_x, need_t = _engine_needs(ctx, 0), _engine_needs(ctx, 1)
+        if not (need_x or need_t):
+            return None, None, None, None
+        gx, gt = _HashGridBackward.apply(gy, x, table, ctx.layout, ctx.smooth, need_x, need_t)
         return gx, gt, None, None
 
 
@@ -143,12 +163,12 @@ class _HashGridBackward(torch.autograd.Function):
     """(gx, gT) = backward(gy, x, T); its own backward is the double-backward kernel."""
 
     @staticmethod
-    def forward(ctx, gy, x, table, layout, smooth):
+    def forward(ctx, gy, x, table, layout, smooth, need_x, need_t):
         gy = gy.contiguous()
         ctx.save_for_backward(gy, x, table)
         ctx.layout, ctx.smooth = layout, smooth
-        gx, gt = _mod(x).hashgrid_backward(gy, x, table, *_layout_args(layout), smooth, True, True)
-        return gx, gt
+        gx, gt = _mod(x).hashgrid_backward(gy, x, table, *_layout_args(layout), smooth, need_x, need_t)
+        return (gx if need_x else None), (gt if need_t else None)
 
     @staticmethod
     def backward(ctx, ggx, ggt):
@@ -157,7 +177,7 @@ class _HashGridBackward(torch.autograd.Function):
         g_gy, g_x, g_t = _mod(x).hashgrid_double_backward(
             ggx, ggt, gy, x, table, *_layout_args(ctx.layout), ctx.smooth, need_gy, need_x, need_t
         )
-        return (g_gy if need_gy else None), (g_x if need_x else None), (g_t if need_t else None), None, None
+        return (g_gy if need_gy else None), (g_x if need_x else None), (g_t if need_t else None), None, None, None, None
 
 
 def hashgrid_encode(x: torch.Tensor, table: torch.Tensor, layout, smoothstep: bool) -> torch.Tensor:

@@ -72,7 +72,9 @@ def test_float32_matches_reference():
     enc = _encoding(3, "Linear", torch.float32)
     x = _points(3, 4096, dtype=torch.float32)
     ref = hashgrid_encode_torch(x, enc.table, enc.indexer(), False)
-    torch.testing.assert_close(native.hashgrid_encode(x, enc.table, enc.layout, False), ref, rtol=1e-5, atol=1e-6)
+    # the native build may fuse scale * x + 0.5 into one FMA (tcnn's own formula); at the
+    # finest level one ulp of the float32 position is ~8e-6 of a cell
+    torch.testing.assert_close(native.hashgrid_encode(x, enc.table, enc.layout, False), ref, rtol=1e-4, atol=1e-5)
 
 
 def test_gradicon_step_matches_reference():
