@@ -3,7 +3,8 @@
 - fused warp forward+backward at 64k points on an 80x192x192 volume vs grid_sample;
 - hash-grid forward+backward (16k and 64k points) native vs reference;
 - one full GradICON optimization step (both fields, 16k similarity points per field,
-  4k GradICON points, Adam update) native vs reference.
+  4k GradICON points, Adam update) native vs reference, with the autograd Jacobian and
+  with the analytic one (``RegistrationConfig(jacobian="analytic")``).
 
     python benchmarks/bench_native.py [--threads N]
 """
@@ -64,7 +65,7 @@ def bench_encoding(n: int) -> tuple[float, float]:
     return run("torch"), run("native")
 
 
-def bench_gradicon_step() -> tuple[float, float]:
+def bench_gradicon_step() -> tuple[float, float, float]:
     torch.manual_seed(0)
     fa, fb = NeuralField(3, FieldConfig()), NeuralField(3, FieldConfig())
     for f in (fa, fb):
@@ -76,7 +77,7 @@ def bench_gradicon_step() -> tuple[float, float]:
     sim_points = torch.rand(16384, 3, generator=g)
     reg_points = torch.rand(4096, 3, generator=g)
 
-    def run(backend):
+    def run(backend, gradicon=regularizers.gradicon):
         for f in (fa, fb):
             f.encoding.backend = backend
         warp = native.warp if backend == "native" else sample_image
@@ -87,13 +88,13 @@ def bench_gradicon_step() -> tuple[float, float]:
             for f in (fa, fb):
                 w = warp(image, f(sim_points) * scale).reshape(-1, 32)
                 loss = loss + lncc(w, sample_image(image, sim_points * scale).reshape(-1, 32))
-            loss = loss + regularizers.gradicon(fa, fb, reg_points)
+            loss = loss + gradicon(fa, fb, reg_points)
             loss.backward()
             opt.step()
 
         return median_ms(step, 3)
 
-    return run("torch"), run("native")
+    return run("torch"), run("native"), run("native", regularizers.gradicon_analytic)
 
 
 def main() -> None:
@@ -112,10 +113,10 @@ def main() -> None:
     for n in (16384, 65536):
         ref, nat = bench_encoding(n)
         print(f"  hash grid fwd+bwd @ {n:6d} pts: reference {ref:8.1f} ms, native {nat:8.1f} ms, x{ref / nat:.1f}")
-    ref, nat = bench_gradicon_step()
-    print(
-        f"  full GradICON step (2 fields, 16k sim pts): reference {ref:8.1f} ms, native {nat:8.1f} ms, x{ref / nat:.1f}"
-    )
+    ref, nat, ana = bench_gradicon_step()
+    print(f"  full GradICON step (2 fields, 16k sim pts): reference {ref:8.1f} ms")
+    print(f"    native, autograd Jacobian: {nat:8.1f} ms, x{ref / nat:.1f}")
+    print(f"    native, analytic Jacobian: {ana:8.1f} ms, x{ref / ana:.1f}")
 
 
 if __name__ == "__main__":

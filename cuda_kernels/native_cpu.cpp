@@ -169,6 +169,88 @@ void double_backward_impl(const T* ggx, const T* ggT, const T* gy, const T* x, c
   }
 }
 
+// Encoding and its spatial Jacobian in one pass: y (N, L*F), jac (N, L*F, D).
+template <int D, typename T>
+void forward_jacobian_impl(const T* x, const T* table, T* y, T* jac, int64_t n, int64_t F, const Layout& lay,
+                           bool smooth) {
+  const int64_t L = lay.n_levels();
+  at::parallel_for(0, n, 512, [&](int64_t begin, int64_t end) {
+    for (int64_t p = begin; p < end; ++p) {
+      for (int64_t l = 0; l < L; ++l) {
+        auto cell = cell_at<D, T>(x + p * D, lay, l, smooth);
+        T* out = y + (p * L + l) * F;
+        T* jout = jac + (p * L + l) * F * D;
+        for (int64_t f = 0; f < F; ++f) out[f] = T(0);
+        for (int64_t k = 0; k < F * D; ++k) jout[k] = T(0);
+        for (int c = 0; c < (1 << D); ++c) {
+          T w, dw[D];
+          cell.corner(c, w, dw, nullptr);
+          const T* row = table + (int64_t)cell.rows[c] * F;
+          for (int64_t f = 0; f < F; ++f) {
+            out[f] += w * row[f];
+            for (int i = 0; i < D; ++i) jout[f * D + i] += dw[i] * row[f];
+          }
+        }
+      }
+    }
+  });
+}
+
+// Backward of (y, jac) against (gy, gjac):
+//   g_T[row,f] += w_c gy[p,l,f] + sum_i dw_c/dx_i gjac[p,l,f,i]
+//   g_x[p,j]    = sum_{l,c,f} T[row,f] (gy[p,l,f] dw_c/dx_j + sum_i gjac[p,l,f,i] d2w_c/dx_i dx_j)
+template <int D, typename T>
+void jacobian_backward_impl(const T* gy, const T* gjac, const T* x, const T* table, T* g_x, T* g_T, int64_t n,
+                            int64_t F, const Layout& lay, bool smooth) {
+  const int64_t L = lay.n_levels();
+  if (g_x) {
+    at::parallel_for(0, n, 512, [&](int64_t begin, int64_t end) {
+      for (int64_t p = begin; p < end; ++p) {
+        T acc[D] = {};
+        for (int64_t l = 0; l < L; ++l) {
+          auto cell = cell_at<D, T>(x + p * D, lay, l, smooth);
+          const T* g = gy + (p * L + l) * F;
+          const T* gj = gjac + (p * L + l) * F * D;
+          for (int c = 0; c < (1 << D); ++c) {
+            T w, dw[D], d2w[D][D];
+            cell.corner(c, w, dw, d2w);
+            const T* row = table + (int64_t)cell.rows[c] * F;
+            for (int64_t f = 0; f < F; ++f) {
+              for (int j = 0; j < D; ++j) {
+                T a = g[f] * dw[j];
+                for (int i = 0; i < D; ++i) a += gj[f * D + i] * d2w[i][j];
+                acc[j] += row[f] * a;
+              }
+            }
+          }
+        }
+        for (int j = 0; j < D; ++j) g_x[p * D + j] = acc[j];
+      }
+    });
+  }
+  if (g_T) {
+    at::parallel_for(0, L, 1, [&](int64_t lbegin, int64_t lend) {
+      for (int64_t l = lbegin; l < lend; ++l) {
+        for (int64_t p = 0; p < n; ++p) {
+          auto cell = cell_at<D, T>(x + p * D, lay, l, smooth);
+          const T* g = gy + (p * L + l) * F;
+          const T* gj = gjac + (p * L + l) * F * D;
+          for (int c = 0; c < (1 << D); ++c) {
+            T w, dw[D];
+            cell.corner(c, w, dw, nullptr);
+            T* row = g_T + (int64_t)cell.rows[c] * F;
+            for (int64_t f = 0; f < F; ++f) {
+              T a = w * g[f];
+              for (int i = 0; i < D; ++i) a += dw[i] * gj[f * D + i];
+              row[f] += a;
+            }
+          }
+        }
+      }
+    });
+  }
+}
+
 template <typename T>
 const T* ptr_or_null(const c10::optional<torch::Tensor>& t) {
   return (t.has_value() && t->defined()) ? t->data_ptr<T>() : nullptr;
@@ -251,6 +333,44 @@ std::vector<torch::Tensor> hashgrid_double_backward(c10::optional<torch::Tensor>
   return {g_gy, g_x, g_T};
 }
 
+std::vector<torch::Tensor> hashgrid_forward_jacobian(torch::Tensor x, torch::Tensor table, std::vector<double> scales,
+                                                     std::vector<int64_t> resolutions, std::vector<int64_t> sizes,
+                                                     std::vector<int64_t> offsets, std::vector<bool> hashed,
+                                                     bool smooth) {
+  check_inputs(x, table);
+  auto lay = make_layout(scales, resolutions, sizes, offsets, hashed);
+  const int64_t n = x.size(0), F = table.size(1), d = x.size(1);
+  auto y = torch::empty({n, lay.n_levels() * F}, x.options());
+  auto jac = torch::empty({n, lay.n_levels() * F, d}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "hashgrid_forward_jacobian", [&] {
+    DISPATCH_DIMS(d, forward_jacobian_impl<D, scalar_t>(x.data_ptr<scalar_t>(), table.data_ptr<scalar_t>(),
+                                                        y.data_ptr<scalar_t>(), jac.data_ptr<scalar_t>(), n, F, lay,
+                                                        smooth));
+  });
+  return {y, jac};
+}
+
+std::vector<torch::Tensor> hashgrid_jacobian_backward(torch::Tensor gy, torch::Tensor gjac, torch::Tensor x,
+                                                      torch::Tensor table, std::vector<double> scales,
+                                                      std::vector<int64_t> resolutions, std::vector<int64_t> sizes,
+                                                      std::vector<int64_t> offsets, std::vector<bool> hashed,
+                                                      bool smooth, bool need_x, bool need_table) {
+  check_inputs(x, table);
+  gy = gy.contiguous();
+  gjac = gjac.contiguous();
+  auto lay = make_layout(scales, resolutions, sizes, offsets, hashed);
+  const int64_t n = x.size(0), F = table.size(1), d = x.size(1);
+  torch::Tensor g_x = need_x ? torch::empty_like(x) : torch::Tensor();
+  torch::Tensor g_T = need_table ? torch::zeros_like(table) : torch::Tensor();
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "hashgrid_jacobian_backward", [&] {
+    DISPATCH_DIMS(d, jacobian_backward_impl<D, scalar_t>(
+                         gy.data_ptr<scalar_t>(), gjac.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(),
+                         table.data_ptr<scalar_t>(), need_x ? g_x.data_ptr<scalar_t>() : nullptr,
+                         need_table ? g_T.data_ptr<scalar_t>() : nullptr, n, F, lay, smooth));
+  });
+  return {g_x, g_T};
+}
+
 // Fused warp: values (N) and spatial gradients (N, d) of a volume at voxel-index points.
 std::vector<torch::Tensor> warp_forward(torch::Tensor image, torch::Tensor points) {
   TORCH_CHECK(image.device().is_cpu() && points.device().is_cpu(), "CPU tensors expected");
@@ -281,6 +401,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("hashgrid_forward", &hashgrid_forward);
   m.def("hashgrid_backward", &hashgrid_backward);
   m.def("hashgrid_double_backward", &hashgrid_double_backward);
+  m.def("hashgrid_forward_jacobian", &hashgrid_forward_jacobian);
+  m.def("hashgrid_jacobian_backward", &hashgrid_jacobian_backward);
   m.def("warp_forward", &warp_forward);
   m.def("num_threads", &num_threads);
 }

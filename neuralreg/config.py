@@ -96,6 +96,9 @@ class RegistrationConfig:
         regularizer: ``"gradicon"`` (autograd Jacobian), ``"gradicon_fd"`` (finite
             differences), ``"icon"``, ``"diffusion"``, ``"bending"`` or ``"none"``.
         regularizer_weight: lambda multiplying the regularizer.
+        jacobian: how ``gradicon`` takes the spatial Jacobian: ``"autograd"``
+            (``torch.autograd.grad(create_graph=True)``, the definition) or ``"analytic"``
+            (pushed forward through the MLP; same value, faster with the native backend).
         steps: Adam steps in total, spread over the pyramid stages.
         learning_rate: Adam learning rate (tables and MLP alike).
         final_lr_fraction: the learning rate decays (cosine) over the last pyramid stage to
@@ -120,6 +123,7 @@ class RegistrationConfig:
     similarity: str = "lncc"
     regularizer: str = "gradicon"
     regularizer_weight: float = 1.0
+    jacobian: str = "autograd"
     steps: int = 1000
     learning_rate: float = 2e-3
     final_lr_fraction: float = 0.1
@@ -146,6 +150,8 @@ class RegistrationConfig:
             raise ValueError(f"similarity must be one of {SIMILARITIES}, not {self.similarity!r}")
         if self.regularizer not in REGULARIZERS:
             raise ValueError(f"regularizer must be one of {REGULARIZERS}, not {self.regularizer!r}")
+        if self.jacobian not in ("autograd", "analytic"):
+            raise ValueError(f"jacobian must be 'autograd' or 'analytic', not {self.jacobian!r}")
         if len(self.pyramid) != len(self.stage_fractions) or not self.pyramid:
             raise ValueError("pyramid and stage_fractions must have the same, non-zero length")
         if any(f < 1 for f in self.pyramid):

@@ -94,6 +94,30 @@ class HashGridEncoding(nn.Module):
             self._indexer = TorchHashGridIndexer(self.layout, self.n_dims, dev)
         return self._indexer
 
+    def forward_with_jacobian(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Features (N, L*F) and their spatial Jacobian (N, L*F, d), differentiable once.
+
+        The native backend computes both in one kernel; the others take the Jacobian by
+        autograd (d backward passes) with the same result.
+        """
+        inside = ((x >= 0) & (x <= 1)).to(x.dtype)  # the clamp's derivative
+        if self.backend == "native":
+            from . import native
+
+            xc = x.clamp(0.0, 1.0)
+            feats, jac = native.hashgrid_encode_with_jacobian(
+                xc, self.table.to(x.dtype), self.layout, self.config.interpolation == "Smoothstep"
+            )
+            mask = self.level_mask.to(feats.dtype).repeat_interleave(self.config.n_features_per_level)
+            return feats * mask, jac * mask[:, None] * inside[:, None, :]
+        xg = x if x.requires_grad else x.detach().requires_grad_(True)
+        feats = self(xg)
+        rows = [
+            torch.autograd.grad(feats[:, k].sum(), xg, create_graph=True, retain_graph=True)[0]
+            for k in range(feats.shape[1])
+        ]
+        return feats, torch.stack(rows, 1)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.clamp(0.0, 1.0)
         smooth = self.config.interpolation == "Smoothstep"

@@ -55,6 +55,22 @@ class NeuralField(nn.Module):
     def forward(self, u: torch.Tensor) -> torch.Tensor:
         return u + self.displacement(u)
 
+    def forward_with_jacobian(self, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Phi(u) (N, d) and its spatial Jacobian (N, d, d), by pushing the encoding's
+        Jacobian forward through the MLP (one pass; differentiable w.r.t. parameters and u)."""
+        feats, jac = self.encoding.forward_with_jacobian(u)
+        w = self.mlp[0].weight
+        h, t = feats.to(w.dtype), jac.to(w.dtype)
+        for layer in self.mlp:
+            if isinstance(layer, nn.Linear):
+                h = layer(h)
+                t = torch.matmul(layer.weight, t)
+            else:
+                t = t * _activation_derivative(layer, h)[..., None]
+                h = layer(h)
+        eye = torch.eye(self.n_dims, dtype=u.dtype, device=u.device)
+        return u + h.to(u.dtype), eye + t.to(u.dtype)
+
     @torch.no_grad()
     def evaluate(self, u: torch.Tensor, chunk: int = 65536) -> torch.Tensor:
         """Phi(u) in chunks of ``chunk`` points (bounded memory), no graph."""
@@ -62,3 +78,17 @@ class NeuralField(nn.Module):
         for start in range(0, u.shape[0], chunk):
             out[start : start + chunk] = self(u[start : start + chunk])
         return out
+
+
+def _activation_derivative(layer: nn.Module, pre: torch.Tensor) -> torch.Tensor:
+    """d activation / d pre-activation, elementwise."""
+    if isinstance(layer, nn.ReLU):
+        return (pre > 0).to(pre.dtype)
+    if isinstance(layer, nn.SiLU):
+        sig = torch.sigmoid(pre)
+        return sig * (1 + pre * (1 - sig))
+    if isinstance(layer, nn.Softplus):
+        return torch.sigmoid(layer.beta * pre)
+    if isinstance(layer, nn.Tanh):
+        return 1 - torch.tanh(pre) ** 2
+    raise TypeError(f"no derivative for {type(layer).__name__}")

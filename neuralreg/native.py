@@ -186,6 +186,37 @@ def hashgrid_encode(x: torch.Tensor, table: torch.Tensor, layout, smoothstep: bo
     return _HashGridEncode.apply(x, table, layout, smoothstep)
 
 
+class _HashGridEncodeJacobian(torch.autograd.Function):
+    """(y, dy/dx) in one pass; backward to x and the table (first order)."""
+
+    @staticmethod
+    def forward(ctx, x, table, layout, smooth):
+        x, table = x.contiguous(), table.contiguous()
+        ctx.save_for_backward(x, table)
+        ctx.layout, ctx.smooth = layout, smooth
+        return tuple(_mod(x).hashgrid_forward_jacobian(x, table, *_layout_args(layout), smooth))
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, gy, gjac):
+        x, table = ctx.saved_tensors
+        need_x, need_t = ctx.needs_input_grad[:2]
+        if gy is None:
+            gy = torch.zeros(x.shape[0], table.shape[1] * len(ctx.layout.scales), dtype=x.dtype)
+        if gjac is None:
+            gjac = torch.zeros(*gy.shape, x.shape[1], dtype=x.dtype)
+        g_x, g_t = _mod(x).hashgrid_jacobian_backward(
+            gy, gjac, x, table, *_layout_args(ctx.layout), ctx.smooth, need_x, need_t
+        )
+        return (g_x if need_x else None), (g_t if need_t else None), None, None
+
+
+def hashgrid_encode_with_jacobian(x: torch.Tensor, table: torch.Tensor, layout, smoothstep: bool):
+    """Native encoding and its spatial Jacobian: (N, L*F) and (N, L*F, d), differentiable once."""
+    _mod(x)
+    return _HashGridEncodeJacobian.apply(x, table, layout, smoothstep)
+
+
 class _Warp(torch.autograd.Function):
     @staticmethod
     def forward(ctx, image, points):

@@ -91,6 +91,8 @@ def _regularizer_term(cfg, stage, phi_ab, phi_ba, box, device):
     vox = stage.moving_sampler.sample(cfg.regularizer_points).to(device)
     u = apply_affine(stage.vox_to_u["moving"], vox)
     if cfg.regularizer == "gradicon":
+        if cfg.jacobian == "analytic":
+            return regularizers.gradicon_analytic(phi_ab, phi_ba, u)
         return regularizers.gradicon(phi_ab, phi_ba, u)
     if cfg.regularizer == "gradicon_fd":
         return regularizers.gradicon_fd(phi_ab, phi_ba, u, cfg.fd_step_mm / box.scale)

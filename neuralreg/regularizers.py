@@ -34,6 +34,18 @@ def gradicon(phi_ab, phi_ba, u: torch.Tensor) -> torch.Tensor:
     return ((jac - _eye_rows(u)) ** 2).sum((1, 2)).mean()
 
 
+def gradicon_analytic(phi_ab, phi_ba, u: torch.Tensor) -> torch.Tensor:
+    """GradICON with each field's Jacobian pushed forward through its MLP (same value as ``gradicon``).
+
+    ``phi_ab`` and ``phi_ba`` must provide ``forward_with_jacobian`` (``NeuralField`` does):
+    J(phi_ab o phi_ba)(u) = J_ab(phi_ba(u)) J_ba(u), one forward and one backward pass.
+    """
+    y, jac_ba = phi_ba.forward_with_jacobian(u)
+    _, jac_ab = phi_ab.forward_with_jacobian(y)
+    jac = torch.matmul(jac_ab, jac_ba)
+    return ((jac - _eye_rows(u)) ** 2).sum((1, 2)).mean()
+
+
 def gradicon_fd(phi_ab, phi_ba, u: torch.Tensor, step: float) -> torch.Tensor:
     """GradICON by forward finite differences with ``step`` (normalized units), as the convolutional model."""
     y0 = phi_ab(phi_ba(u))
