@@ -12,24 +12,13 @@
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
+from timing import median_ms
 
 from neuralreg import FieldConfig, HashGridEncoding, NeuralField, native, regularizers
 from neuralreg.sampling import sample_image
 from neuralreg.similarity import lncc
-
-
-def median_ms(fn, repeats: int = 7) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t) * 1e3)
-    return statistics.median(times)
 
 
 def bench_warp() -> tuple[float, float]:

@@ -9,25 +9,15 @@ and the end-to-end time and Dice of the 2D triangles/circles and 3D phantom case
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 
 import torch
+from timing import median_ms
 
 from neuralreg import NeuralField, RegistrationConfig, register_pair, regularizers
 from neuralreg.config import FieldConfig
 from neuralreg.metrics import dice
 from neuralreg.phantoms import knee_phantom_pair, triangles_pair
-
-
-def median_ms(fn, repeats: int = 5) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t) * 1e3)
-    return statistics.median(times)
 
 
 def step_timings(n_points: int, backend: str = "torch") -> dict:
