@@ -26,7 +26,9 @@ setup(
         "ninja",  # torch.utils.cpp_extension builds the native kernels with it on first use
     ],
     extras_require={
-        "test": ["pytest>=7", "SimpleITK>=2.2", "ruff>=0.5"],
+        "test": ["pytest>=7", "SimpleITK>=2.2", "ruff>=0.5", "dask[distributed]>=2024.1"],
+        # cohort registration (neuralreg batch)
+        "batch": ["dask[distributed]>=2024.1"],
         # tinycudann: install by hand on a CUDA machine, see README ("GPU and tinycudann")
         "tcnn": [],
         # icon-registration pins torchvision, which has no CPU build here: install it with --no-deps

@@ -251,6 +251,31 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_batch(args) -> int:
+    from .batch import read_pairs, register_pairs
+
+    cfg = _build_config(args)
+    _check_device(cfg.device)
+    specs = read_pairs(args.pairs)
+    rows = register_pairs(
+        specs,
+        args.out,
+        cfg,
+        scheduler=args.scheduler,
+        workers=args.workers,
+        threads_per_worker=args.threads_per_worker or args.threads,
+        modality=args.modality,
+        progress=not args.quiet,
+    )
+    done = sum(r["status"] == "done" for r in rows)
+    skipped = sum(r["status"] == "skipped" for r in rows)
+    failed = [r for r in rows if r["status"] == "failed"]
+    print(f"{done} registered, {skipped} already complete, {len(failed)} failed; summary in {args.out}/summary.csv")
+    for r in failed:
+        print(f"  {r['pair_id']}: {r['error']}", file=sys.stderr)
+    return 1 if failed else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="neuralreg",
@@ -312,6 +337,21 @@ def build_parser() -> argparse.ArgumentParser:
             )
             w.add_argument("--reference", type=Path, help="image whose grid the output takes (default: the field's)")
         w.set_defaults(func=func)
+
+    b = sub.add_parser("batch", help="register every pair of a CSV/TSV table on Dask (resumable)", formatter_class=fmt)
+    b.add_argument(
+        "--pairs",
+        type=Path,
+        required=True,
+        help="CSV/TSV: fixed, moving[, fixed_labels, moving_labels, fixed_mask, moving_mask, pair_id]",
+    )
+    b.add_argument("--out", type=Path, required=True, help="output folder (re-running skips completed pairs)")
+    b.add_argument("--scheduler", help="address of an existing Dask scheduler (default: a local cluster)")
+    b.add_argument("--workers", type=int, help="local workers (default: one per GPU, or about one per 2 cores)")
+    b.add_argument("--threads-per-worker", type=int, help="torch threads per registration (default: cores/workers)")
+    b.add_argument("--modality", choices=("mri", "ct", "none"), default="mri", help="intensity normalization")
+    _add_register_options(b)
+    b.set_defaults(func=cmd_batch)
 
     e = sub.add_parser(
         "evaluate", help="Dice (and folds) between a warped label map and a reference", formatter_class=fmt
