@@ -134,3 +134,18 @@ def test_bad_tables_are_one_line_errors(tmp_path, capsys):
     with pytest.raises(ValueError, match="twice"):
         read_pairs(dup)
     assert not (tmp_path / "o").exists()
+
+
+def test_existing_scheduler_address(table, tmp_path):
+    from distributed import LocalCluster
+
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+        rows = register_pairs(
+            table,
+            tmp_path / "out",
+            RegistrationConfig(**CONFIG),
+            scheduler=cluster.scheduler_address,
+            threads_per_worker=1,
+            progress=False,
+        )
+    assert sorted(r["status"] for r in rows) == ["done", "done", "done", "failed"]
