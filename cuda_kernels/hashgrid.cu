@@ -15,14 +15,22 @@ __device__ nr::Cell<D, T> cell_at(const T* x, const nr::LevelLayout& lay, int l,
   return cell;
 }
 
+// One thread per (point, level): this thread's point p and level l, false past the end.
+__device__ __forceinline__ bool point_level(int64_t n, int n_levels, int64_t& t, int64_t& p, int& l) {
+  t = blockIdx.x * (int64_t)blockDim.x + threadIdx.x;
+  if (t >= n * n_levels) return false;
+  p = t / n_levels;
+  l = (int)(t % n_levels);
+  return true;
+}
+
 // one thread per (point, level)
 template <int D, typename T>
 __global__ void forward_kernel(const T* __restrict__ x, const T* __restrict__ table, T* __restrict__ y, int64_t n,
                                int F, nr::LevelLayout lay, bool smooth) {
-  int64_t t = blockIdx.x * (int64_t)blockDim.x + threadIdx.x;
-  if (t >= n * lay.n_levels) return;
-  int64_t p = t / lay.n_levels;
-  int l = (int)(t % lay.n_levels);
+  int64_t t, p;
+  int l;
+  if (!point_level(n, lay.n_levels, t, p, l)) return;
   auto cell = cell_at<D, T>(x + p * D, lay, l, smooth);
   T* out = y + t * F;
   for (int f = 0; f < F; ++f) out[f] = T(0);
@@ -38,10 +46,9 @@ template <int D, typename T>
 __global__ void backward_kernel(const T* __restrict__ gy, const T* __restrict__ x, const T* __restrict__ table,
                                 T* __restrict__ gx, T* __restrict__ gT, int64_t n, int F, nr::LevelLayout lay,
                                 bool smooth) {
-  int64_t t = blockIdx.x * (int64_t)blockDim.x + threadIdx.x;
-  if (t >= n * lay.n_levels) return;
-  int64_t p = t / lay.n_levels;
-  int l = (int)(t % lay.n_levels);
+  int64_t t, p;
+  int l;
+  if (!point_level(n, lay.n_levels, t, p, l)) return;
   auto cell = cell_at<D, T>(x + p * D, lay, l, smooth);
   const T* g = gy + t * F;
   T acc[D] = {};
@@ -64,10 +71,9 @@ __global__ void double_backward_kernel(const T* __restrict__ ggx, const T* __res
                                        const T* __restrict__ gy, const T* __restrict__ x,
                                        const T* __restrict__ table, T* __restrict__ g_gy, T* __restrict__ g_x,
                                        T* __restrict__ g_T, int64_t n, int F, nr::LevelLayout lay, bool smooth) {
-  int64_t t = blockIdx.x * (int64_t)blockDim.x + threadIdx.x;
-  if (t >= n * lay.n_levels) return;
-  int64_t p = t / lay.n_levels;
-  int l = (int)(t % lay.n_levels);
+  int64_t t, p;
+  int l;
+  if (!point_level(n, lay.n_levels, t, p, l)) return;
   auto cell = cell_at<D, T>(x + p * D, lay, l, smooth);
   const T* g = gy + t * F;
   const T* gg = ggx ? ggx + p * D : nullptr;

@@ -39,7 +39,10 @@ def registration_figure(path, fixed: Image, moving_resampled: Image, warped: Ima
     axes = [0] if fixed.n_dims == 2 else [0, 1, 2]
     titles = ["fixed", "moving", "warped moving", "checkerboard fixed/warped", "deformed grid", "Jacobian det"]
     fig, grid = plt.subplots(len(axes), 6, figsize=(18, 3.2 * len(axes)), squeeze=False)
+    spacing = fixed.spacing
     for row, axis in enumerate(axes):
+        shown = [k for k in range(fixed.n_dims) if k != axis] if fixed.n_dims == 3 else [0, 1]
+        aspect = float(spacing[shown[1]] / spacing[shown[0]])  # physical proportions on screen
         f = _slice(fixed.data.float(), axis)
         m = _slice(moving_resampled.data.float(), axis)
         w = _slice(warped.data.float(), axis)
@@ -48,10 +51,9 @@ def registration_figure(path, fixed: Image, moving_resampled: Image, warped: Ima
         yy, xx = np.meshgrid(np.arange(f.shape[0]) // tiles, np.arange(f.shape[1]) // tiles, indexing="ij")
         checker = np.where((yy + xx) % 2 == 0, f, w)
         for col, img in enumerate((f, m, w, checker)):
-            grid[row, col].imshow(img.T, origin="lower", cmap="gray", vmin=0, vmax=vmax)
+            grid[row, col].imshow(img.T, origin="lower", cmap="gray", vmin=0, vmax=vmax, aspect=aspect)
         phi = _slice_map(map_fixed_vox, axis)
-        keep = [k for k in range(phi.shape[-1]) if k != axis] if fixed.n_dims == 3 else [0, 1]
-        p0, p1 = phi[..., keep[0]], phi[..., keep[1]]
+        p0, p1 = phi[..., shown[0]], phi[..., shown[1]]
         ax = grid[row, 4]
         step = max(1, min(f.shape) // 24)
         for i in range(0, p0.shape[0], step):
@@ -60,9 +62,9 @@ def registration_figure(path, fixed: Image, moving_resampled: Image, warped: Ima
             ax.plot(p0[:, j], p1[:, j], "k-", lw=0.5)
         ax.set_xlim(0, f.shape[0] - 1)
         ax.set_ylim(0, f.shape[1] - 1)
-        ax.set_aspect("equal")
+        ax.set_aspect(aspect)
         jac = _slice(jacobian, axis)
-        im = grid[row, 5].imshow(jac.T, origin="lower", cmap="RdBu_r", vmin=0, vmax=2)
+        im = grid[row, 5].imshow(jac.T, origin="lower", cmap="RdBu_r", vmin=0, vmax=2, aspect=aspect)
         grid[row, 5].contour(jac.T, levels=[0], colors="k", linewidths=0.8)
         fig.colorbar(im, ax=grid[row, 5], fraction=0.046)
         for col in range(6):

@@ -9,6 +9,17 @@ from neuralreg.sampling import sample_image
 
 pytestmark = pytest.mark.skipif(not native.hashgrid_available("cpu"), reason=f"native CPU kernels: {native.status()}")
 
+DEVICES = [
+    "cpu",
+    pytest.param(
+        "cuda",
+        marks=pytest.mark.skipif(
+            not torch.cuda.is_available() or not native.hashgrid_available("cuda"),
+            reason="native CUDA kernels need a GPU and a CUDA build of torch",
+        ),
+    ),
+]
+
 CFG = dict(n_levels=5, n_features_per_level=2, log2_hashmap_size=9, base_resolution=3, per_level_scale=1.8)
 
 
@@ -30,18 +41,19 @@ def _points(d, n=64, seed=0, dtype=torch.float64):
     return x
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("d", [2, 3])
 @pytest.mark.parametrize("interp", ["Linear", "Smoothstep"])
-def test_values_and_derivatives_match_reference(d, interp):
-    enc = _encoding(d, interp)
+def test_values_and_derivatives_match_reference(d, interp, device):
+    enc = _encoding(d, interp).to(device)
     smooth = interp == "Smoothstep"
-    x = _points(d)
+    x = _points(d).to(device)
 
     def run(fn):
         xx = x.clone().requires_grad_(True)
         table = enc.table.detach().clone().requires_grad_(True)
         y = fn(xx, table)
-        w = torch.randn(y.shape, generator=torch.Generator().manual_seed(1), dtype=y.dtype)
+        w = torch.randn(y.shape, generator=torch.Generator().manual_seed(1), dtype=y.dtype).to(y.device)
         gx, gt = torch.autograd.grad((y * w).sum(), (xx, table), create_graph=True)
         second = (gx**2).sum() + (gx * y[:, :d]).sum()
         g2x, g2t = torch.autograd.grad(second, (xx, table))
@@ -77,14 +89,15 @@ def test_float32_matches_reference():
     torch.testing.assert_close(native.hashgrid_encode(x, enc.table, enc.layout, False), ref, rtol=1e-4, atol=1e-5)
 
 
-def test_gradicon_step_matches_reference():
+@pytest.mark.parametrize("device", DEVICES)
+def test_gradicon_step_matches_reference(device):
     cfg = FieldConfig(encoding=HashGridConfig(**CFG), hidden_width=16, backend="torch")
     torch.manual_seed(0)
-    fa, fb = NeuralField(3, cfg).double(), NeuralField(3, cfg).double()
+    fa, fb = NeuralField(3, cfg).double().to(device), NeuralField(3, cfg).double().to(device)
     for f in (fa, fb):
         torch.nn.init.uniform_(f.encoding.table, -0.1, 0.1)
         torch.nn.init.normal_(f.mlp[-1].weight, std=0.1)
-    u = _points(3, 200)
+    u = _points(3, 200).to(device)
 
     def grads(backend):
         for f in (fa, fb):
@@ -102,19 +115,21 @@ def test_gradicon_step_matches_reference():
         torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-12)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("d", [2, 3])
-def test_fused_warp_matches_grid_sample(d):
+def test_fused_warp_matches_grid_sample(d, device):
     shape = (7, 9, 8)[:d]
-    image = torch.rand(shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    image = torch.rand(shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64).to(device)
     g = torch.Generator().manual_seed(4)
     upper = torch.tensor(shape, dtype=torch.float64) - 1
     pts = torch.rand(300, d, generator=g, dtype=torch.float64) * (upper + 3) - 1.5  # some outside
     pts[:20] = torch.randint(0, 6, (20, d), generator=g).double()  # voxel centers exactly
+    pts = pts.to(device)
     a = pts.clone().requires_grad_(True)
     b = pts.clone().requires_grad_(True)
     va, vb = sample_image(image, a), native.warp(image, b)
     torch.testing.assert_close(vb, va)
-    w = torch.randn(300, generator=g, dtype=torch.float64)
+    w = torch.randn(300, generator=g, dtype=torch.float64).to(device)
     (ga,) = torch.autograd.grad((va * w).sum(), a)
     (gb,) = torch.autograd.grad((vb * w).sum(), b)
     inside_cells = ((pts - pts.floor()) > 1e-9).all(1)  # grid_sample's gradient at a vertex is one-sided
