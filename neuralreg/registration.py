@@ -11,6 +11,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import regularizers
+from .affine import AffineMap, ComposedMap, intensity_centroid
 from .config import RegistrationConfig
 from .coordinates import NormalizedBox, apply_affine
 from .field import NeuralField
@@ -60,43 +61,58 @@ def _mask(mask: Image | None, factor: int):
     return mask.with_data((mask.data > 0).float()).downsample(factor).data > 0.5
 
 
-def _similarity_term(cfg, stage, field, source: str, target: str, device):
-    """sim(source o field, target) at points sampled in the target's domain."""
+def _similarity_term(cfg, stage, mapping, source: str, target: str, device, fused_warp: bool, similarity=None):
+    """sim(source o mapping, target) at points sampled in the target's domain."""
+    similarity = similarity or cfg.similarity
     sampler = stage.fixed_sampler if target == "fixed" else stage.moving_sampler
     target_img = stage.fixed if target == "fixed" else stage.moving
     source_img = stage.moving if source == "moving" else stage.fixed
-    if cfg.similarity == "lncc":
+    if similarity == "lncc":
         k = cfg.lncc_patch_points
         vox = sampler.sample_windows(max(1, cfg.points // k), k, cfg.lncc_window).to(device)
     else:
         vox = sampler.sample(cfg.points).to(device)
     u = apply_affine(stage.vox_to_u[target], vox)
-    warped_vox = apply_affine(stage.u_to_vox[source], field(u))
-    if field.encoding.backend == "native":  # fused value + gradient kernel
+    warped_vox = apply_affine(stage.u_to_vox[source], mapping(u))
+    if fused_warp:  # native fused value + gradient kernel
         from . import native
 
         warped = native.warp(source_img.data.float(), warped_vox)
     else:
         warped = source_img.sample(warped_vox)
     fixed_vals = target_img.sample(vox)
-    if cfg.similarity == "lncc":
+    if similarity == "lncc":
         warped = warped.reshape(-1, cfg.lncc_patch_points)
         fixed_vals = fixed_vals.reshape(-1, cfg.lncc_patch_points)
-    return SIMILARITY_FUNCTIONS[cfg.similarity](warped, fixed_vals)
+    return SIMILARITY_FUNCTIONS[similarity](warped, fixed_vals)
 
 
-def _regularizer_term(cfg, stage, phi_ab, phi_ba, box, device):
+def _regularizer_term(cfg, stage, map_ab, map_ba, box, device):
+    """lambda's term; ``map_*`` are the full maps (affine o field).
+
+    Inverse-consistency terms are evaluated both ways, half the points each:
+    Phi_AB o Phi_BA at points of the moving domain and Phi_BA o Phi_AB at points of the
+    fixed domain, so that neither map is left unregularized where the other does not
+    reach (e.g. fixed points that the affine part maps outside the moving image).
+    """
     if cfg.regularizer == "none" or cfg.regularizer_weight == 0:
         return torch.zeros((), device=device)
-    vox = stage.moving_sampler.sample(cfg.regularizer_points).to(device)
-    u = apply_affine(stage.vox_to_u["moving"], vox)
+    n = max(1, cfg.regularizer_points // 2)
+    u_moving = apply_affine(stage.vox_to_u["moving"], stage.moving_sampler.sample(n).to(device))
+    u_fixed = apply_affine(stage.vox_to_u["fixed"], stage.fixed_sampler.sample(n).to(device))
+    if cfg.regularizer in ("diffusion", "bending"):  # the fields only, not the global affine part
+        u = torch.cat([u_moving, u_fixed])
+        return getattr(regularizers, cfg.regularizer)(map_ab.field, map_ba.field, u)
     if cfg.regularizer == "gradicon":
-        if cfg.jacobian == "analytic":
-            return regularizers.gradicon_analytic(phi_ab, phi_ba, u)
-        return regularizers.gradicon(phi_ab, phi_ba, u)
-    if cfg.regularizer == "gradicon_fd":
-        return regularizers.gradicon_fd(phi_ab, phi_ba, u, cfg.fd_step_mm / box.scale)
-    return getattr(regularizers, cfg.regularizer)(phi_ab, phi_ba, u)
+        term = regularizers.gradicon_analytic if cfg.jacobian == "analytic" else regularizers.gradicon
+    elif cfg.regularizer == "gradicon_fd":
+        step = cfg.fd_step_mm / box.scale
+
+        def term(a, b, u):
+            return regularizers.gradicon_fd(a, b, u, step)
+    else:
+        term = regularizers.icon
+    return 0.5 * (term(map_ab, map_ba, u_moving) + term(map_ba, map_ab, u_fixed))
 
 
 def stage_steps(config: RegistrationConfig) -> list[int]:
@@ -163,11 +179,18 @@ def register_pair(
     phi_ba = NeuralField(d, cfg.field).to(device)
     for f in (phi_ab, phi_ba):
         f.set_backend(cfg.field.backend)
+    fused_warp = phi_ab.encoding.backend == "native"
+    affine = AffineMap(d).to(device)
+    map_ab, map_ba = ComposedMap(phi_ab, affine, False), ComposedMap(phi_ba, affine, True)
+    history: list[dict] = []
+    if cfg.affine_steps > 0:
+        _fit_affine(cfg, affine, moving, fixed, moving_mask, fixed_mask, box, generator, device, fused_warp, history)
+    affine.requires_grad_(False)
+
     params = list(phi_ab.parameters()) + list(phi_ba.parameters())
     lr = cfg.learning_rate
     optimizer = torch.optim.Adam(params, lr=lr)
 
-    history: list[dict] = []
     n_levels = cfg.field.encoding.n_levels
     steps = stage_steps(cfg)
     recoveries = 0
@@ -189,9 +212,9 @@ def register_pair(
                 for g in optimizer.param_groups:
                     g["lr"] = scheduled
             optimizer.zero_grad(set_to_none=True)
-            sim_ab = _similarity_term(cfg, stage, phi_ab, "moving", "fixed", device)
-            sim_ba = _similarity_term(cfg, stage, phi_ba, "fixed", "moving", device)
-            reg = _regularizer_term(cfg, stage, phi_ab, phi_ba, box, device)
+            sim_ab = _similarity_term(cfg, stage, map_ab, "moving", "fixed", device, fused_warp)
+            sim_ba = _similarity_term(cfg, stage, map_ba, "fixed", "moving", device, fused_warp)
+            reg = _regularizer_term(cfg, stage, map_ab, map_ba, box, device)
             loss = sim_ab + sim_ba + cfg.regularizer_weight * reg
             if not bool(torch.isfinite(loss)):
                 recoveries += 1
@@ -217,7 +240,7 @@ def register_pair(
                     ("reg", reg),
                 )
             }
-            history.append({"step": step, "stage": s, **terms})
+            history.append({"step": step, "stage": s, "part": "fields", **terms})
             bar.update(1)
             if step % 10 == 0:
                 bar.set_postfix(
@@ -236,6 +259,7 @@ def register_pair(
         "final_learning_rate": lr,
         "backend": phi_ab.encoding.backend,
         "final": history[-1] if history else {},
+        "affine_steps": cfg.affine_steps,
     }
     return Registration(
         phi_ab,
@@ -246,7 +270,58 @@ def register_pair(
         cfg,
         history,
         info,
+        affine=affine.matrix().detach().cpu().double().numpy(),
     )
+
+
+def _fit_affine(cfg, affine, moving, fixed, moving_mask, fixed_mask, box, generator, device, fused_warp, history):
+    """Fit the global affine T alone (fields off): symmetric similarity, coarse to fine.
+
+    T starts at the identity or at the translation between intensity centroids
+    (``config.affine_init``); Adam with a cosine-decayed learning rate over
+    ``config.affine_steps`` spread evenly over ``config.affine_pyramid``.
+    """
+    if cfg.affine_init == "centroid":
+        shift = (intensity_centroid(moving) - intensity_centroid(fixed)) / box.scale
+        with torch.no_grad():
+            affine.translation.copy_(torch.as_tensor(shift, dtype=torch.float32))
+    optimizer = torch.optim.Adam(affine.parameters(), lr=cfg.affine_learning_rate)
+    n_stages = len(cfg.affine_pyramid)
+    per_stage = [cfg.affine_steps // n_stages + (1 if k < cfg.affine_steps % n_stages else 0) for k in range(n_stages)]
+    bar = tqdm(total=cfg.affine_steps, disable=not cfg.progress, desc="affine", dynamic_ncols=True)
+    step = 0
+    for s, (factor, n_steps) in enumerate(zip(cfg.affine_pyramid, per_stage, strict=True)):
+        stage = _Stage(moving, fixed, moving_mask, fixed_mask, factor, box, generator, device)
+        for _ in range(n_steps):
+            frac = 0.5 * (1 + math.cos(math.pi * step / max(cfg.affine_steps, 1)))
+            for g in optimizer.param_groups:
+                g["lr"] = cfg.affine_learning_rate * (0.05 + 0.95 * frac)
+            optimizer.zero_grad(set_to_none=True)
+            fwd = lambda u: affine.apply(u)  # noqa: E731
+            inv = lambda u: affine.apply(u, inverse=True)  # noqa: E731
+            sim_ab = _similarity_term(cfg, stage, fwd, "moving", "fixed", device, fused_warp, cfg.affine_similarity)
+            sim_ba = _similarity_term(cfg, stage, inv, "fixed", "moving", device, fused_warp, cfg.affine_similarity)
+            loss = sim_ab + sim_ba
+            if not bool(torch.isfinite(loss)):
+                raise RegistrationDiverged(f"affine loss became non-finite at step {step}")
+            loss.backward()
+            optimizer.step()
+            history.append(
+                {
+                    "step": step,
+                    "stage": s,
+                    "part": "affine",
+                    "loss": float(loss.detach()),
+                    "sim_ab": float(sim_ab.detach()),
+                    "sim_ba": float(sim_ba.detach()),
+                    "reg": 0.0,
+                }
+            )
+            bar.update(1)
+            if step % 10 == 0:
+                bar.set_postfix(stage=s, sim=f"{history[-1]['sim_ab']:.4f}/{history[-1]['sim_ba']:.4f}")
+            step += 1
+    bar.close()
 
 
 def _snapshot(phi_ab, phi_ba, optimizer):

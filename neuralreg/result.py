@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from .affine import AffineMap, ComposedMap, world_matrix
 from .config import RegistrationConfig
 from .coordinates import NormalizedBox, apply_affine, grid_points
 from .field import NeuralField
@@ -25,8 +26,10 @@ class Registration:
         box: the ``NormalizedBox`` between world mm and the fields' unit cube.
         fixed_grid, moving_grid: (shape, affine) of the fixed and moving images.
         config: the ``RegistrationConfig`` used.
-        history: per-step dict of loss terms.
+        history: per-step dict of loss terms (``part``: ``"affine"`` or ``"fields"``).
         info: timings and other facts of the run.
+        affine: (d+1, d+1) global affine T on normalized coordinates (identity if None);
+            Phi_AB = phi_ab o T and Phi_BA = phi_ba o T^-1 (see ``affine.py``).
     """
 
     def __init__(
@@ -39,8 +42,18 @@ class Registration:
         config,
         history=None,
         info=None,
+        affine=None,
     ):
         self.phi_ab, self.phi_ba = phi_ab.eval(), phi_ba.eval()
+        d = phi_ab.n_dims
+        self.affine = AffineMap(d).to(next(phi_ab.parameters()).device)
+        if affine is not None:
+            self.affine.set_matrix(affine)
+        self.affine.requires_grad_(False)
+        self._maps = {
+            "forward": ComposedMap(self.phi_ab, self.affine, False),
+            "inverse": ComposedMap(self.phi_ba, self.affine, True),
+        }
         self.box = box
         self.fixed_grid = (
             tuple(fixed_grid[0]),
@@ -59,10 +72,14 @@ class Registration:
     def n_dims(self) -> int:
         return self.box.n_dims
 
-    def _field(self, direction: str) -> NeuralField:
+    def _field(self, direction: str) -> ComposedMap:
         if direction not in ("forward", "inverse"):
             raise ValueError("direction must be 'forward' or 'inverse'")
-        return self.phi_ab if direction == "forward" else self.phi_ba
+        return self._maps[direction]
+
+    def affine_world(self) -> np.ndarray:
+        """The global affine part of Phi_AB as a (d+1, d+1) world (mm) matrix, fixed -> moving."""
+        return world_matrix(self.affine.matrix().double().cpu().numpy(), self.box)
 
     def _grid(self, direction: str):
         return self.fixed_grid if direction == "forward" else self.moving_grid
@@ -177,6 +194,7 @@ class Registration:
             "moving_grid": [list(self.moving_grid[0]), self.moving_grid[1].tolist()],
             "phi_ab": {k: v.cpu() for k, v in self.phi_ab.state_dict().items()},
             "phi_ba": {k: v.cpu() for k, v in self.phi_ba.state_dict().items()},
+            "affine": self.affine.matrix().detach().cpu().double().numpy().tolist(),
             "history": self.history,
             "info": self.info,
         }
@@ -210,6 +228,7 @@ class Registration:
             config,
             state["history"],
             state["info"],
+            affine=state.get("affine"),
         )
 
 

@@ -53,6 +53,7 @@ def test_register_writes_every_output(registered):
         "displacement_forward.nii.gz",
         "displacement_inverse.nii.gz",
         "jacobian.nii.gz",
+        "affine.tfm",
         "registration.pt",
         "report.json",
         "figure.png",

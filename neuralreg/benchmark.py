@@ -1,0 +1,172 @@
+"""Method comparison on prepared pairs: each (pair, method) runs in a fresh process and is scored alike.
+
+A prepared pair is a folder with ``moving.nii.gz``, ``fixed.nii.gz``,
+``moving_labels.nii.gz`` and ``fixed_labels.nii.gz`` (see ``examples/knee_benchmark.py``).
+Running each registration in its own spawned process makes the peak memory (the child's
+maximum resident set) and the CPU time (user + system of the child, all threads) that
+method's alone.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import multiprocessing as mp
+import resource
+import time
+import traceback
+from pathlib import Path
+
+METHODS = ("neuralreg", "ants", "elastix")
+SCORE_KEYS = ("femoral", "tibial", "cartilage", "bone", "percent_folds", "ice_mm")
+
+
+def _register(method: str, pair_dir: Path, config: dict, threads: int):
+    from . import baselines, knee
+    from .config import RegistrationConfig
+    from .io import read_image, read_labels
+
+    moving, fixed = pair_dir / "moving.nii.gz", pair_dir / "fixed.nii.gz"
+    if method == "neuralreg":
+        import torch
+
+        from .registration import register_pair
+
+        torch.set_num_threads(threads)
+        cfg = RegistrationConfig.from_dict({**config, "threads": threads, "progress": False})
+        t0 = time.perf_counter()
+        reg = register_pair(read_image(moving), read_image(fixed), cfg)
+        seconds = time.perf_counter() - t0
+        forward, inverse = knee.registration_maps(reg)
+    elif method in baselines.RUNNERS:
+        t0 = time.perf_counter()
+        res = baselines.RUNNERS[method](moving, fixed, threads=threads)
+        seconds = time.perf_counter() - t0
+        forward, inverse = res.forward, res.inverse
+    else:
+        raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
+    scores = knee.score_maps(
+        forward, inverse, read_labels(pair_dir / "moving_labels.nii.gz"), read_labels(pair_dir / "fixed_labels.nii.gz")
+    )
+    return {**scores, "seconds": seconds}
+
+
+def _child(method, pair_dir, config, threads, queue):
+    try:
+        t_cpu = _cpu_seconds()
+        out = _register(method, Path(pair_dir), config, threads)
+        out["cpu_seconds"] = _cpu_seconds() - t_cpu
+        out["peak_memory_mb"] = _peak_memory_mb()
+        queue.put(("ok", out))
+    except BaseException as exc:  # reported to the parent as one line
+        queue.put(("error", f"{type(exc).__name__}: {exc}".splitlines()[0], traceback.format_exc()))
+
+
+def _peak_memory_mb() -> float:
+    """This process's peak resident memory: VmHWM (reset by exec, unlike ru_maxrss, which a
+    spawned child inherits from its parent)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return float(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _cpu_seconds() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def run_method(method: str, pair_dir, config: dict | None = None, threads: int = 2, isolate: bool = True) -> dict:
+    """Register one prepared pair with ``method`` and score it (``knee.score_maps`` keys).
+
+    Adds ``seconds`` (registration wall time), ``cpu_seconds`` and ``peak_memory_mb``
+    (of the child process; NaN with ``isolate=False``). Raises RuntimeError if it failed.
+    """
+    config = config or {}
+    if not isolate:
+        out = _register(method, Path(pair_dir), config, threads)
+        return {**out, "cpu_seconds": math.nan, "peak_memory_mb": math.nan}
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_child, args=(method, str(pair_dir), config, threads, queue))
+    proc.start()
+    result = None
+    while result is None:
+        try:
+            result = queue.get(timeout=1.0)
+        except Exception:
+            if not proc.is_alive():
+                break
+    proc.join()
+    if result is None:
+        raise RuntimeError(f"{method} crashed (exit code {proc.exitcode})")
+    if result[0] == "error":
+        raise RuntimeError(f"{method} failed: {result[1]}")
+    return result[1]
+
+
+def summarize(rows: list[dict], methods) -> list[dict]:
+    """Mean and std per method over the pairs where it succeeded."""
+    import numpy as np
+
+    out = []
+    for m in methods:
+        ok = [r for r in rows if r["method"] == m and not r.get("error")]
+        if not ok:
+            continue
+        s = {"method": m, "pairs": len(ok)}
+        for k in (*SCORE_KEYS, "seconds", "cpu_seconds", "peak_memory_mb"):
+            v = np.array([float(r[k]) for r in ok], dtype=float)
+            s[k] = float(np.nanmean(v)) if np.isfinite(v).any() else math.nan
+            s[k + "_std"] = float(np.nanstd(v)) if np.isfinite(v).any() else math.nan
+        out.append(s)
+    return out
+
+
+def markdown_table(rows: list[dict], summary: list[dict]) -> str:
+    """The per-pair table (worst initial bone overlap first) and the mean ± std table."""
+    lines = [
+        "| pair | method | initial bone Dice | femoral | tibial | cartilage | bone "
+        "| % neg. Jacobian | ICE mm | s | CPU s | peak MB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in sorted(rows, key=lambda r: (float(r.get("initial_bone", 0)), r["pair"], r["method"])):
+        if r.get("error"):
+            lines.append(f"| {r['pair']} | {r['method']} | {float(r['initial_bone']):.3f} | failed: {r['error']} |")
+            continue
+        lines.append(
+            f"| {r['pair']} | {r['method']} | {float(r['initial_bone']):.3f} | {float(r['femoral']):.3f} | "
+            f"{float(r['tibial']):.3f} | {float(r['cartilage']):.3f} | {float(r['bone']):.3f} | "
+            f"{float(r['percent_folds']):.4f} | {_fmt(r['ice_mm'], 2)} | {float(r['seconds']):.1f} | "
+            f"{_fmt(r['cpu_seconds'], 1)} | {_fmt(r['peak_memory_mb'], 0)} |"
+        )
+    lines += [
+        "",
+        "| method | pairs | femoral | tibial | cartilage | bone "
+        "| % neg. Jacobian | ICE mm | s / pair | CPU s / pair | peak MB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for s in summary:
+        cells = [f"{s[k]:.3f} ± {s[k + '_std']:.3f}" for k in ("femoral", "tibial", "cartilage", "bone")]
+        lines.append(
+            f"| {s['method']} | {s['pairs']} | {' | '.join(cells)} | {s['percent_folds']:.4f} | "
+            f"{_fmt(s['ice_mm'], 2)} | {s['seconds']:.1f} | {_fmt(s['cpu_seconds'], 1)} | "
+            f"{_fmt(s['peak_memory_mb'], 0)} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _fmt(v, digits: int) -> str:
+    v = float(v)
+    return "n/a" if math.isnan(v) else f"{v:.{digits}f}"
+
+
+def save_json(obj, path) -> None:
+    from .io import atomic_write
+
+    with atomic_write(path) as tmp, open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
