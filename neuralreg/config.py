@@ -105,7 +105,10 @@ class RegistrationConfig:
         final_lr_fraction: the learning rate decays (cosine) over the last pyramid stage to
             this fraction of ``learning_rate``; 1 keeps it constant.
         points: similarity points per field and step.
-        regularizer_points: points per step for the regularizer.
+        regularizer_points: points per step for the regularizer (always uniform).
+        edge_fraction: share of the similarity points (window centres for ``lncc``) drawn
+            with probability proportional to the target image's gradient magnitude at the
+            stage's resolution, the rest uniformly: more points where alignment is decided.
         lncc_window: side of the local NCC window, in voxels of the image sampled.
         lncc_patch_points: points per local window.
         fd_step_mm: finite-difference step of ``gradicon_fd`` (mm).
@@ -138,6 +141,7 @@ class RegistrationConfig:
     final_lr_fraction: float = 0.1
     points: int = 16384
     regularizer_points: int = 4096
+    edge_fraction: float = 0.0
     lncc_window: float = 7.0
     lncc_patch_points: int = 32
     fd_step_mm: float = 0.5
@@ -179,6 +183,8 @@ class RegistrationConfig:
             raise ValueError("pyramid factors must be >= 1")
         if self.steps < 1 or self.points < 8 or self.regularizer_points < 1:
             raise ValueError("steps, points and regularizer_points must be positive (points >= 8)")
+        if not 0.0 <= self.edge_fraction <= 1.0:
+            raise ValueError("edge_fraction must be in [0, 1]")
         if self.regularizer_weight < 0 or self.learning_rate <= 0:
             raise ValueError("regularizer_weight must be >= 0 and learning_rate > 0")
 

@@ -5,6 +5,13 @@ from __future__ import annotations
 import torch
 
 
+def edge_weights(image: torch.Tensor) -> torch.Tensor:
+    """Gradient magnitude of ``image`` (*spatial), central differences in voxel units, float32."""
+    data = image.float()
+    grads = torch.gradient(data)
+    return torch.sqrt(sum(g * g for g in grads))
+
+
 class VoxelSampler:
     """Uniform continuous points inside a grid, or around the voxels of a mask.
 
@@ -13,6 +20,10 @@ class VoxelSampler:
         mask: optional boolean tensor of ``shape``; points are drawn from its voxels,
             each jittered uniformly within its voxel.
         generator: torch.Generator for reproducible draws.
+        weights: optional non-negative tensor of ``shape`` (e.g. ``edge_weights``):
+            ``weighted_fraction`` of each draw picks voxels with probability proportional
+            to it (inside the mask), jittered within the voxel; the rest stays uniform.
+        weighted_fraction: share of points drawn by ``weights`` (0: all uniform).
     """
 
     def __init__(
@@ -20,6 +31,8 @@ class VoxelSampler:
         shape,
         mask: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
+        weights: torch.Tensor | None = None,
+        weighted_fraction: float = 0.0,
     ):
         self.shape = tuple(shape)
         self.generator = generator
@@ -30,15 +43,43 @@ class VoxelSampler:
             if idx.shape[0] == 0:
                 raise ValueError("the mask is empty")
             self.mask_voxels = idx.float()
+        if not 0.0 <= weighted_fraction <= 1.0:
+            raise ValueError("weighted_fraction must be in [0, 1]")
+        self.weighted_fraction = weighted_fraction if weights is not None else 0.0
+        self.cdf = None
+        if self.weighted_fraction > 0:
+            w = weights.reshape(self.shape).double().clamp(min=0)
+            if mask is not None:
+                w = w * (mask.reshape(self.shape) > 0)
+            if float(w.sum()) > 0:
+                self.cdf = torch.cumsum(w.reshape(-1), 0)
+            else:  # a constant image: nothing to weight by
+                self.weighted_fraction = 0.0
 
-    def sample(self, n: int) -> torch.Tensor:
-        """(n, d) voxel-index points."""
+    def _uniform(self, n: int) -> torch.Tensor:
         d = len(self.shape)
         if self.mask_voxels is None:
             return torch.rand(n, d, generator=self.generator) * self.upper
         pick = torch.randint(0, self.mask_voxels.shape[0], (n,), generator=self.generator)
         jitter = torch.rand(n, d, generator=self.generator) - 0.5
         return (self.mask_voxels[pick] + jitter).clamp(min=0).minimum(self.upper)
+
+    def _weighted(self, n: int) -> torch.Tensor:
+        d = len(self.shape)
+        u = torch.rand(n, dtype=torch.float64, generator=self.generator) * self.cdf[-1]
+        flat = torch.searchsorted(self.cdf, u, right=True).clamp(max=self.cdf.shape[0] - 1)
+        idx = torch.stack(torch.unravel_index(flat, self.shape), dim=1).float()
+        jitter = torch.rand(n, d, generator=self.generator) - 0.5
+        return (idx + jitter).clamp(min=0).minimum(self.upper)
+
+    def sample(self, n: int, weighted: bool = True) -> torch.Tensor:
+        """(n, d) voxel-index points; ``weighted=False`` ignores the weights."""
+        n_w = round(n * self.weighted_fraction) if weighted and self.cdf is not None else 0
+        if n_w == 0:
+            return self._uniform(n)
+        if n_w == n:
+            return self._weighted(n)
+        return torch.cat([self._weighted(n_w), self._uniform(n - n_w)])
 
     def sample_windows(self, n_windows: int, points_per_window: int, window: float) -> torch.Tensor:
         """(n_windows * points_per_window, d) points, grouped by window (side ``window`` voxels)."""

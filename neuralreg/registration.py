@@ -16,7 +16,7 @@ from .config import RegistrationConfig
 from .coordinates import NormalizedBox, apply_affine
 from .field import NeuralField
 from .image import Image
-from .points import VoxelSampler
+from .points import VoxelSampler, edge_weights
 from .result import Registration
 from .similarity import SIMILARITY_FUNCTIONS
 
@@ -43,11 +43,19 @@ def check_image(image: Image, name: str) -> None:
 class _Stage:
     """One pyramid level: down-sampled images, their voxel<->normalized maps and samplers."""
 
-    def __init__(self, moving, fixed, moving_mask, fixed_mask, factor, box, generator, device):
+    def __init__(self, moving, fixed, moving_mask, fixed_mask, factor, box, generator, device, edge_fraction=0.0):
         self.moving = moving.downsample(factor).to(device)
         self.fixed = fixed.downsample(factor).to(device)
-        self.moving_sampler = VoxelSampler(self.moving.shape, _mask(moving_mask, factor), generator)
-        self.fixed_sampler = VoxelSampler(self.fixed.shape, _mask(fixed_mask, factor), generator)
+        self.moving_sampler, self.fixed_sampler = (
+            VoxelSampler(
+                img.shape,
+                _mask(mask, factor),
+                generator,
+                weights=edge_weights(img.data.cpu()) if edge_fraction > 0 else None,
+                weighted_fraction=edge_fraction,
+            )
+            for img, mask in ((self.moving, moving_mask), (self.fixed, fixed_mask))
+        )
         self.vox_to_u = {
             "moving": box.voxel_to_normalized_matrix(self.moving.affine),
             "fixed": box.voxel_to_normalized_matrix(self.fixed.affine),
@@ -98,8 +106,8 @@ def _regularizer_term(cfg, stage, map_ab, map_ba, box, device):
     if cfg.regularizer == "none" or cfg.regularizer_weight == 0:
         return torch.zeros((), device=device)
     n = max(1, cfg.regularizer_points // 2)
-    u_moving = apply_affine(stage.vox_to_u["moving"], stage.moving_sampler.sample(n).to(device))
-    u_fixed = apply_affine(stage.vox_to_u["fixed"], stage.fixed_sampler.sample(n).to(device))
+    u_moving = apply_affine(stage.vox_to_u["moving"], stage.moving_sampler.sample(n, weighted=False).to(device))
+    u_fixed = apply_affine(stage.vox_to_u["fixed"], stage.fixed_sampler.sample(n, weighted=False).to(device))
     if cfg.regularizer in ("diffusion", "bending"):  # the fields only, not the global affine part
         u = torch.cat([u_moving, u_fixed])
         return getattr(regularizers, cfg.regularizer)(map_ab.field, map_ba.field, u)
@@ -198,7 +206,7 @@ def register_pair(
     bar = tqdm(total=cfg.steps, disable=not cfg.progress, desc="register", dynamic_ncols=True)
     step = 0
     for s, (factor, n_steps) in enumerate(zip(cfg.pyramid, steps, strict=False)):
-        stage = _Stage(moving, fixed, moving_mask, fixed_mask, factor, box, generator, device)
+        stage = _Stage(moving, fixed, moving_mask, fixed_mask, factor, box, generator, device, cfg.edge_fraction)
         active = math.ceil(n_levels * (s + 1) / len(cfg.pyramid))
         for f in (phi_ab, phi_ba):
             f.encoding.set_active_levels(active)
