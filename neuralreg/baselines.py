@@ -46,27 +46,40 @@ def _set_threads(threads: int | None) -> None:
         os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = str(threads)
 
 
-def ants_syn(moving_path, fixed_path, threads: int | None = None, type_of_transform: str = "SyN") -> BaselineResult:
+def ants_syn(
+    moving_path, fixed_path, threads: int | None = None, type_of_transform: str = "SyN", seed: int | None = 1
+) -> BaselineResult:
     """ANTs registration (default ``SyN``: affine then SyN, antspyx's default settings, mutual information).
 
-    The transforms are composed into displacement fields with ``antsApplyTransforms``.
+    ``seed`` fixes the random metric sampling of the affine stage (``--random-seed``), so a
+    run is repeatable at a given thread count (None, or 0, which ANTs reads as unseeded:
+    ANTs draws its own). The transforms are
+    written to a temporary folder and composed into displacement fields with
+    ``antsApplyTransforms``; nothing is left behind.
     """
     _set_threads(threads)
     import ants
 
     fixed = ants.image_read(str(fixed_path))
     moving = ants.image_read(str(moving_path))
-    reg = ants.registration(fixed=fixed, moving=moving, type_of_transform=type_of_transform)
-    with tempfile.TemporaryDirectory() as tmp:
-        fwd = ants.apply_transforms(fixed, moving, reg["fwdtransforms"], compose=str(Path(tmp) / "fwd_"))
-        inv = ants.apply_transforms(
-            moving,
-            fixed,
-            reg["invtransforms"],
-            whichtoinvert=[True, False] if len(reg["invtransforms"]) == 2 else None,
-            compose=str(Path(tmp) / "inv_"),
-        )
-        return BaselineResult(read_displacement_field(fwd), read_displacement_field(inv))
+    saved_seed = ants.config._random_seed  # antspyx's only seed hook besides set_ants_deterministic (1 thread)
+    ants.config._random_seed = seed
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            reg = ants.registration(
+                fixed=fixed, moving=moving, type_of_transform=type_of_transform, outprefix=str(Path(tmp) / "reg_")
+            )
+            fwd = ants.apply_transforms(fixed, moving, reg["fwdtransforms"], compose=str(Path(tmp) / "fwd_"))
+            inv = ants.apply_transforms(
+                moving,
+                fixed,
+                reg["invtransforms"],
+                whichtoinvert=[True, False] if len(reg["invtransforms"]) == 2 else None,
+                compose=str(Path(tmp) / "inv_"),
+            )
+            return BaselineResult(read_displacement_field(fwd), read_displacement_field(inv))
+    finally:
+        ants.config._random_seed = saved_seed
 
 
 def elastix_bspline(
@@ -98,8 +111,9 @@ def elastix_bspline(
     _, transform = itk.elastix_registration_method(
         fixed, moving, parameter_object=params, log_to_console=False, number_of_threads=threads or 0
     )
-    field = itk.transformix_deformation_field(moving, transform)
     with tempfile.TemporaryDirectory() as tmp:
+        # transformix writes deformationField.nii into its output directory (default: cwd)
+        field = itk.transformix_deformation_field(moving, transform, output_directory=tmp)
         path = Path(tmp) / "field.nii.gz"
         _write_itk_vector_field(field, fixed, path)
         return BaselineResult(read_displacement_field(path), None)
