@@ -29,6 +29,11 @@ def _add_register_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--points", type=int, help=f"similarity points per field and step (default: {d.points})")
     p.add_argument("--learning-rate", type=float, help=f"Adam learning rate (default: {d.learning_rate})")
     p.add_argument(
+        "--edge-fraction",
+        type=float,
+        help=f"share of similarity points drawn on image edges, the rest uniform (default: {d.edge_fraction})",
+    )
+    p.add_argument(
         "--affine-steps",
         type=int,
         help=f"steps of the global affine part fitted first; 0 turns it off (default: {d.affine_steps})",
@@ -50,6 +55,7 @@ def _build_config(args) -> RegistrationConfig:
         "steps",
         "points",
         "learning_rate",
+        "edge_fraction",
         "affine_steps",
         "device",
         "seed",

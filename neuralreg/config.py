@@ -141,7 +141,7 @@ class RegistrationConfig:
     final_lr_fraction: float = 0.1
     points: int = 16384
     regularizer_points: int = 4096
-    edge_fraction: float = 0.0
+    edge_fraction: float = 1.0
     lncc_window: float = 7.0
     lncc_patch_points: int = 32
     fd_step_mm: float = 0.5

@@ -287,7 +287,8 @@ def _fit_affine(cfg, affine, moving, fixed, moving_mask, fixed_mask, box, genera
 
     T starts at the identity or at the translation between intensity centroids
     (``config.affine_init``); Adam with a cosine-decayed learning rate over
-    ``config.affine_steps`` spread evenly over ``config.affine_pyramid``.
+    ``config.affine_steps`` spread evenly over ``config.affine_pyramid``. Points are drawn
+    as for the fields (``config.edge_fraction`` of them on edges).
     """
     if cfg.affine_init == "centroid":
         shift = (intensity_centroid(moving) - intensity_centroid(fixed)) / box.scale
@@ -299,7 +300,7 @@ def _fit_affine(cfg, affine, moving, fixed, moving_mask, fixed_mask, box, genera
     bar = tqdm(total=cfg.affine_steps, disable=not cfg.progress, desc="affine", dynamic_ncols=True)
     step = 0
     for s, (factor, n_steps) in enumerate(zip(cfg.affine_pyramid, per_stage, strict=True)):
-        stage = _Stage(moving, fixed, moving_mask, fixed_mask, factor, box, generator, device)
+        stage = _Stage(moving, fixed, moving_mask, fixed_mask, factor, box, generator, device, cfg.edge_fraction)
         for _ in range(n_steps):
             frac = 0.5 * (1 + math.cos(math.pi * step / max(cfg.affine_steps, 1)))
             for g in optimizer.param_groups:
