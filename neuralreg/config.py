@@ -140,7 +140,7 @@ class RegistrationConfig:
     learning_rate: float = 2e-3
     final_lr_fraction: float = 0.1
     points: int = 16384
-    regularizer_points: int = 4096
+    regularizer_points: int = 2048
     edge_fraction: float = 1.0
     lncc_window: float = 7.0
     lncc_patch_points: int = 32

@@ -60,16 +60,18 @@ class NeuralField(nn.Module):
         Jacobian forward through the MLP (one pass; differentiable w.r.t. parameters and u)."""
         feats, jac = self.encoding.forward_with_jacobian(u)
         w = self.mlp[0].weight
-        h, t = feats.to(w.dtype), jac.to(w.dtype)
+        # t holds one row per input direction, (N, d, width): each layer is then one GEMM
+        # over N*d rows instead of N broadcast matrix products
+        h, t = feats.to(w.dtype), jac.to(w.dtype).transpose(1, 2).contiguous()
         for layer in self.mlp:
             if isinstance(layer, nn.Linear):
                 h = layer(h)
-                t = torch.matmul(layer.weight, t)
+                t = torch.matmul(t, layer.weight.T)
             else:
-                t = t * _activation_derivative(layer, h)[..., None]
+                t = t * _activation_derivative(layer, h)[:, None, :]
                 h = layer(h)
         eye = torch.eye(self.n_dims, dtype=u.dtype, device=u.device)
-        return u + h.to(u.dtype), eye + t.to(u.dtype)
+        return u + h.to(u.dtype), eye + t.transpose(1, 2).to(u.dtype)
 
     @torch.no_grad()
     def evaluate(self, u: torch.Tensor, chunk: int = 65536) -> torch.Tensor:
