@@ -136,7 +136,7 @@ class RegistrationConfig:
     regularizer: str = "gradicon"
     regularizer_weight: float = 1.0
     jacobian: str = "analytic"
-    steps: int = 400
+    steps: int = 500
     learning_rate: float = 2e-3
     final_lr_fraction: float = 0.1
     points: int = 16384
