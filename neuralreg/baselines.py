@@ -53,9 +53,8 @@ def ants_syn(
 
     ``seed`` fixes the random metric sampling of the affine stage (``--random-seed``), so a
     run is repeatable at a given thread count (None, or 0, which ANTs reads as unseeded:
-    ANTs draws its own). The transforms are
-    written to a temporary folder and composed into displacement fields with
-    ``antsApplyTransforms``; nothing is left behind.
+    ANTs draws its own). The transforms are written to a temporary folder and composed
+    into displacement fields with ``antsApplyTransforms``; nothing is left behind.
     """
     _set_threads(threads)
     import ants

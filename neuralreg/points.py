@@ -61,16 +61,17 @@ class VoxelSampler:
         if self.mask_voxels is None:
             return torch.rand(n, d, generator=self.generator) * self.upper
         pick = torch.randint(0, self.mask_voxels.shape[0], (n,), generator=self.generator)
-        jitter = torch.rand(n, d, generator=self.generator) - 0.5
-        return (self.mask_voxels[pick] + jitter).clamp(min=0).minimum(self.upper)
+        return self._jittered(self.mask_voxels[pick])
 
     def _weighted(self, n: int) -> torch.Tensor:
-        d = len(self.shape)
         u = torch.rand(n, dtype=torch.float64, generator=self.generator) * self.cdf[-1]
         flat = torch.searchsorted(self.cdf, u, right=True).clamp(max=self.cdf.shape[0] - 1)
-        idx = torch.stack(torch.unravel_index(flat, self.shape), dim=1).float()
-        jitter = torch.rand(n, d, generator=self.generator) - 0.5
-        return (idx + jitter).clamp(min=0).minimum(self.upper)
+        return self._jittered(torch.stack(torch.unravel_index(flat, self.shape), dim=1).float())
+
+    def _jittered(self, voxels: torch.Tensor) -> torch.Tensor:
+        """Voxel centres (n, d) moved uniformly within their voxels, kept inside the grid."""
+        jitter = torch.rand(voxels.shape, generator=self.generator) - 0.5
+        return (voxels + jitter).clamp(min=0).minimum(self.upper)
 
     def sample(self, n: int, weighted: bool = True) -> torch.Tensor:
         """(n, d) voxel-index points; ``weighted=False`` ignores the weights."""

@@ -36,6 +36,10 @@ def test_weighted_fraction_mixes_and_mask_limits_the_weights():
     s = VoxelSampler(w.shape, mask, torch.Generator().manual_seed(1), weights=w, weighted_fraction=0.5)
     p = s.sample(10000)
     assert (p[:, 0] <= 9.5).all()
+    w[4, 4] = 1e6  # inside the mask: the weighted half lands on it, the uniform half spreads
+    s = VoxelSampler(w.shape, mask, torch.Generator().manual_seed(1), weights=w, weighted_fraction=0.5)
+    on_peak = ((s.sample(10000) - torch.tensor([4.0, 4.0])).abs() <= 0.5).all(1).float().mean()
+    assert float(on_peak) == pytest.approx(0.5 + 0.5 / 200, abs=0.02)
     bad = VoxelSampler(w.shape, weights=torch.zeros(20, 20), weighted_fraction=0.5)
     assert bad.weighted_fraction == 0.0 and bad.sample(10).shape == (10, 2)  # nothing to weight by
     with pytest.raises(ValueError):
