@@ -2,9 +2,10 @@
 
 from .config import FieldConfig, HashGridConfig, RegistrationConfig
 from .encoding import HashGridEncoding, available_backends
+from .errors import InputError, RegistrationDiverged, RegistrationFileError, RegistrationWarning
 from .field import NeuralField
 from .image import Image
-from .registration import InputError, RegistrationDiverged, register_pair
+from .registration import register_pair
 from .result import Registration
 
 __version__ = "0.1.0"
@@ -25,6 +26,8 @@ __all__ = [
     "Registration",
     "RegistrationConfig",
     "RegistrationDiverged",
+    "RegistrationFileError",
+    "RegistrationWarning",
     "backends",
     "register_pair",
 ]

@@ -35,10 +35,12 @@ def available(name: str) -> bool:
 
 @dataclass
 class BaselineResult:
-    """Maps of one baseline run: ``forward`` (fixed grid) and ``inverse`` (moving grid, or None)."""
+    """Maps of one baseline run: ``forward`` (fixed grid), ``inverse`` (moving grid, or None)
+    and ``affine``, the forward map of the affine stage alone (or None)."""
 
     forward: DisplacementField
     inverse: DisplacementField | None
+    affine: DisplacementField | None = None
 
 
 def _set_threads(threads: int | None) -> None:
@@ -76,7 +78,10 @@ def ants_syn(
                 whichtoinvert=[True, False] if len(reg["invtransforms"]) == 2 else None,
                 compose=str(Path(tmp) / "inv_"),
             )
-            return BaselineResult(read_displacement_field(fwd), read_displacement_field(inv))
+            affine = ants.apply_transforms(fixed, moving, reg["fwdtransforms"][-1:], compose=str(Path(tmp) / "aff_"))
+            return BaselineResult(
+                read_displacement_field(fwd), read_displacement_field(inv), read_displacement_field(affine)
+            )
     finally:
         ants.config._random_seed = saved_seed
 

@@ -18,7 +18,7 @@ import traceback
 from pathlib import Path
 
 METHODS = ("neuralreg", "ants", "elastix")
-SCORE_KEYS = ("femoral", "tibial", "cartilage", "bone", "percent_folds", "ice_mm")
+SCORE_KEYS = ("femoral", "tibial", "cartilage", "bone", "affine_bone", "percent_folds", "ice_mm")
 
 
 def _register(method: str, pair_dir: Path, config: dict, threads: int):
@@ -39,17 +39,22 @@ def _register(method: str, pair_dir: Path, config: dict, threads: int):
         reg = register_pair(moving_img, fixed_img, cfg)
         seconds, cpu = time.perf_counter() - t0, _cpu_seconds() - c0
         forward, inverse = knee.registration_maps(reg)
+        affine_only = knee.AffineWorldMap(reg.affine_world())
+        quality = reg.info.get("quality", {}).get("verdict", "")
     elif method in baselines.RUNNERS:
         t0, c0 = time.perf_counter(), _cpu_seconds()
         res = baselines.RUNNERS[method](moving, fixed, threads=threads)
         seconds, cpu = time.perf_counter() - t0, _cpu_seconds() - c0
-        forward, inverse = res.forward, res.inverse
+        forward, inverse, affine_only, quality = res.forward, res.inverse, res.affine, ""
     else:
         raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
-    scores = knee.score_maps(
-        forward, inverse, read_labels(pair_dir / "moving_labels.nii.gz"), read_labels(pair_dir / "fixed_labels.nii.gz")
+    moving_labels, fixed_labels = (read_labels(pair_dir / f"{k}_labels.nii.gz") for k in ("moving", "fixed"))
+    scores = knee.score_maps(forward, inverse, moving_labels, fixed_labels)
+    scores["affine_bone"] = (
+        knee.score_maps(affine_only, None, moving_labels, fixed_labels)["bone"] if affine_only is not None else math.nan
     )
-    return {**scores, "seconds": seconds, "cpu_seconds": cpu}
+    scores["gross_failure"] = knee.gross_failure(scores["bone"], scores["affine_bone"])
+    return {**scores, "seconds": seconds, "cpu_seconds": cpu, "quality": quality}
 
 
 def _child(method, pair_dir, config, threads, queue):
@@ -118,7 +123,7 @@ def summarize(rows: list[dict], methods) -> list[dict]:
         ok = [r for r in rows if r["method"] == m and not r.get("error")]
         if not ok:
             continue
-        s = {"method": m, "pairs": len(ok)}
+        s = {"method": m, "pairs": len(ok), "gross_failures": sum(_truthy(r.get("gross_failure")) for r in ok)}
         for k in (*SCORE_KEYS, "seconds", "cpu_seconds", "peak_memory_mb"):
             v = np.array([float(r[k]) for r in ok], dtype=float)
             s[k] = float(np.nanmean(v)) if np.isfinite(v).any() else math.nan
@@ -128,11 +133,16 @@ def summarize(rows: list[dict], methods) -> list[dict]:
 
 
 def markdown_table(rows: list[dict], summary: list[dict]) -> str:
-    """The per-pair table (worst initial bone overlap first) and the mean ± std table."""
+    """The per-pair table (worst initial bone overlap first) and the mean ± std table.
+
+    ``affine bone`` is the bone Dice of the method's affine stage alone; a pair is a
+    gross failure (``gross``) when its bone Dice after registration is below 0.85 or below
+    its affine-only value (``knee.gross_failure``); ``verdict`` is neuralreg's own quality verdict.
+    """
     lines = [
-        "| pair | method | initial bone Dice | femoral | tibial | cartilage | bone "
-        "| % neg. Jacobian | ICE mm | s | CPU s | peak MB |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| pair | method | initial bone Dice | femoral | tibial | cartilage | bone | affine bone | gross "
+        "| verdict | % neg. Jacobian | ICE mm | s | CPU s | peak MB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in sorted(rows, key=lambda r: (float(r.get("initial_bone", 0)), r["pair"], r["method"])):
         if r.get("error"):
@@ -141,23 +151,29 @@ def markdown_table(rows: list[dict], summary: list[dict]) -> str:
         lines.append(
             f"| {r['pair']} | {r['method']} | {float(r['initial_bone']):.3f} | {float(r['femoral']):.3f} | "
             f"{float(r['tibial']):.3f} | {float(r['cartilage']):.3f} | {float(r['bone']):.3f} | "
+            f"{_fmt(r.get('affine_bone', 'nan'), 3)} | {'**yes**' if _truthy(r.get('gross_failure')) else 'no'} | "
+            f"{r.get('quality') or '-'} | "
             f"{float(r['percent_folds']):.4f} | {_fmt(r['ice_mm'], 2)} | {float(r['seconds']):.1f} | "
             f"{_fmt(r['cpu_seconds'], 1)} | {_fmt(r['peak_memory_mb'], 0)} |"
         )
     lines += [
         "",
-        "| method | pairs | femoral | tibial | cartilage | bone "
+        "| method | pairs | gross failures | femoral | tibial | cartilage | bone "
         "| % neg. Jacobian | ICE mm | s / pair | CPU s / pair | peak MB |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for s in summary:
         cells = [f"{s[k]:.3f} ± {s[k + '_std']:.3f}" for k in ("femoral", "tibial", "cartilage", "bone")]
         lines.append(
-            f"| {s['method']} | {s['pairs']} | {' | '.join(cells)} | {s['percent_folds']:.4f} | "
-            f"{_fmt(s['ice_mm'], 2)} | {s['seconds']:.1f} | {_fmt(s['cpu_seconds'], 1)} | "
+            f"| {s['method']} | {s['pairs']} | {s['gross_failures']} | {' | '.join(cells)} | "
+            f"{s['percent_folds']:.4f} | {_fmt(s['ice_mm'], 2)} | {s['seconds']:.1f} | {_fmt(s['cpu_seconds'], 1)} | "
             f"{_fmt(s['peak_memory_mb'], 0)} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def _truthy(v) -> bool:
+    return str(v).strip().lower() in ("1", "true", "yes")
 
 
 def _fmt(v, digits: int) -> str:

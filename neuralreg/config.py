@@ -120,8 +120,13 @@ class RegistrationConfig:
         affine_pyramid: down-sampling factors of the affine fit, coarse to fine (steps
             split evenly).
         affine_similarity: similarity of the affine fit (``"ncc"``: global, wide basin).
-        affine_init: ``"centroid"`` (translation between intensity centroids) or
-            ``"identity"``.
+        affine_init: how the global alignment starts: ``"search"`` (exhaustive search over
+            rotations and, by FFT, translations, at a coarse resolution; the best
+            ``search_starts`` candidates are each refined briefly and the best kept: robust
+            to oblique scans, table offsets and different fields of view, see ``search.py``),
+            ``"centroid"`` (translation between intensity centroids) or ``"identity"``.
+        search_max_angle: rotations searched per axis, -max..max degrees (``"search"``).
+        search_starts: candidates of the search refined before one is chosen.
         margin: margin added to each side of the pair's world box, as a fraction of its extent.
         seed: seeds initialization and point sampling (deterministic on CPU).
         device: ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
@@ -151,7 +156,9 @@ class RegistrationConfig:
     affine_learning_rate: float = 5e-3
     affine_pyramid: tuple = (4, 2)
     affine_similarity: str = "ncc"
-    affine_init: str = "centroid"
+    affine_init: str = "search"
+    search_max_angle: float = 40.0
+    search_starts: int = 4
     margin: float = 0.15
     seed: int = 0
     device: str = "cpu"
@@ -167,8 +174,10 @@ class RegistrationConfig:
         self.affine_pyramid = tuple(int(f) for f in self.affine_pyramid)
         if self.affine_similarity not in SIMILARITIES:
             raise ValueError(f"affine_similarity must be one of {SIMILARITIES}, not {self.affine_similarity!r}")
-        if self.affine_init not in ("centroid", "identity"):
-            raise ValueError(f"affine_init must be 'centroid' or 'identity', not {self.affine_init!r}")
+        if self.affine_init not in ("search", "centroid", "identity"):
+            raise ValueError(f"affine_init must be 'search', 'centroid' or 'identity', not {self.affine_init!r}")
+        if not 0 <= self.search_max_angle <= 180 or self.search_starts < 1:
+            raise ValueError("search_max_angle must be in [0, 180] and search_starts >= 1")
         if self.affine_steps < 0 or not self.affine_pyramid or any(f < 1 for f in self.affine_pyramid):
             raise ValueError("affine_steps must be >= 0 and affine_pyramid factors >= 1")
         if self.similarity not in SIMILARITIES:

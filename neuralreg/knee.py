@@ -164,6 +164,26 @@ def score_maps(forward, inverse, moving_labels: Image, fixed_labels: Image, max_
     return out
 
 
+GROSS_FAILURE_BONE_DICE = 0.85
+
+
+def gross_failure(bone: float, affine_bone: float = float("nan")) -> bool:
+    """A registration lost the knee: bone Dice below 0.85, or below its affine stage's alone."""
+    return bool(bone < GROSS_FAILURE_BONE_DICE or (np.isfinite(affine_bone) and bone < affine_bone))
+
+
+class AffineWorldMap:
+    """A world (mm) affine, fixed -> moving, with the ``map_points`` interface of ``io.DisplacementField``."""
+
+    def __init__(self, matrix):
+        self.matrix = np.asarray(matrix, dtype=np.float64)
+
+    def map_points(self, points_world: torch.Tensor) -> torch.Tensor:
+        from .coordinates import apply_affine
+
+        return apply_affine(self.matrix, points_world.double()).float()
+
+
 def registration_maps(reg):
     """A ``Registration`` as (forward, inverse) ``io.DisplacementField`` s on its grids."""
     from .io import DisplacementField
@@ -172,3 +192,175 @@ def registration_maps(reg):
         DisplacementField(reg.displacement_on_grid(direction="forward"), reg.fixed_grid[1]),
         DisplacementField(reg.displacement_on_grid(direction="inverse"), reg.moving_grid[1]),
     )
+
+
+# ---------------------------------------------------------------------------------------
+# Realistic scanner geometry: the hard benchmark
+# ---------------------------------------------------------------------------------------
+
+
+def load_scan_labels(path, shape=OAI_SHAPE) -> Image:
+    """An OAI label map on its scan's own affine, resampled to ``shape`` in voxel space.
+
+    Unlike ``load_oai_labels`` the scanner geometry is kept: the affine is the file's
+    (oblique, with its table offset), scaled to the half-resolution grid.
+    """
+    import nibabel as nib
+
+    nii = nib.load(str(path))
+    data = np.asarray(nii.dataobj)
+    if data.ndim != 3:
+        raise ValueError(f"{path}: expected a 3D label map, got shape {data.shape}")
+    img = Image(torch.as_tensor(data.astype(np.uint8)), np.asarray(nii.affine, dtype=np.float64))
+    return resample_to_shape(img, shape, labels=True) if tuple(data.shape) != tuple(shape) else img
+
+
+def _rotation(axis: np.ndarray, angle_rad: float) -> np.ndarray:
+    axis = axis / np.linalg.norm(axis)
+    k = np.array([[0, -axis[2], axis[1]], [axis[2], 0, -axis[0]], [-axis[1], axis[0], 0]])
+    return np.eye(3) + np.sin(angle_rad) * k + (1 - np.cos(angle_rad)) * (k @ k)
+
+
+def perturb_geometry(
+    labels: Image,
+    rng: np.random.Generator,
+    max_rotation_deg: float = 20.0,
+    max_offset_mm: float = 50.0,
+    max_fov_change: float = 0.15,
+    scale_range: tuple = (0.9, 1.1),
+) -> tuple[Image, torch.Tensor]:
+    """What another scanner or session does to a scan: new pose, field of view and size.
+
+    - a rotation by up to ``max_rotation_deg`` about a random axis through the grid centre,
+      and a world offset of up to ``max_offset_mm`` per axis (the affine changes, not the voxels);
+    - an isotropic world scale drawn from ``scale_range`` (a bigger or smaller knee);
+    - each axis cropped or padded by up to ``max_fov_change`` of its length, split at random
+      between its two ends (the knee is no longer centred alike).
+
+    Returns:
+        the label map on its new grid, and a boolean (shape) mask of the voxels inside the
+        original field of view (padding lies outside it).
+    """
+    shape = np.asarray(labels.shape)
+    lo = np.zeros(3, dtype=int)
+    new_shape = shape.copy()
+    for a in range(3):
+        change = round(rng.uniform(-max_fov_change, max_fov_change) * shape[a])
+        first = round(rng.uniform(0, 1) * change)
+        lo[a] = -first  # new voxel i is old voxel i + lo (negative lo: padding at the start)
+        new_shape[a] = shape[a] + change
+    data = torch.zeros(tuple(new_shape), dtype=labels.data.dtype)
+    inside = torch.zeros(tuple(new_shape), dtype=torch.bool)
+    src = [slice(max(lo[a], 0), min(lo[a] + new_shape[a], shape[a])) for a in range(3)]
+    dst = [slice(s.start - lo[a], s.stop - lo[a]) for a, s in enumerate(src)]
+    data[tuple(dst)] = labels.data[tuple(src)]
+    inside[tuple(dst)] = True
+    shift = np.eye(4)
+    shift[:3, 3] = lo
+    affine = labels.affine @ shift
+    center = affine[:3, :3] @ ((new_shape - 1) / 2) + affine[:3, 3]
+    axis = rng.normal(size=3)
+    rot = _rotation(axis, np.deg2rad(rng.uniform(0, max_rotation_deg)))
+    scale = rng.uniform(*scale_range)
+    world = np.eye(4)
+    world[:3, :3] = scale * rot
+    world[:3, 3] = center - scale * rot @ center + rng.uniform(-max_offset_mm, max_offset_mm, 3)
+    return Image(data, world @ affine), inside
+
+
+def _distance_mm(mask: torch.Tensor, spacing) -> torch.Tensor:
+    """Euclidean distance (mm) of every voxel to the nearest voxel of ``mask`` (scipy)."""
+    from scipy.ndimage import distance_transform_edt
+
+    return torch.from_numpy(distance_transform_edt(~mask.numpy(), sampling=spacing).astype(np.float32))
+
+
+def synthesize_knee_mr(labels: Image, inside: torch.Tensor | None = None, seed: int = 0) -> Image:
+    """An MR-like knee whose soft tissue belongs to this subject alone.
+
+    Bone marrow and cartilage get subject-specific intensities; around the bones lie a
+    muscle layer, a fat layer with texture in layers that follow the distance to the bone,
+    skin and air, with thicknesses of this subject's own, so the soft tissue of two
+    subjects does not correspond. Then a smooth bias field, blur and noise; voxels
+    outside the field of view (``inside`` False) are 0.
+    """
+    rng = np.random.default_rng(seed)
+    g = torch.Generator().manual_seed(seed)
+    lab = labels.data.long()
+    spacing = labels.spacing
+    bone = (lab == FEMUR) | (lab == TIBIA) | (lab == 5)
+    dist = _distance_mm(bone, spacing)
+    muscle, fat = rng.uniform(5.0, 14.0), rng.uniform(4.0, 12.0)
+    skin = muscle + fat
+    lam, phase = rng.uniform(3.0, 7.0), rng.uniform(0, 2 * np.pi)
+    img = torch.full(lab.shape, 0.02)  # air
+    smooth = F.interpolate(
+        torch.randn(1, 1, *[max(2, n // 6) for n in lab.shape], generator=g),
+        size=tuple(lab.shape),
+        mode="trilinear",
+        align_corners=True,
+    )[0, 0]
+    fat_val = rng.uniform(0.55, 0.75) + 0.08 * torch.sin(2 * np.pi * dist / lam + phase) + 0.05 * smooth
+    muscle_val = rng.uniform(0.25, 0.38) + 0.04 * smooth
+    img = torch.where(dist <= skin + 1.5, torch.full_like(img, rng.uniform(0.4, 0.55)), img)
+    img = torch.where(dist <= skin, fat_val, img)
+    img = torch.where(dist <= muscle, muscle_val, img)
+    table = {
+        FEMUR: rng.uniform(0.4, 0.52),
+        TIBIA: rng.uniform(0.38, 0.5),
+        5: rng.uniform(0.4, 0.52),
+        FEMORAL_CARTILAGE: rng.uniform(0.78, 0.9),
+        TIBIAL_CARTILAGE: rng.uniform(0.75, 0.88),
+        6: rng.uniform(0.75, 0.88),
+    }
+    for k in torch.unique(lab).tolist():
+        if k != 0:
+            img[lab == k] = float(table.get(k, rng.uniform(0.3, 0.6)))
+    from .phantoms import _blur, smooth_random_displacement
+
+    bias = smooth_random_displacement(lab.shape, labels.affine, 1.0, 3, seed + 101)[..., 0]
+    img = _blur(img * (1.0 + 0.2 * bias), 0.6)
+    img = img + 0.03 * torch.randn(img.shape, generator=g)
+    img = img.clamp(0, 1)
+    if inside is not None:
+        img = img * inside
+    return labels.with_data(img)
+
+
+def realistic_pair(fixed_path, moving_path, seed: int = 0, shape=OAI_SHAPE, perturb: bool = True) -> dict:
+    """A synthetic inter-subject pair that keeps real scanner geometry, and harder.
+
+    Each label map keeps its scan's affine (``load_scan_labels``); the moving knee is
+    mirrored in voxel space when that overlaps the fixed bones better (OAI: right knees to
+    left); with ``perturb`` each image then gets its own pose, offset, size and field of
+    view (``perturb_geometry``); intensities come from ``synthesize_knee_mr``.
+
+    Returns:
+        dict with ``moving``, ``fixed`` (float Images), ``moving_labels``, ``fixed_labels``
+        and ``flipped``.
+    """
+    fixed_labels = load_scan_labels(fixed_path, shape)
+    moving_labels = load_scan_labels(moving_path, shape)
+    flipped = choose_flip(moving_labels, fixed_labels)
+    if flipped:
+        moving_labels = flip_left_right(moving_labels)
+    rng = np.random.default_rng(1000 + seed)
+    out = {"flipped": flipped}
+    for k, (name, lab) in enumerate((("fixed", fixed_labels), ("moving", moving_labels))):
+        inside = None
+        if perturb:
+            lab, inside = perturb_geometry(lab, rng)
+        out[name] = synthesize_knee_mr(lab, inside, seed=3 * seed + k + 17)
+        out[f"{name}_labels"] = lab
+    return out
+
+
+def physical_bone_dice(moving_labels: Image, fixed_labels: Image) -> float:
+    """Bone Dice after the identity map in world coordinates (moving resampled onto the fixed grid)."""
+    from .coordinates import apply_affine, grid_points
+
+    vox = apply_affine(
+        np.linalg.inv(moving_labels.affine) @ fixed_labels.affine, grid_points(fixed_labels.shape, dtype=torch.float64)
+    )
+    warped = moving_labels.sample(vox.float(), mode="nearest").reshape(fixed_labels.shape).round().long()
+    return dice(warped, fixed_labels.data, BONES)["mean"]

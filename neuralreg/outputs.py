@@ -12,7 +12,9 @@ Files (``<fixed grid>`` = the fixed image's grid and affine):
 - ``registration.pt``: both fitted fields (``neuralreg.Registration.load``), to
   re-evaluate at any resolution;
 - ``report.json``: configuration, versions, timings, final loss terms, % folds, inverse
-  consistency error, Dice when label maps are given;
+  consistency error, Dice when label maps are given, the global search's result, and
+  ``quality``: the self-check's verdict (``good``, ``check`` or ``failed``), its reasons
+  and measures (see ``neuralreg.quality``);
 - ``figure.png``: mid slices of fixed, moving, warped, checkerboard, deformed grid, Jacobian.
 """
 
@@ -34,6 +36,7 @@ from .figures import registration_figure
 from .image import Image
 from .io import write_displacement_field, write_image, write_itk_affine
 from .metrics import dice, percent_folds
+from .quality import assess
 from .result import Registration
 
 OUTPUT_FILES = (
@@ -64,8 +67,10 @@ def evaluate(
 ) -> dict:
     """Metrics of a fitted registration (forward map on the fixed grid)."""
     jac = reg.jacobian_determinant("forward")
+    folds = percent_folds(jac.data)
     metrics = {
-        "percent_folds_forward": percent_folds(jac.data),
+        "quality": assess(reg, moving, fixed, percent_folds=folds).to_dict(),
+        "percent_folds_forward": folds,
         "percent_folds_inverse": reg.percent_folds("inverse"),
         "inverse_consistency_error_mm": reg.inverse_consistency_error(),
         "jacobian_min": float(jac.data.min()),
@@ -133,6 +138,7 @@ def write_outputs(
             "timings": {"registration_seconds": reg.info.get("seconds"), "output_seconds": time.perf_counter() - t0},
             "backend": reg.info.get("backend"),
             "recoveries": reg.info.get("recoveries"),
+            "global_search": reg.info.get("search"),
             "final_loss_terms": reg.info.get("final"),
             "affine_world_fixed_to_moving": reg.affine_world().tolist(),
             "fixed_grid": {"shape": list(fixed.shape), "affine": fixed.affine.tolist()},

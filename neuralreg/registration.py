@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import time
+import warnings
 
 import numpy as np
 import torch
@@ -14,19 +16,13 @@ from . import regularizers
 from .affine import AffineMap, ComposedMap, intensity_centroid
 from .config import RegistrationConfig
 from .coordinates import NormalizedBox, apply_affine
+from .errors import InputError, RegistrationDiverged, RegistrationWarning
 from .field import NeuralField
 from .image import Image
 from .points import VoxelSampler, edge_weights
+from .quality import assess
 from .result import Registration
 from .similarity import SIMILARITY_FUNCTIONS
-
-
-class RegistrationDiverged(RuntimeError):
-    """The loss became NaN/Inf more often than ``config.max_recoveries`` allowed."""
-
-
-class InputError(ValueError):
-    """Input images, masks or options that cannot be registered (message is one line)."""
 
 
 def check_image(image: Image, name: str) -> None:
@@ -145,9 +141,10 @@ def register_pair(
     by ``config.pyramid[s]`` and the finest hash levels are switched on stage by stage.
 
     Args:
-        moving, fixed: 2D or 3D ``Image`` s with affines (world mm); intensities as given
-            (see ``neuralreg.io`` for MRI/CT preprocessing).
-        config: ``RegistrationConfig`` (defaults if None).
+        moving, fixed: 2D or 3D ``Image`` s with affines (world mm), or paths of image
+            files (read with ``io.read_image``); intensities as given (see ``neuralreg.io``
+            for MRI/CT preprocessing).
+        config: ``RegistrationConfig``, a dict of its keys, or None (defaults).
         moving_mask, fixed_mask: optional masks on the images' grids; similarity points
             are drawn inside them.
 
@@ -157,8 +154,15 @@ def register_pair(
 
     Raises:
         InputError: unusable input; RegistrationDiverged: NaN loss beyond recovery.
+
+    Warns:
+        RegistrationWarning: when the self-check (``quality.assess``) finds the result
+        doubtful or probably wrong; the verdict and its reasons are in ``info["quality"]``.
     """
-    cfg = config or RegistrationConfig()
+    cfg = _as_config(config)
+    moving, fixed = _as_image(moving, "moving"), _as_image(fixed, "fixed")
+    moving_mask = None if moving_mask is None else _as_image(moving_mask, "moving_mask")
+    fixed_mask = None if fixed_mask is None else _as_image(fixed_mask, "fixed_mask")
     if moving.n_dims != fixed.n_dims:
         raise InputError(f"moving image is {moving.n_dims}D but fixed image is {fixed.n_dims}D")
     check_image(moving, "moving image")
@@ -182,12 +186,17 @@ def register_pair(
 
     torch.manual_seed(cfg.seed)
     generator = torch.Generator().manual_seed(cfg.seed)
-    box = NormalizedBox.around([(moving.shape, moving.affine), (fixed.shape, fixed.affine)], cfg.margin)
     phi_ab = NeuralField(d, cfg.field).to(device)
     phi_ba = NeuralField(d, cfg.field).to(device)
     for f in (phi_ab, phi_ba):
         f.set_backend(cfg.field.backend)
     fused_warp = phi_ab.encoding.backend == "native"
+    original_moving = moving
+    prealign, search_info = np.eye(d + 1), None
+    if cfg.affine_steps > 0 and cfg.affine_init == "search":
+        prealign, search_info = _choose_start(cfg, moving, fixed, moving_mask, fixed_mask, device, fused_warp)
+        moving, moving_mask = _prealigned(moving, prealign), _prealigned(moving_mask, prealign)
+    box = NormalizedBox.around([(moving.shape, moving.affine), (fixed.shape, fixed.affine)], cfg.margin)
     affine = AffineMap(d).to(device)
     map_ab, map_ba = ComposedMap(phi_ab, affine, False), ComposedMap(phi_ba, affine, True)
     history: list[dict] = []
@@ -268,21 +277,136 @@ def register_pair(
         "backend": phi_ab.encoding.backend,
         "final": history[-1] if history else {},
         "affine_steps": cfg.affine_steps,
+        "search": search_info,
     }
-    return Registration(
+    reg = Registration(
         phi_ab,
         phi_ba,
         box,
         (fixed.shape, fixed.affine),
-        (moving.shape, moving.affine),
+        (original_moving.shape, original_moving.affine),
         cfg,
         history,
         info,
         affine=affine.matrix().detach().cpu().double().numpy(),
+        prealign=prealign,
     )
+    quality = assess(reg, original_moving, fixed)
+    info["quality"] = quality.to_dict()
+    if quality.verdict != "good":
+        warnings.warn(f"registration quality {quality.summary()}", RegistrationWarning, stacklevel=2)
+    return reg
 
 
-def _fit_affine(cfg, affine, moving, fixed, moving_mask, fixed_mask, box, generator, device, fused_warp, history):
+def _as_config(config) -> RegistrationConfig:
+    """A ``RegistrationConfig`` from itself, a dict of its keys or None; else ``TypeError``."""
+    if config is None:
+        return RegistrationConfig()
+    if isinstance(config, RegistrationConfig):
+        return config
+    if isinstance(config, dict):
+        return RegistrationConfig.from_dict(config)
+    raise TypeError(f"config must be a RegistrationConfig, a dict of its keys or None, not {type(config).__name__}")
+
+
+def _as_image(value, name: str) -> Image:
+    """An ``Image`` from itself or a file path; arrays and anything else raise ``TypeError``."""
+    import os
+
+    if isinstance(value, Image):
+        return value
+    if isinstance(value, str | os.PathLike):
+        from .io import read_image
+
+        return read_image(value, f"{name} image")
+    if isinstance(value, np.ndarray | torch.Tensor):
+        raise TypeError(
+            f"{name} must be a neuralreg.Image (data and voxel-to-world affine) or a file path, not an array; "
+            "wrap it with neuralreg.Image.from_array(array, spacing=...)"
+        )
+    raise TypeError(f"{name} must be a neuralreg.Image or a file path, not {type(value).__name__}")
+
+
+def _prealigned(image: Image | None, prealign: np.ndarray) -> Image | None:
+    """The moving image (or mask) in the fixed world frame: its affine becomes S^-1 A (S: fixed -> moving)."""
+    if image is None:
+        return None
+    return Image(image.data, np.linalg.inv(prealign) @ image.affine)
+
+
+def _choose_start(cfg, moving, fixed, moving_mask, fixed_mask, device, fused_warp):
+    """The rigid pre-alignment S (fixed -> moving world) from ``search.global_search``.
+
+    Each of the ``cfg.search_starts`` best candidates is refined by a short affine fit at
+    the coarsest affine level (``affine_steps / 8`` steps, at most 4096 points); the one
+    whose refined symmetric similarity (same points for every candidate) is best wins.
+    Returns (S, facts).
+    """
+    from .search import global_search
+
+    candidates = global_search(moving, fixed, max_angle_deg=cfg.search_max_angle, keep=cfg.search_starts)
+    if len(candidates) == 1:
+        best = candidates[0]
+        return best.matrix, _search_facts(best, [best.score], [math.nan], 0)
+    short = dataclasses.replace(cfg, points=min(cfg.points, 4096), affine_init="identity")
+    steps = max(10, cfg.affine_steps // 8)
+    losses = []
+    for cand in candidates:
+        m, mm = _prealigned(moving, cand.matrix), _prealigned(moving_mask, cand.matrix)
+        box = NormalizedBox.around([(m.shape, m.affine), (fixed.shape, fixed.affine)], cfg.margin)
+        affine = AffineMap(fixed.n_dims).to(device)
+        gen = torch.Generator().manual_seed(cfg.seed)
+        level = cfg.affine_pyramid[:1]
+        _fit_affine(short, affine, m, fixed, mm, fixed_mask, box, gen, device, fused_warp, [], steps, level, False)
+        losses.append(_affine_loss(cfg, affine, m, fixed, mm, fixed_mask, box, device))
+    k = int(np.argmin(losses))
+    return candidates[k].matrix, _search_facts(candidates[k], [c.score for c in candidates], losses, k)
+
+
+def _search_facts(best, scores, losses, k) -> dict:
+    return {
+        "matrix_world_fixed_to_moving": best.matrix.tolist(),
+        "angles_deg": list(best.angles_deg),
+        "score": best.score,
+        "identity_score": best.identity_score,
+        "overlap": best.overlap,
+        "candidate_scores": scores,
+        "candidate_losses": [float(v) for v in losses],
+        "chosen": k,
+    }
+
+
+@torch.no_grad()
+def _affine_loss(cfg, affine, moving, fixed, moving_mask, fixed_mask, box, device, draws: int = 4) -> float:
+    """Symmetric affine similarity at the coarsest affine level, on points of a fixed seed."""
+    gen = torch.Generator().manual_seed(cfg.seed + 7919)
+    stage = _Stage(moving, fixed, moving_mask, fixed_mask, cfg.affine_pyramid[0], box, gen, device, cfg.edge_fraction)
+    total = 0.0
+    for _ in range(draws):
+        for fn, src, dst in (
+            (lambda u: affine.apply(u), "moving", "fixed"),
+            (lambda u: affine.apply(u, inverse=True), "fixed", "moving"),
+        ):
+            total += float(_similarity_term(cfg, stage, fn, src, dst, device, False, cfg.affine_similarity))
+    return total / draws
+
+
+def _fit_affine(
+    cfg,
+    affine,
+    moving,
+    fixed,
+    moving_mask,
+    fixed_mask,
+    box,
+    generator,
+    device,
+    fused_warp,
+    history,
+    steps: int | None = None,
+    pyramid: tuple | None = None,
+    progress: bool | None = None,
+):
     """Fit the global affine T alone (fields off): symmetric similarity, coarse to fine.
 
     T starts at the identity or at the translation between intensity centroids
@@ -290,19 +414,22 @@ def _fit_affine(cfg, affine, moving, fixed, moving_mask, fixed_mask, box, genera
     ``config.affine_steps`` spread evenly over ``config.affine_pyramid``. Points are drawn
     as for the fields (``config.edge_fraction`` of them on edges).
     """
+    total = cfg.affine_steps if steps is None else steps
+    pyramid = cfg.affine_pyramid if pyramid is None else pyramid
     if cfg.affine_init == "centroid":
         shift = (intensity_centroid(moving) - intensity_centroid(fixed)) / box.scale
         with torch.no_grad():
             affine.translation.copy_(torch.as_tensor(shift, dtype=torch.float32))
     optimizer = torch.optim.Adam(affine.parameters(), lr=cfg.affine_learning_rate)
-    n_stages = len(cfg.affine_pyramid)
-    per_stage = [cfg.affine_steps // n_stages + (1 if k < cfg.affine_steps % n_stages else 0) for k in range(n_stages)]
-    bar = tqdm(total=cfg.affine_steps, disable=not cfg.progress, desc="affine", dynamic_ncols=True)
+    n_stages = len(pyramid)
+    per_stage = [total // n_stages + (1 if k < total % n_stages else 0) for k in range(n_stages)]
+    show = cfg.progress if progress is None else progress
+    bar = tqdm(total=total, disable=not show, desc="affine", dynamic_ncols=True)
     step = 0
-    for s, (factor, n_steps) in enumerate(zip(cfg.affine_pyramid, per_stage, strict=True)):
+    for s, (factor, n_steps) in enumerate(zip(pyramid, per_stage, strict=True)):
         stage = _Stage(moving, fixed, moving_mask, fixed_mask, factor, box, generator, device, cfg.edge_fraction)
         for _ in range(n_steps):
-            frac = 0.5 * (1 + math.cos(math.pi * step / max(cfg.affine_steps, 1)))
+            frac = 0.5 * (1 + math.cos(math.pi * step / max(total, 1)))
             for g in optimizer.param_groups:
                 g["lr"] = cfg.affine_learning_rate * (0.05 + 0.95 * frac)
             optimizer.zero_grad(set_to_none=True)

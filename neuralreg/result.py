@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import pickle
+import warnings
+
 import numpy as np
 import torch
 
 from .affine import AffineMap, ComposedMap, world_matrix
 from .config import RegistrationConfig
 from .coordinates import NormalizedBox, apply_affine, grid_points
+from .errors import RegistrationFileError
 from .field import NeuralField
 from .image import Image
 from .metrics import jacobian_determinant, percent_folds
@@ -30,6 +34,10 @@ class Registration:
         info: timings and other facts of the run.
         affine: (d+1, d+1) global affine T on normalized coordinates (identity if None);
             Phi_AB = phi_ab o T and Phi_BA = phi_ba o T^-1 (see ``affine.py``).
+        prealign: (d+1, d+1) rigid world map S (fixed -> moving mm) found by the global
+            search (identity if None); the fields live in the frame of the moving image
+            moved by S^-1, so in world mm Phi_AB(x) = S(box^-1(phi_ab(T(box(x))))) and
+            Phi_BA(y) = box^-1(phi_ba(T^-1(box(S^-1 y)))).
     """
 
     def __init__(
@@ -43,6 +51,7 @@ class Registration:
         history=None,
         info=None,
         affine=None,
+        prealign=None,
     ):
         self.phi_ab, self.phi_ba = phi_ab.eval(), phi_ba.eval()
         d = phi_ab.n_dims
@@ -55,6 +64,7 @@ class Registration:
             "inverse": ComposedMap(self.phi_ba, self.affine, True),
         }
         self.box = box
+        self.prealign = np.eye(d + 1) if prealign is None else np.asarray(prealign, dtype=np.float64)
         self.fixed_grid = (
             tuple(fixed_grid[0]),
             np.asarray(fixed_grid[1], dtype=np.float64),
@@ -78,8 +88,8 @@ class Registration:
         return self._maps[direction]
 
     def affine_world(self) -> np.ndarray:
-        """The global affine part of Phi_AB as a (d+1, d+1) world (mm) matrix, fixed -> moving."""
-        return world_matrix(self.affine.matrix().double().cpu().numpy(), self.box)
+        """The global affine part of Phi_AB, pre-alignment included: (d+1, d+1) world mm, fixed -> moving."""
+        return self.prealign @ world_matrix(self.affine.matrix().double().cpu().numpy(), self.box)
 
     def _grid(self, direction: str):
         return self.fixed_grid if direction == "forward" else self.moving_grid
@@ -89,11 +99,16 @@ class Registration:
         """Phi(x) for world points (N, d) in mm, evaluated in chunks."""
         field = self._field(direction)
         dev = next(field.parameters()).device
-        pts = torch.as_tensor(points_world, dtype=torch.float32)
+        pts = torch.as_tensor(points_world)
+        if direction == "inverse":
+            pts = apply_affine(np.linalg.inv(self.prealign), pts.double())
+        pts = pts.float()
         out = torch.empty_like(pts)
         for s in range(0, pts.shape[0], chunk):
             u = self.box.to_normalized(pts[s : s + chunk].to(dev))
             out[s : s + chunk] = self.box.to_world(field(u)).cpu()
+        if direction == "forward":
+            out = apply_affine(self.prealign, out.double()).float()
         return out
 
     @torch.no_grad()
@@ -195,6 +210,7 @@ class Registration:
             "phi_ab": {k: v.cpu() for k, v in self.phi_ab.state_dict().items()},
             "phi_ba": {k: v.cpu() for k, v in self.phi_ba.state_dict().items()},
             "affine": self.affine.matrix().detach().cpu().double().numpy().tolist(),
+            "prealign": self.prealign.tolist(),
             "history": self.history,
             "info": self.info,
         }
@@ -208,17 +224,45 @@ class Registration:
 
     @classmethod
     def load(cls, path, device: str = "cpu") -> Registration:
-        state = torch.load(path, map_location=device, weights_only=False)
-        if state.get("format_version") != FORMAT_VERSION:
-            raise ValueError(f"{path} is not a neuralreg registration (format {state.get('format_version')})")
-        config = RegistrationConfig.from_dict(state["config"])
-        box = NormalizedBox.from_state(state["box"])
-        fields = []
-        for key in ("phi_ab", "phi_ba"):
-            f = NeuralField(box.n_dims, config.field)
-            f.load_state_dict(state[key])
-            f.set_backend(config.field.backend)
-            fields.append(f.to(device))
+        """Read a file written by ``save`` (0.1.0 files too).
+
+        Only tensors and plain data are read (``torch.load(weights_only=True)``): opening a
+        file from someone else cannot run code. Raises ``RegistrationFileError`` (one line)
+        for a missing, corrupt or foreign file.
+        """
+        try:
+            with warnings.catch_warnings():  # e.g. about the pickle protocol of a foreign file
+                warnings.simplefilter("ignore")
+                state = torch.load(path, map_location=device, weights_only=True)
+        except FileNotFoundError:
+            raise RegistrationFileError(f"registration file not found: {path}") from None
+        except pickle.UnpicklingError as exc:
+            if "global" not in str(exc).lower():
+                raise RegistrationFileError(f"{path} is not a readable neuralreg registration (corrupt)") from None
+            raise RegistrationFileError(
+                f"{path} holds Python objects other than tensors and plain data, which are not loaded "
+                f"(it could run code): not a neuralreg registration ({str(exc).splitlines()[0][:120]})"
+            ) from None
+        except Exception as exc:
+            raise RegistrationFileError(
+                f"{path} is not a readable neuralreg registration ({type(exc).__name__})"
+            ) from None
+        if not isinstance(state, dict) or state.get("format_version") != FORMAT_VERSION:
+            version = state.get("format_version") if isinstance(state, dict) else None
+            raise RegistrationFileError(f"{path} is not a neuralreg registration (format {version})")
+        try:
+            config = RegistrationConfig.from_dict(state["config"])
+            box = NormalizedBox.from_state(state["box"])
+            fields = []
+            for key in ("phi_ab", "phi_ba"):
+                f = NeuralField(box.n_dims, config.field)
+                f.load_state_dict(state[key])
+                f.set_backend(config.field.backend)
+                fields.append(f.to(device))
+        except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+            raise RegistrationFileError(
+                f"{path} is a damaged neuralreg registration ({type(exc).__name__}: {str(exc).splitlines()[0][:120]})"
+            ) from None
         return cls(
             fields[0],
             fields[1],
@@ -229,6 +273,7 @@ class Registration:
             state["history"],
             state["info"],
             affine=state.get("affine"),
+            prealign=state.get("prealign"),
         )
 
 

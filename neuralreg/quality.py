@@ -1,0 +1,159 @@
+"""Self-diagnosis: is a fitted registration probably right?
+
+A registration tool must never be silently wrong. After the fit, the same deterministic
+set of fixed-grid points is scored three ways (the images' physical alignment, the
+affine part alone and the full maps) and the maps are checked against each other:
+
+| check | verdict when it fails |
+|---|---|
+| share of fixed points that the map sends inside the moving image >= 50 % | failed |
+| inverse-consistency error <= max(2 mm, 2 x the largest voxel side) | failed |
+| local NCC of the full maps not below the affine part's (margin 0.02) | failed |
+| global NCC of the registered images >= 0.75 (well-registered same-contrast pairs reach 0.95; unrelated images, e.g. a brain and a knee, 0.55-0.67) | failed |
+| local NCC after the affine part alone >= 0.05 (unrelated images score 0.03; different subjects' knees 0.11, brains 0.26) | failed |
+| global NCC of the registered images >= 0.85 | check |
+| local NCC improved over the physical alignment, where the images overlap | check |
+| the images overlap in world space before registration (else: headers disagree) | check |
+| % folds <= 1 | check |
+
+``verdict`` is ``"good"`` when every check passes, ``"check"`` when only the milder ones
+fail (look at the result), ``"failed"`` when the result is probably wrong.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+
+from .coordinates import apply_affine, grid_corners_world
+from .image import Image
+from .similarity import lncc, ncc
+
+MIN_OVERLAP = 0.5
+MIN_NCC = 0.75
+GOOD_NCC = 0.85
+MIN_LNCC_AFFINE = 0.05
+AFFINE_MARGIN = 0.02
+MAX_FOLDS_PERCENT = 1.0
+
+
+@dataclass
+class Quality:
+    """The verdict and what it rests on (``measures``: the numbers, ``reasons``: one line each)."""
+
+    verdict: str
+    reasons: list[str] = field(default_factory=list)
+    measures: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def summary(self) -> str:
+        """One line for a terminal."""
+        return f"{self.verdict}: " + "; ".join(self.reasons) if self.reasons else self.verdict
+
+
+def _world_box(shape, affine):
+    pts = grid_corners_world(shape, affine)
+    return pts.min(0), pts.max(0)
+
+
+def _lncc_points(shape, n_windows: int, k: int, window: float, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    upper = torch.tensor([n - 1 for n in shape], dtype=torch.float64)
+    centres = torch.rand(n_windows, len(shape), generator=g, dtype=torch.float64) * upper
+    offsets = (torch.rand(n_windows, k, len(shape), generator=g, dtype=torch.float64) - 0.5) * window
+    return (centres[:, None] + offsets).reshape(-1, len(shape)).clamp(min=0).minimum(upper)
+
+
+@torch.no_grad()
+def assess(
+    reg,
+    moving: Image,
+    fixed: Image,
+    percent_folds: float | None = None,
+    n_windows: int = 4096,
+    window: float = 7.0,
+    points_per_window: int = 16,
+    seed: int = 0,
+) -> Quality:
+    """Score a ``Registration`` of ``moving`` onto ``fixed`` and give a verdict (see the module doc)."""
+    vox = _lncc_points(fixed.shape, n_windows, points_per_window, window, seed)
+    x = apply_affine(fixed.affine, vox)
+    fixed_vals = fixed.sample(vox.float()).reshape(n_windows, -1)
+    inv_moving = np.linalg.inv(moving.affine)
+    upper = torch.tensor([n - 1 for n in moving.shape], dtype=torch.float64)
+
+    def score(mapped_world: torch.Tensor):
+        mv = apply_affine(inv_moving, mapped_world.double())
+        inside = ((mv >= 0) & (mv <= upper)).all(1)
+        vals = moving.sample(mv.float()).reshape(n_windows, -1)
+        return float(1.0 - lncc(vals, fixed_vals)), float(inside.double().mean()), float(1.0 - ncc(vals, fixed_vals))
+
+    affine_world = reg.affine_world()
+    lncc_identity, overlap_identity, ncc_identity = score(x)
+    lncc_affine, _, ncc_affine = score(apply_affine(affine_world, x))
+    forward = reg.map_points(x.float(), "forward")
+    lncc_final, overlap_final, ncc_final = score(forward)
+    # inverse consistency on the same points: Phi_BA(Phi_AB(x)) ~ x
+    ice = float(torch.linalg.norm(reg.map_points(forward, "inverse").double() - x, dim=1).mean())
+    spacing = float(max(fixed.spacing.max(), moving.spacing.max()))
+    ice_limit = max(2.0, 2.0 * spacing)
+    lo_f, hi_f = _world_box(fixed.shape, fixed.affine)
+    lo_m, hi_m = _world_box(moving.shape, moving.affine)
+    overlap_world = bool(np.all(lo_f <= hi_m) and np.all(lo_m <= hi_f))
+    centres_mm = float(np.linalg.norm((lo_f + hi_f) / 2 - (lo_m + hi_m) / 2))
+    measures = {
+        "ncc_identity": ncc_identity,
+        "ncc_affine": ncc_affine,
+        "ncc_final": ncc_final,
+        "lncc_identity": lncc_identity,
+        "lncc_affine": lncc_affine,
+        "lncc_final": lncc_final,
+        "overlap_identity": overlap_identity,
+        "overlap_final": overlap_final,
+        "inverse_consistency_error_mm": ice,
+        "inverse_consistency_limit_mm": ice_limit,
+        "world_boxes_overlap": overlap_world,
+        "centre_distance_mm": centres_mm,
+        "percent_folds": percent_folds,
+    }
+    failed, check = [], []
+    if overlap_final < MIN_OVERLAP:
+        failed.append(f"only {100 * overlap_final:.0f} % of the fixed image maps inside the moving image")
+    if not ice <= ice_limit:
+        failed.append(f"inverse-consistency error {ice:.1f} mm (limit {ice_limit:.1f} mm): the two maps disagree")
+    if lncc_final < lncc_affine - AFFINE_MARGIN:
+        failed.append(
+            f"the deformable fields lowered the similarity below the affine part's (local NCC {lncc_final:.3f} "
+            f"< {lncc_affine:.3f})"
+        )
+    if ncc_final < MIN_NCC:
+        failed.append(
+            f"the registered images hardly correlate (NCC {ncc_final:.3f} < {MIN_NCC}): unrelated images, "
+            "or a global alignment that failed"
+        )
+    elif ncc_final < GOOD_NCC:
+        check.append(f"the registered images correlate only moderately (NCC {ncc_final:.3f} < {GOOD_NCC})")
+    if lncc_affine < MIN_LNCC_AFFINE:
+        failed.append(f"after the global (affine) alignment the images hardly correlate (local NCC {lncc_affine:.3f})")
+    if overlap_identity >= MIN_OVERLAP and lncc_final <= lncc_identity:
+        check.append(
+            f"no better than the images' physical alignment (local NCC {lncc_final:.3f} vs {lncc_identity:.3f})"
+        )
+    if not overlap_world:
+        check.append(
+            f"the images do not overlap in world space (centres {centres_mm:.0f} mm apart): their headers disagree; "
+            "aligned by the global search"
+        )
+    if percent_folds is not None and percent_folds > MAX_FOLDS_PERCENT:
+        check.append(f"{percent_folds:.2f} % of the voxels fold (negative Jacobian determinant)")
+    verdict = "failed" if failed else ("check" if check else "good")
+    measures = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in measures.items()}
+    return Quality(verdict, failed + check, measures)
+
+
+__all__ = ["Quality", "assess"]
