@@ -37,9 +37,9 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     import neuralreg
     from neuralreg import knee
+    from neuralreg.errors import InputError
     from neuralreg.io import preprocess, read_image, read_labels
     from neuralreg.outputs import OutputExists, prepare_output, write_outputs
-    from neuralreg.registration import InputError
 
     try:
         prepare_output(args.out, args.overwrite)

@@ -9,9 +9,9 @@ import argparse
 import sys
 
 import neuralreg
+from neuralreg.errors import InputError
 from neuralreg.io import preprocess, read_image
 from neuralreg.outputs import write_outputs
-from neuralreg.registration import InputError
 
 
 def main() -> int:

@@ -10,9 +10,16 @@
   ``GPU`` resource, or a few single-task CPU workers with the cores split between them),
   or an existing cluster given by its scheduler address (e.g. one started by
   dask-jobqueue on SLURM).
-- Resumable: a pair whose output folder exists is complete (folders appear atomically)
-  and is skipped; a pair that fails (bad file, divergence) is recorded with its error in
-  the summary and does not stop the others.
+- Resumable: a pair whose output folder holds a readable ``report.json`` (written last,
+  and folders appear atomically) is complete and skipped; a folder without one is
+  recomputed; hidden ``.<pair_id>.tmp-*`` folders left by a killed run are removed. A
+  pair that fails (bad file, divergence) is recorded with its error in the summary and
+  does not stop the others.
+- Interruptible: Ctrl-C stops the workers (they ignore the terminal's SIGINT, so they
+  print nothing), writes the summary of the pairs that finished and raises
+  ``BatchInterrupted``.
+- Self-checked: each pair's quality verdict (``neuralreg.quality``) and its reasons are
+  columns of the summary.
 """
 
 from __future__ import annotations
@@ -25,7 +32,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .config import RegistrationConfig
-from .registration import InputError
+from .errors import InputError
 
 COLUMNS = ("pair_id", "fixed", "moving", "fixed_labels", "moving_labels", "fixed_mask", "moving_mask")
 SUMMARY_COLUMNS = (
@@ -39,7 +46,13 @@ SUMMARY_COLUMNS = (
     "percent_folds_inverse",
     "inverse_consistency_error_mm",
     "final_loss",
+    "quality",
+    "quality_reasons",
 )
+
+
+class BatchInterrupted(KeyboardInterrupt):
+    """Ctrl-C during ``register_pairs``: the summary of the finished pairs was written."""
 
 
 @dataclass
@@ -97,14 +110,17 @@ def register_one(spec: PairSpec, out_dir: str, config: dict, modality: str = "mr
     import torch
 
     out = Path(out_dir) / spec.pair_id
-    if out.is_dir():
+    if is_complete(out):
         return {**_summary_from_report(out), "pair_id": spec.pair_id, "status": "skipped"}
     t0 = time.perf_counter()
     try:
+        import warnings
+
         from .io import preprocess, read_image, read_labels, read_mask
         from .outputs import write_outputs
-        from .registration import register_pair
+        from .registration import RegistrationWarning, register_pair
 
+        warnings.filterwarnings("ignore", category=RegistrationWarning)  # the verdict goes to the summary
         torch.set_num_threads(max(1, threads))
         cfg = RegistrationConfig.from_dict({**config, "progress": False, "threads": max(1, threads)})
         cfg.device = _worker_device(cfg.device)
@@ -127,6 +143,7 @@ def register_one(spec: PairSpec, out_dir: str, config: dict, modality: str = "mr
             labels["moving_labels"],
             labels["fixed_labels"],
             extra_report={"inputs": asdict(spec)},
+            overwrite=True,  # an incomplete folder (no readable report.json) is replaced
         )
         return {
             **_summary_from_report(out),
@@ -137,6 +154,28 @@ def register_one(spec: PairSpec, out_dir: str, config: dict, modality: str = "mr
     except Exception as exc:  # recorded in the summary; the other pairs go on
         message = f"{type(exc).__name__}: {exc}".splitlines()[0] if not isinstance(exc, InputError) else str(exc)
         return {"pair_id": spec.pair_id, "status": "failed", "error": message, "seconds": time.perf_counter() - t0}
+
+
+def is_complete(folder: Path) -> bool:
+    """A pair's folder is complete when its ``report.json`` (written last) is readable JSON."""
+    import json
+
+    try:
+        return isinstance(json.loads((Path(folder) / "report.json").read_text()), dict)
+    except (OSError, ValueError):
+        return False
+
+
+def remove_stale_temporaries(out_dir: Path) -> list[str]:
+    """Remove the hidden ``.<name>.tmp-*`` folders a killed run left in ``out_dir``; their names."""
+    import shutil
+
+    removed = []
+    for p in Path(out_dir).glob(".*.tmp-*"):
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p.name)
+    return removed
 
 
 def _worker_device(device: str) -> str:
@@ -170,6 +209,8 @@ def _summary_from_report(folder: Path) -> dict:
         "percent_folds_inverse": report.get("percent_folds_inverse"),
         "inverse_consistency_error_mm": report.get("inverse_consistency_error_mm"),
         "final_loss": (report.get("final_loss_terms") or {}).get("loss"),
+        "quality": (report.get("quality") or {}).get("verdict"),
+        "quality_reasons": "; ".join((report.get("quality") or {}).get("reasons") or []),
     }
 
 
@@ -206,6 +247,8 @@ def register_pairs(
         modality: intensity preprocessing (see ``neuralreg.io.preprocess``).
         progress: tqdm bar over pairs.
     """
+    import signal
+
     from distributed import Client, LocalCluster, as_completed
     from tqdm.auto import tqdm
 
@@ -213,6 +256,7 @@ def register_pairs(
     cfg = config or RegistrationConfig()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(out_dir)
     n_workers, n_threads = default_workers(cfg.device)
     n_workers, n_threads = workers or n_workers, threads_per_worker or n_threads
     gpu = cfg.device.startswith("cuda")
@@ -220,15 +264,25 @@ def register_pairs(
     if scheduler:
         client = Client(scheduler)
     else:
-        cluster = LocalCluster(
-            n_workers=n_workers,
-            threads_per_worker=1,
-            processes=True,
-            resources={"GPU": 1} if gpu else None,
-            dashboard_address=None,
-            silence_logs=logging.ERROR,
-        )
+        # worker processes inherit an ignored SIGINT (it survives exec): Ctrl-C reaches
+        # this process alone, which then stops them cleanly
+        main_thread = _is_main_thread()
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if main_thread else None
+        try:
+            cluster = LocalCluster(
+                n_workers=n_workers,
+                threads_per_worker=1,
+                processes=True,
+                resources={"GPU": 1} if gpu else None,
+                dashboard_address=None,
+                silence_logs=logging.ERROR,
+            )
+        finally:
+            if main_thread:
+                signal.signal(signal.SIGINT, previous)
         client = Client(cluster)
+    results = []
+    futures = []
     try:
         futures = [
             client.submit(
@@ -244,20 +298,47 @@ def register_pairs(
             )
             for spec in specs
         ]
-        results = []
         with tqdm(total=len(futures), disable=not progress, desc="pairs", unit="pair") as bar:
             for future in as_completed(futures):
                 row = future.result()
                 results.append(row)
                 bar.update(1)
                 bar.set_postfix(failed=sum(r["status"] == "failed" for r in results))
-    finally:
-        client.close()
-        if cluster is not None:
-            cluster.close()
+    except KeyboardInterrupt:
+        _shutdown(client, cluster, futures)
+        results.sort(key=lambda r: r["pair_id"])
+        write_summary(results, out_dir)
+        finished = sum(r["status"] != "failed" for r in results)
+        raise BatchInterrupted(
+            f"interrupted: {finished} of {len(specs)} pairs complete, summary in {out_dir / 'summary.csv'}; "
+            "re-run the same command to finish the rest"
+        ) from None
+    _shutdown(client, cluster, [])
     results.sort(key=lambda r: r["pair_id"])
     write_summary(results, out_dir)
     return results
+
+
+def _is_main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def _shutdown(client, cluster, futures) -> None:
+    """Cancel what is left and close the client and cluster without log noise."""
+    import contextlib
+
+    for name in ("distributed", "tornado", "asyncio"):
+        logging.getLogger(name).setLevel(logging.CRITICAL)
+    with contextlib.suppress(Exception):
+        if futures:
+            client.cancel(futures, force=True)
+    with contextlib.suppress(Exception):
+        client.close(timeout=10)
+    if cluster is not None:
+        with contextlib.suppress(Exception):
+            cluster.close(timeout=10)
 
 
 def write_summary(rows: list[dict], out_dir: Path) -> None:

@@ -7,6 +7,7 @@ import json
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 
 from .config import REGULARIZERS, SIMILARITIES, RegistrationConfig
@@ -16,6 +17,16 @@ _DEFAULTS = RegistrationConfig()
 
 class CLIError(Exception):
     """A one-line error for the user."""
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows an option's default once: only where its help text does not already say it, and never 'None'."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "(default:" in text or action.default in (None, False, argparse.SUPPRESS):
+            return text
+        return super()._get_help_string(action)
 
 
 def _add_register_options(p: argparse.ArgumentParser) -> None:
@@ -46,8 +57,45 @@ def _add_register_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
+def _check_options(args) -> None:
+    """Numeric and device options, checked before anything is read or written (one line each)."""
+    import math
+    import re
+
+    def finite(name, value, low=None, low_ok=True):
+        if value is None:
+            return
+        if not math.isfinite(value):
+            raise CLIError(f"{name} must be a finite number, not {value}")
+        if low is not None and (value < low or (value == low and not low_ok)):
+            raise CLIError(f"{name} must be {'>=' if low_ok else '>'} {low}, not {value}")
+
+    finite("--lambda", getattr(args, "regularizer_weight", None), 0.0)
+    finite("--learning-rate", getattr(args, "learning_rate", None), 0.0, low_ok=False)
+    finite("--edge-fraction", getattr(args, "edge_fraction", None), 0.0)
+    if getattr(args, "edge_fraction", None) is not None and args.edge_fraction > 1:
+        raise CLIError(f"--edge-fraction must be in [0, 1], not {args.edge_fraction}")
+    for flag, key, low in (
+        ("--steps", "steps", 1),
+        ("--points", "points", 8),
+        ("--affine-steps", "affine_steps", 0),
+        ("--threads", "threads", 1),
+        ("--workers", "workers", 1),
+        ("--threads-per-worker", "threads_per_worker", 1),
+    ):
+        value = getattr(args, key, None)
+        if value is not None and value < low:
+            raise CLIError(f"{flag} must be at least {low}, not {value}")
+    if getattr(args, "seed", None) is not None and args.seed < 0:
+        raise CLIError(f"--seed must be >= 0, not {args.seed}")
+    device = getattr(args, "device", None)
+    if device is not None and not re.fullmatch(r"cpu|cuda(:\d+)?", device):
+        raise CLIError(f"--device must be cpu, cuda or cuda:N, not {device!r}")
+
+
 def _build_config(args) -> RegistrationConfig:
-    base = RegistrationConfig.from_json(args.config).to_dict() if args.config else RegistrationConfig().to_dict()
+    _check_options(args)
+    base = _read_config(args.config).to_dict() if args.config else RegistrationConfig().to_dict()
     for key in (
         "similarity",
         "regularizer",
@@ -63,12 +111,33 @@ def _build_config(args) -> RegistrationConfig:
         value = getattr(args, key, None)
         if value is not None:
             base[key] = value
-    if getattr(args, "threads", None):
+    if getattr(args, "threads", None) is not None:
         base["threads"] = args.threads
     if getattr(args, "backend", None):
         base["field"]["backend"] = args.backend
     base["progress"] = not getattr(args, "quiet", False)
-    return RegistrationConfig.from_dict(base)
+    try:
+        return RegistrationConfig.from_dict(base)
+    except (TypeError, ValueError) as exc:
+        raise CLIError(f"invalid option: {exc}") from None
+
+
+def _read_config(path: Path) -> RegistrationConfig:
+    """``--config``: a JSON object of ``RegistrationConfig`` keys; errors name the file."""
+    if not path.is_file():
+        raise CLIError(f"--config {path}: file not found")
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CLIError(f"--config {path}: cannot read it ({type(exc).__name__})") from None
+    except ValueError as exc:
+        raise CLIError(f"--config {path}: not valid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise CLIError(f"--config {path}: expected a JSON object of RegistrationConfig keys")
+    try:
+        return RegistrationConfig.from_dict(data)
+    except (TypeError, ValueError) as exc:
+        raise CLIError(f"--config {path}: {exc}") from None
 
 
 def _check_device(device: str) -> None:
@@ -76,6 +145,8 @@ def _check_device(device: str) -> None:
 
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise CLIError(f"--device {device} requested but no CUDA GPU is available; use --device cpu")
+    if device.startswith("cuda:") and int(device[5:]) >= torch.cuda.device_count():
+        raise CLIError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
 
 
 def _check_out(out: Path, overwrite: bool) -> None:
@@ -141,6 +212,15 @@ def _print_summary(report: dict, seconds: float, out) -> None:
     lines.append(f"inverse consistency error {report['inverse_consistency_error_mm']:.3f} mm")
     lines.append(f"outputs in {out}")
     print("\n".join(lines))
+    _warn_quality(report.get("quality"))
+
+
+def _warn_quality(quality: dict | None) -> None:
+    """One stderr line when the self-check doubts the result (verdict in report.json)."""
+    if not quality or quality.get("verdict") == "good":
+        return
+    head = "registration probably failed" if quality["verdict"] == "failed" else "check this registration"
+    print(f"neuralreg: warning: {head}: {'; '.join(quality['reasons'])}", file=sys.stderr)
 
 
 def _load_transform(args):
@@ -153,10 +233,7 @@ def _load_transform(args):
     if args.registration is not None:
         if not args.registration.is_file():
             raise CLIError(f"registration not found: {args.registration}")
-        try:
-            reg = Registration.load(args.registration)
-        except Exception as exc:
-            raise CLIError(f"{args.registration} is not a neuralreg registration ({type(exc).__name__})") from None
+        reg = Registration.load(args.registration)
         direction = args.direction
         return (lambda pts: reg.map_points(pts, direction)), reg._grid(direction), reg
     field = read_displacement_field(args.displacement)
@@ -169,9 +246,10 @@ def cmd_warp(args) -> int:
 
     from .coordinates import apply_affine, grid_points
     from .image import Image
-    from .io import read_image, read_labels, write_image
+    from .io import check_output_path, read_image, read_labels, write_image
 
     _check_out(args.out, args.overwrite)
+    check_output_path(args.out, "--out")
     transform, grid, _ = _load_transform(args)
     img = read_labels(args.image) if args.interpolation == "nearest" else read_image(args.image)
     if args.reference is not None:
@@ -196,10 +274,11 @@ def cmd_jacobian(args) -> int:
 
     from .coordinates import apply_affine, grid_points
     from .image import Image
-    from .io import write_image
+    from .io import check_output_path, write_image
     from .metrics import jacobian_determinant, percent_folds
 
     _check_out(args.out, args.overwrite)
+    check_output_path(args.out, "--out")
     transform, (shape, affine), _ = _load_transform(args)
     pts = apply_affine(affine, grid_points(shape, dtype=torch.float64)).float()
     mapped = torch.cat([transform(pts[s : s + 262144]) for s in range(0, pts.shape[0], 262144)])
@@ -211,6 +290,8 @@ def cmd_jacobian(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
+    import torch
+
     from .io import read_image, read_labels
     from .metrics import dice, percent_folds
 
@@ -218,12 +299,34 @@ def cmd_evaluate(args) -> int:
     b = read_labels(args.reference_labels, "reference label map")
     if a.shape != b.shape:
         raise CLIError(f"label maps differ in shape: {a.shape} vs {b.shape}")
-    labels = [int(x) for x in args.labels.split(",")] if args.labels else None
+    try:
+        labels = [int(x) for x in args.labels.split(",")] if args.labels else None
+    except ValueError:
+        raise CLIError(f"--labels must be comma-separated integers, not {args.labels!r}") from None
     result = {"dice": dice(a.data, b.data, labels)}
+    if labels is not None:
+        present = set(torch.unique(a.data).tolist()) | set(torch.unique(b.data).tolist())
+        absent = [v for v in labels if v not in present]
+        if absent:
+            result["dice"]["absent_labels"] = absent
+            print(f"neuralreg: warning: label(s) {', '.join(map(str, absent))} in neither map", file=sys.stderr)
     if args.jacobian is not None:
         result["percent_folds"] = percent_folds(read_image(args.jacobian, "Jacobian map").data)
-    print(json.dumps(result, indent=2))
+    print(json.dumps(_json_safe(result), indent=2, allow_nan=False))
     return 0
+
+
+def _json_safe(obj):
+    """NaN and Inf become null (valid JSON); containers are walked."""
+    import math
+
+    if isinstance(obj, dict):
+        return {str(k): _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_json_safe(v) for v in obj]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
 
 
 def cmd_demo(args) -> int:
@@ -232,6 +335,7 @@ def cmd_demo(args) -> int:
     from .phantoms import knee_phantom_pair
     from .registration import register_pair
 
+    _check_options(args)
     _check_out(args.out, args.overwrite)
     cfg = RegistrationConfig(
         steps=args.steps, points=4096, regularizer_points=1024, progress=not args.quiet, threads=args.threads
@@ -266,6 +370,9 @@ def cmd_demo(args) -> int:
 def cmd_batch(args) -> int:
     from .batch import read_pairs, register_pairs
 
+    # after Ctrl-C, multiprocessing's resource tracker (a process of its own, which takes
+    # its warning options from this one) would print a 'leaked semaphore' warning
+    sys.warnoptions.append("ignore::UserWarning:multiprocessing.resource_tracker")
     cfg = _build_config(args)
     _check_device(cfg.device)
     specs = read_pairs(args.pairs)
@@ -283,6 +390,10 @@ def cmd_batch(args) -> int:
     skipped = sum(r["status"] == "skipped" for r in rows)
     failed = [r for r in rows if r["status"] == "failed"]
     print(f"{done} registered, {skipped} already complete, {len(failed)} failed; summary in {args.out}/summary.csv")
+    doubtful = [r for r in rows if r.get("quality") in ("failed", "check")]
+    if doubtful:
+        names = ", ".join(f"{r['pair_id']} ({r['quality']})" for r in doubtful)
+        print(f"neuralreg: warning: {len(doubtful)} doubtful by the self-check: {names}", file=sys.stderr)
     for r in failed:
         print(f"  {r['pair_id']}: {r['error']}", file=sys.stderr)
     return 1 if failed else 0
@@ -292,11 +403,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="neuralreg",
         description="Pairwise image registration with neural fields and GradICON.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
     parser.add_argument("--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    fmt = argparse.ArgumentDefaultsHelpFormatter
+    fmt = _HelpFormatter
 
     r = sub.add_parser("register", help="register a moving image to a fixed image", formatter_class=fmt)
     r.add_argument("--fixed", type=Path, required=True, help="fixed image (.nii, .nii.gz, .png, .jpg)")
@@ -371,7 +482,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--warped-labels", type=Path, required=True, help="warped label map")
     e.add_argument("--reference-labels", type=Path, required=True, help="reference label map on the same grid")
     e.add_argument("--labels", help="comma-separated labels to score (default: all non-zero)")
-    e.add_argument("--jacobian", type=Path, help="Jacobian determinant map: also report % folds")
+    e.add_argument("--jacobian", type=Path, help="Jacobian determinant map: also report %% folds")
     e.set_defaults(func=cmd_evaluate)
 
     dm = sub.add_parser("demo", help="register a generated knee-like phantom pair", formatter_class=fmt)
@@ -394,15 +505,18 @@ def _version() -> str:
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    from .errors import InputError, RegistrationDiverged, RegistrationFileError, RegistrationWarning
     from .outputs import OutputExists
-    from .registration import InputError, RegistrationDiverged
 
+    # the self-check's verdict is printed once, from the report (``_warn_quality``)
+    warnings.filterwarnings("ignore", category=RegistrationWarning)
     try:
         return args.func(args)
-    except (CLIError, InputError, OutputExists, RegistrationDiverged) as exc:
+    except (CLIError, InputError, OutputExists, RegistrationDiverged, RegistrationFileError) as exc:
         print(f"neuralreg: error: {exc}", file=sys.stderr)
-    except KeyboardInterrupt:
-        print("neuralreg: interrupted; no partial outputs were kept", file=sys.stderr)
+    except KeyboardInterrupt as exc:
+        message = str(exc) or "interrupted; no partial outputs were kept"
+        print(f"neuralreg: {message}", file=sys.stderr)
         return 130
     except (ValueError, OSError) as exc:
         print(f"neuralreg: error: {exc}".splitlines()[0], file=sys.stderr)

@@ -23,8 +23,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .errors import InputError
 from .image import Image
-from .registration import InputError
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 RASTER_SUFFIXES = (".png", ".jpg", ".jpeg")
@@ -174,10 +174,17 @@ def _affine4(affine: np.ndarray) -> np.ndarray:
     return a
 
 
+def check_output_path(path, what: str = "output") -> None:
+    """Raise ``InputError`` unless ``path`` names a NIfTI file (.nii or .nii.gz)."""
+    if _suffix(Path(path)) not in NIFTI_SUFFIXES:
+        raise InputError(f"{what} {path}: unsupported format; write .nii or .nii.gz")
+
+
 def write_image(image: Image, path, dtype=None) -> None:
     """Write an image or label map as NIfTI with its affine (2D as X x Y x 1)."""
     import nibabel as nib
 
+    check_output_path(path)
     data = image.data.detach().cpu().numpy()
     if dtype is not None:
         data = data.astype(dtype)
@@ -246,6 +253,13 @@ def read_displacement_field(path) -> DisplacementField:
     if data.ndim != 5 or data.shape[3] != 1:
         raise InputError(f"{path} is not a displacement field (expected X x Y x Z x 1 x d, got {data.shape})")
     d = data.shape[4]
+    grid_dims = 2 if data.shape[2] == 1 else 3
+    if d != grid_dims:
+        raise InputError(
+            f"{path} has {d} displacement component(s) on a {grid_dims}D grid {data.shape[:3]}; expected {grid_dims}"
+        )
+    if not np.isfinite(data).all():
+        raise InputError(f"{path} contains NaN or Inf displacements")
     affine = np.asarray(img.affine, dtype=np.float64)
     if d == 2:
         data = data[:, :, 0, 0, :] * LPS[:2].astype(np.float32)

@@ -149,3 +149,66 @@ def test_existing_scheduler_address(table, tmp_path):
             progress=False,
         )
     assert sorted(r["status"] for r in rows) == ["done", "done", "done", "failed"]
+
+
+def test_incomplete_folders_are_recomputed_and_stale_temporaries_removed(table, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "p0").mkdir()  # an empty folder: not complete
+    (out / "p1").mkdir()
+    (out / "p1" / "report.json").write_text("{truncated")  # unreadable report: not complete
+    stale = out / ".p2.tmp-abc123"  # left by a killed run
+    stale.mkdir()
+    (stale / "warped.nii.gz").write_bytes(b"partial")
+    specs = [s for s in read_pairs(table) if s.pair_id != "broken"]
+    rows = {
+        r["pair_id"]: r for r in register_pairs(specs, out, RegistrationConfig(**CONFIG), workers=1, progress=False)
+    }
+    assert {k: r["status"] for k, r in rows.items()} == {"p0": "done", "p1": "done", "p2": "done"}
+    assert not stale.exists()
+    for pid in ("p0", "p1"):
+        assert json.loads((out / pid / "report.json").read_text())["dice_after"]["mean"] > 0
+    again = register_pairs(specs, out, RegistrationConfig(**CONFIG), workers=1, progress=False)
+    assert {r["status"] for r in again} == {"skipped"}
+    with open(out / "summary.csv") as f:
+        summary = list(csv.DictReader(f))
+    assert {r["quality"] for r in summary} <= {"good", "check", "failed"} and all(r["quality"] for r in summary)
+
+
+def test_ctrl_c_gives_one_line_stops_workers_and_keeps_a_summary(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    rows = []
+    for i in range(6):
+        pair = triangles_pair(20 + i, size=40)
+        for key in ("fixed", "moving"):
+            write_image(pair[key], tmp_path / f"{key}{i}.nii.gz")
+        rows.append(f"q{i},fixed{i}.nii.gz,moving{i}.nii.gz")
+    (tmp_path / "pairs.csv").write_text("pair_id,fixed,moving\n" + "\n".join(rows) + "\n")
+    out = tmp_path / "out"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "neuralreg", "batch", "--pairs", str(tmp_path / "pairs.csv"), "--out", str(out)]
+        + ["--workers", "1", "--threads-per-worker", "1", "--steps", "150", "--points", "512", "--quiet"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # its own process group, as a terminal's foreground job
+    )
+    deadline = time.time() + 240
+    while time.time() < deadline and not list(out.glob("q*/report.json")):
+        time.sleep(0.5)
+    assert list(out.glob("q*/report.json")), "no pair finished in time"
+    os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C: the whole foreground group gets SIGINT
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("neuralreg: interrupted:"), err
+    assert "summary" in lines[0] and "Traceback" not in err
+    with open(out / "summary.csv") as f:
+        summary = list(csv.DictReader(f))
+    finished = {p.parent.name for p in out.glob("q*/report.json")}
+    assert finished and {r["pair_id"] for r in summary if r["status"] == "done"} == finished

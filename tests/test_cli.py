@@ -230,7 +230,10 @@ CASES = {
     "output exists": (lambda f: _register(f, f["good"], f["good"], out=f["dir"]), "exists; pass --overwrite"),
     "GPU without CUDA": (lambda f: _register(f, f["good"], f["good"], "--device", "cuda"), "no CUDA GPU"),
     "bad config file": (lambda f: _register(f, f["good"], f["good"], "--config", str(f["txt"])), "error"),
-    "bad edge fraction": (lambda f: _register(f, f["good"], f["good"], "--edge-fraction", "2"), "edge_fraction"),
+    "bad edge fraction": (
+        lambda f: _register(f, f["good"], f["good"], "--edge-fraction", "2"),
+        "--edge-fraction must be in [0, 1]",
+    ),
 }
 
 
