@@ -33,9 +33,11 @@ setup(
             "dask[distributed]>=2024.1",
             "antspyx>=0.5",
             "itk-elastix>=0.20",
+            "scipy>=1.9",
         ],
         # classical baselines of examples/knee_benchmark.py: ANTs SyN and elastix B-spline
-        "baselines": ["antspyx>=0.5", "itk-elastix>=0.20"],
+        # scipy: the Euclidean distance transform of the hard benchmark's soft tissue (knee.realistic_pair)
+        "baselines": ["antspyx>=0.5", "itk-elastix>=0.20", "scipy>=1.9"],
         # cohort registration (neuralreg batch)
         "batch": ["dask[distributed]>=2024.1"],
         # tinycudann: install by hand on a CUDA machine, see README ("GPU and tinycudann")
