@@ -281,8 +281,7 @@ def register_pairs(
             if main_thread:
                 signal.signal(signal.SIGINT, previous)
         client = Client(cluster)
-    results = []
-    futures = []
+    results, futures, interrupted = [], [], False
     try:
         futures = [
             client.submit(
@@ -305,17 +304,17 @@ def register_pairs(
                 bar.update(1)
                 bar.set_postfix(failed=sum(r["status"] == "failed" for r in results))
     except KeyboardInterrupt:
-        _shutdown(client, cluster, futures)
-        results.sort(key=lambda r: r["pair_id"])
-        write_summary(results, out_dir)
+        interrupted = True
+    finally:
+        _shutdown(client, cluster, futures if interrupted else [])
+    results.sort(key=lambda r: r["pair_id"])
+    write_summary(results, out_dir)
+    if interrupted:
         finished = sum(r["status"] != "failed" for r in results)
         raise BatchInterrupted(
             f"interrupted: {finished} of {len(specs)} pairs complete, summary in {out_dir / 'summary.csv'}; "
             "re-run the same command to finish the rest"
-        ) from None
-    _shutdown(client, cluster, [])
-    results.sort(key=lambda r: r["pair_id"])
-    write_summary(results, out_dir)
+        )
     return results
 
 

@@ -29,6 +29,12 @@ def grid_corners_world(shape, affine: np.ndarray) -> np.ndarray:
     return (affine[:d, :d] @ idx + affine[:d, d : d + 1]).T
 
 
+def grid_world_box(shape, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """World bounding box (lo, hi), each (d,), of a grid's voxel centers."""
+    pts = grid_corners_world(shape, affine)
+    return pts.min(0), pts.max(0)
+
+
 @dataclass
 class NormalizedBox:
     """Isotropic affine map between world mm and the unit cube of the fields."""

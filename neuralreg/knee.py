@@ -357,10 +357,6 @@ def realistic_pair(fixed_path, moving_path, seed: int = 0, shape=OAI_SHAPE, pert
 
 def physical_bone_dice(moving_labels: Image, fixed_labels: Image) -> float:
     """Bone Dice after the identity map in world coordinates (moving resampled onto the fixed grid)."""
-    from .coordinates import apply_affine, grid_points
+    from .result import Registration
 
-    vox = apply_affine(
-        np.linalg.inv(moving_labels.affine) @ fixed_labels.affine, grid_points(fixed_labels.shape, dtype=torch.float64)
-    )
-    warped = moving_labels.sample(vox.float(), mode="nearest").reshape(fixed_labels.shape).round().long()
-    return dice(warped, fixed_labels.data, BONES)["mean"]
+    return bone_dice(Registration.identity_warp(moving_labels, fixed_labels), fixed_labels)

@@ -36,7 +36,7 @@ from .figures import registration_figure
 from .image import Image
 from .io import write_displacement_field, write_image, write_itk_affine
 from .metrics import dice, percent_folds
-from .quality import assess
+from .quality import assess, judge
 from .result import Registration
 
 OUTPUT_FILES = (
@@ -69,7 +69,7 @@ def evaluate(
     jac = reg.jacobian_determinant("forward")
     folds = percent_folds(jac.data)
     metrics = {
-        "quality": assess(reg, moving, fixed, percent_folds=folds).to_dict(),
+        "quality": _quality(reg, moving, fixed, folds).to_dict(),
         "percent_folds_forward": folds,
         "percent_folds_inverse": reg.percent_folds("inverse"),
         "inverse_consistency_error_mm": reg.inverse_consistency_error(),
@@ -84,6 +84,22 @@ def evaluate(
             metrics["dice_before"] = dice(ident.data, fixed_labels.data)
             metrics["dice_after"] = dice(warped_labels.data, fixed_labels.data)
     return {"metrics": metrics, "jacobian": jac, "warped_labels": warped_labels}
+
+
+def _quality(reg: Registration, moving: Image, fixed: Image, folds: float):
+    """The self-check with the folds: ``register_pair``'s measures re-judged when they are of
+    these images' grids, else measured anew (e.g. a ``Registration.load``-ed 0.1.0 file)."""
+    done = reg.info.get("quality")
+    same = (
+        done is not None
+        and tuple(fixed.shape) == reg.fixed_grid[0]
+        and np.array_equal(fixed.affine, reg.fixed_grid[1])
+        and tuple(moving.shape) == reg.moving_grid[0]
+        and np.array_equal(moving.affine, reg.moving_grid[1])
+    )
+    if same:
+        return judge({**done["measures"], "percent_folds": folds})
+    return assess(reg, moving, fixed, percent_folds=folds)
 
 
 def write_outputs(

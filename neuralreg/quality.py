@@ -32,7 +32,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 
-from .coordinates import apply_affine, grid_corners_world
+from .coordinates import apply_affine, grid_world_box
 from .image import Image
 from .similarity import lncc, ncc
 
@@ -58,11 +58,6 @@ class Quality:
     def summary(self) -> str:
         """One line for a terminal."""
         return f"{self.verdict}: " + "; ".join(self.reasons) if self.reasons else self.verdict
-
-
-def _world_box(shape, affine):
-    pts = grid_corners_world(shape, affine)
-    return pts.min(0), pts.max(0)
 
 
 def _lncc_points(shape, n_windows: int, k: int, window: float, seed: int) -> torch.Tensor:
@@ -106,8 +101,8 @@ def assess(
     ice = float(torch.linalg.norm(reg.map_points(forward, "inverse").double() - x, dim=1).mean())
     spacing = float(max(fixed.spacing.max(), moving.spacing.max()))
     ice_limit = max(2.0, 2.0 * spacing)
-    lo_f, hi_f = _world_box(fixed.shape, fixed.affine)
-    lo_m, hi_m = _world_box(moving.shape, moving.affine)
+    lo_f, hi_f = grid_world_box(fixed.shape, fixed.affine)
+    lo_m, hi_m = grid_world_box(moving.shape, moving.affine)
     overlap_world = bool(np.all(lo_f <= hi_m) and np.all(lo_m <= hi_f))
     centres_mm = float(np.linalg.norm((lo_f + hi_f) / 2 - (lo_m + hi_m) / 2))
     measures = {
@@ -125,11 +120,22 @@ def assess(
         "centre_distance_mm": centres_mm,
         "percent_folds": percent_folds,
     }
+    return judge(measures)
+
+
+def judge(measures: dict) -> Quality:
+    """The verdict from ``assess``'s measures (None standing for NaN), e.g. a stored
+    ``Registration.info["quality"]["measures"]`` with ``percent_folds`` filled in."""
+    m = {k: (math.nan if v is None else v) for k, v in measures.items()}
     failed, check = [], []
-    if overlap_final < MIN_OVERLAP:
-        failed.append(f"only {100 * overlap_final:.0f} % of the fixed image maps inside the moving image")
+    if m["overlap_final"] < MIN_OVERLAP:
+        failed.append(f"only {100 * m['overlap_final']:.0f} % of the fixed image maps inside the moving image")
+    ice, ice_limit = m["inverse_consistency_error_mm"], m["inverse_consistency_limit_mm"]
     if not ice <= ice_limit:
         failed.append(f"inverse-consistency error {ice:.1f} mm (limit {ice_limit:.1f} mm): the two maps disagree")
+    lncc_identity, lncc_affine, lncc_final, ncc_final = (
+        m[k] for k in ("lncc_identity", "lncc_affine", "lncc_final", "ncc_final")
+    )
     if lncc_final < lncc_affine - AFFINE_MARGIN:
         failed.append(
             f"the deformable fields lowered the similarity below the affine part's (local NCC {lncc_final:.3f} "
@@ -144,20 +150,20 @@ def assess(
         check.append(f"the registered images correlate only moderately (NCC {ncc_final:.3f} < {GOOD_NCC})")
     if lncc_affine < MIN_LNCC_AFFINE:
         failed.append(f"after the global (affine) alignment the images hardly correlate (local NCC {lncc_affine:.3f})")
-    if overlap_identity >= MIN_OVERLAP and lncc_final <= lncc_identity:
+    if m["overlap_identity"] >= MIN_OVERLAP and lncc_final <= lncc_identity:
         check.append(
             f"no better than the images' physical alignment (local NCC {lncc_final:.3f} vs {lncc_identity:.3f})"
         )
-    if not overlap_world:
+    if not m["world_boxes_overlap"]:
         check.append(
-            f"the images do not overlap in world space (centres {centres_mm:.0f} mm apart): their headers disagree; "
-            "aligned by the global search"
+            f"the images do not overlap in world space (centres {m['centre_distance_mm']:.0f} mm apart): their "
+            "headers disagree; aligned by the global search"
         )
-    if percent_folds is not None and percent_folds > MAX_FOLDS_PERCENT:
-        check.append(f"{percent_folds:.2f} % of the voxels fold (negative Jacobian determinant)")
+    if m["percent_folds"] > MAX_FOLDS_PERCENT:
+        check.append(f"{m['percent_folds']:.2f} % of the voxels fold (negative Jacobian determinant)")
     verdict = "failed" if failed else ("check" if check else "good")
-    measures = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in measures.items()}
-    return Quality(verdict, failed + check, measures)
+    stored = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in m.items()}
+    return Quality(verdict, failed + check, stored)
 
 
-__all__ = ["Quality", "assess"]
+__all__ = ["Quality", "assess", "judge"]

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .coordinates import apply_affine, grid_corners_world, grid_points
+from .coordinates import apply_affine, grid_points, grid_world_box
 from .image import Image
 
 
@@ -66,11 +66,6 @@ def rotation_matrix(angles_deg) -> np.ndarray:
         r[i, i], r[i, j], r[j, i], r[j, j] = c, -s, s, c
         out = r @ out
     return out
-
-
-def _world_box(image: Image):
-    pts = grid_corners_world(image.shape, image.affine)
-    return pts.min(0), pts.max(0)
 
 
 def _smoothed(image: Image, spacing_mm: float) -> Image:
@@ -158,16 +153,17 @@ def global_search(
         fixed -> moving); seeds refined to the same candidate count once.
     """
     d = fixed.n_dims
-    lo_f, hi_f = _world_box(fixed)
-    lo_m, hi_m = _world_box(moving)
+    lo_f, hi_f = grid_world_box(fixed.shape, fixed.affine)
+    lo_m, hi_m = grid_world_box(moving.shape, moving.affine)
     c_f, c_m = (lo_f + hi_f) / 2, (lo_m + hi_m) / 2
     extent = float(max((hi_f - lo_f).max(), (hi_m - lo_m).max()))
     steps = np.arange(-max_angle_deg, max_angle_deg + 1e-6, max(angle_step_deg, 1e-3)) if max_angle_deg > 0 else [0.0]
     grid = [tuple(a) for a in itertools.product(steps, repeat=1 if d == 2 else 3)]
-    coarse = _search_pass(moving, fixed, c_f, c_m, extent, resolution, grid, min_overlap, overlap_power)
+    coarse = _Pass(moving, fixed, c_f, c_m, extent, resolution, min_overlap, overlap_power)(grid)
     seeds = sorted(coarse, key=lambda r: -r[0])[: 2 * keep]
     half = angle_step_deg / 2 if max_angle_deg > 0 else 0.0
     ident = identity_score(moving, fixed, refine_resolution)
+    refine = _Pass(moving, fixed, c_f, c_m, extent, refine_resolution, min_overlap, overlap_power)
     out = []
     for seed in seeds:
         if len(out) == keep:
@@ -177,39 +173,44 @@ def global_search(
             for axis in range(len(seed[1]))
             for o in (-half, half)
         ]
-        fine = _search_pass(moving, fixed, c_f, c_m, extent, refine_resolution, local, min_overlap, overlap_power)
-        score, angles, matrix, overlap = max(fine, key=lambda r: r[0])
+        score, angles, matrix, overlap = max(refine(local), key=lambda r: r[0])
         if any(np.allclose(matrix, r.matrix, atol=1e-6) for r in out):
             continue  # two seeds refined to the same candidate: keep one
         out.append(SearchResult(matrix, score, ident, overlap, angles))
     return sorted(out, key=lambda r: -r.score)
 
 
-def _search_pass(moving, fixed, c_f, c_m, extent, resolution, rotations, min_overlap, overlap_power):
-    """[(score, angles, world matrix, overlap)] of the best shift for each rotation."""
-    d = fixed.n_dims
-    spacing = 2.0 * extent / resolution  # the grid spans twice the largest extent: no wrap-around
-    shape = (resolution,) * d
-    offsets = (grid_points(shape, dtype=torch.float64) - (resolution - 1) / 2) * spacing
-    fixed_s, moving_s = _smoothed(fixed, spacing), _smoothed(moving, spacing)
-    f, fm = _resample(fixed_s, offsets + torch.as_tensor(c_f), shape)
-    f = _normalize(f, fm)
-    ncc = _MaskedNCC(f, fm)
-    need = min_overlap * float(fm.sum())
-    out = []
-    for angles in rotations:
-        rot = rotation_matrix(angles)
-        pts = offsets @ torch.as_tensor(rot).T + torch.as_tensor(c_m)
-        m, mm = _resample(moving_s, pts, shape)
-        score, n = ncc(_normalize(m, mm), mm, need, overlap_power)
-        k = int(torch.argmax(score))
-        shift = _shift_vector(k, shape) * spacing  # moving grid offset: x_m = R (x - c_f + shift) + c_m
-        matrix = np.eye(d + 1)
-        matrix[:d, :d] = rot
-        matrix[:d, d] = c_m + rot @ (shift - c_f)
-        overlap = float(n.reshape(-1)[k]) / float(fm.sum())
-        out.append((float(score.reshape(-1)[k]), tuple(float(a) for a in angles), matrix, overlap))
-    return out
+class _Pass:
+    """One resolution of the search: the fixed side (resampled, its FFTs) prepared once,
+    then ``self(rotations)`` -> [(score, angles, world matrix, overlap)], the best shift of each."""
+
+    def __init__(self, moving, fixed, c_f, c_m, extent, resolution, min_overlap, overlap_power):
+        d = fixed.n_dims
+        self.d, self.c_f, self.c_m, self.overlap_power = d, c_f, c_m, overlap_power
+        self.spacing = 2.0 * extent / resolution  # the grid spans twice the largest extent: no wrap-around
+        self.shape = (resolution,) * d
+        self.offsets = (grid_points(self.shape, dtype=torch.float64) - (resolution - 1) / 2) * self.spacing
+        self.moving = _smoothed(moving, self.spacing)
+        f, fm = _resample(_smoothed(fixed, self.spacing), self.offsets + torch.as_tensor(c_f), self.shape)
+        self.ncc = _MaskedNCC(_normalize(f, fm), fm)
+        self.fixed_voxels = float(fm.sum())
+        self.need = min_overlap * self.fixed_voxels
+
+    def __call__(self, rotations) -> list:
+        d, out = self.d, []
+        for angles in rotations:
+            rot = rotation_matrix(angles)
+            pts = self.offsets @ torch.as_tensor(rot).T + torch.as_tensor(self.c_m)
+            m, mm = _resample(self.moving, pts, self.shape)
+            score, n = self.ncc(_normalize(m, mm), mm, self.need, self.overlap_power)
+            k = int(torch.argmax(score))
+            shift = _shift_vector(k, self.shape) * self.spacing  # x_m = R (x - c_f + shift) + c_m
+            matrix = np.eye(d + 1)
+            matrix[:d, :d] = rot
+            matrix[:d, d] = self.c_m + rot @ (shift - self.c_f)
+            overlap = float(n.reshape(-1)[k]) / self.fixed_voxels
+            out.append((float(score.reshape(-1)[k]), tuple(float(a) for a in angles), matrix, overlap))
+        return out
 
 
 def _normalize(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -224,7 +225,7 @@ def _normalize(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 def identity_score(moving: Image, fixed: Image, resolution: int = 48) -> float:
     """Masked NCC of the two images under the identity map (world coordinates), NaN without overlap."""
     d = fixed.n_dims
-    lo_f, hi_f = _world_box(fixed)
+    lo_f, hi_f = grid_world_box(fixed.shape, fixed.affine)
     extent = float((hi_f - lo_f).max())
     spacing = extent / resolution
     shape = tuple(max(2, math.ceil((h - l) / spacing) + 1) for l, h in zip(lo_f, hi_f, strict=True))
