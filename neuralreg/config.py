@@ -136,7 +136,11 @@ class RegistrationConfig:
         threads: CPU threads for torch (None: leave torch's default).
         progress: show a tqdm progress bar with the loss terms.
         max_recoveries: NaN/Inf losses recovered from (restore, halve learning rate)
-            before the run is declared diverged.
+            before the run is declared diverged; also the most rollbacks for a jump.
+        divergence_tolerance: a similarity term whose 5-step running mean rises this far
+            above its best within a pyramid stage (in units of 1 - NCC; for ``mse`` as a
+            fraction of its best) rolls both fields back to the last healthy snapshot at
+            half the learning rate (0: off).
     """
 
     field: FieldConfig = field(default_factory=FieldConfig)
@@ -168,6 +172,7 @@ class RegistrationConfig:
     threads: int | None = None
     progress: bool = True
     max_recoveries: int = 3
+    divergence_tolerance: float = 0.25
 
     def __post_init__(self):
         if isinstance(self.field, dict):
@@ -197,6 +202,8 @@ class RegistrationConfig:
             raise ValueError("steps, points and regularizer_points must be positive (points >= 8)")
         if not 0.0 <= self.edge_fraction <= 1.0:
             raise ValueError("edge_fraction must be in [0, 1]")
+        if not self.divergence_tolerance >= 0:
+            raise ValueError("divergence_tolerance must be >= 0")
         if self.regularizer_weight < 0 or self.learning_rate <= 0:
             raise ValueError("regularizer_weight must be >= 0 and learning_rate > 0")
 

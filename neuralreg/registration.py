@@ -36,6 +36,48 @@ def check_image(image: Image, name: str) -> None:
         raise InputError(f"{name} is constant: nothing to register")
 
 
+class _Watchdog:
+    """Catches a run that jumps away from a good state without producing NaN.
+
+    Within one pyramid stage it tracks the ``window``-step running mean of each similarity
+    term and its best (lowest) value; a term whose running mean rises more than
+    ``tolerance`` above its best has diverged (in units of 1 - NCC; for ``mse`` relative
+    to its best). Seen on real-geometry knee pairs: one field jumped within 3 steps of a
+    stage start to a 40 mm offset outside the other image, where the similarity has no
+    gradient and GradICON (blind to a constant shift of the composition) cannot pull it back.
+    """
+
+    def __init__(self, tolerance: float, relative: bool, window: int = 5):
+        self.tolerance, self.relative, self.window = tolerance, relative, window
+        self.reset()
+
+    def reset(self) -> None:
+        """Start a new stage (the similarity's scale changes with the resolution)."""
+        self.recent: list[tuple[float, ...]] = []
+        self.best: tuple[float, ...] | None = None
+
+    def _over(self, tolerance: float) -> bool:
+        running = [float(np.mean(v)) for v in zip(*self.recent, strict=True)]
+        limits = [b * (1 + tolerance) if self.relative else b + tolerance for b in self.best]
+        return any(r > lim for r, lim in zip(running, limits, strict=True))
+
+    def update(self, *terms: float) -> bool:
+        """Record one step's terms; True when a term has diverged (then the window restarts)."""
+        self.recent = (self.recent + [terms])[-self.window :]
+        if len(self.recent) < self.window or self.tolerance <= 0:
+            return False
+        running = tuple(float(np.mean(v)) for v in zip(*self.recent, strict=True))
+        self.best = running if self.best is None else tuple(map(min, self.best, running))
+        if self._over(self.tolerance):
+            self.recent = []
+            return True
+        return False
+
+    def healthy(self) -> bool:
+        """Whether the latest running means are within half the tolerance of the best (safe to snapshot)."""
+        return self.best is None or len(self.recent) < self.window or not self._over(self.tolerance / 2)
+
+
 class _Stage:
     """One pyramid level: down-sampled images, their voxel<->normalized maps and samplers."""
 
@@ -210,8 +252,9 @@ def register_pair(
 
     n_levels = cfg.field.encoding.n_levels
     steps = stage_steps(cfg)
-    recoveries = 0
+    recoveries = rollbacks = 0
     snapshot = None
+    watchdog = _Watchdog(cfg.divergence_tolerance, relative=cfg.similarity == "mse")
     bar = tqdm(total=cfg.steps, disable=not cfg.progress, desc="register", dynamic_ncols=True)
     step = 0
     for s, (factor, n_steps) in enumerate(zip(cfg.pyramid, steps, strict=False)):
@@ -219,9 +262,10 @@ def register_pair(
         active = math.ceil(n_levels * (s + 1) / len(cfg.pyramid))
         for f in (phi_ab, phi_ba):
             f.encoding.set_active_levels(active)
+        watchdog.reset()
         i = 0
         while i < n_steps:
-            if snapshot is None or step % 50 == 0:
+            if snapshot is None or (step % 50 == 0 and watchdog.healthy()):
                 snapshot = _snapshot(phi_ab, phi_ba, optimizer)
             if s == len(cfg.pyramid) - 1 and cfg.final_lr_fraction != 1.0:
                 frac = cfg.final_lr_fraction
@@ -258,6 +302,12 @@ def register_pair(
                 )
             }
             history.append({"step": step, "stage": s, "part": "fields", **terms})
+            if watchdog.update(terms["sim_ab"], terms["sim_ba"]) and rollbacks < cfg.max_recoveries:
+                rollbacks += 1  # back to the last healthy snapshot, at half the learning rate
+                _restore(snapshot, phi_ab, phi_ba, optimizer)
+                lr /= 2
+                for g in optimizer.param_groups:
+                    g["lr"] = lr
             bar.update(1)
             if step % 10 == 0:
                 bar.set_postfix(
@@ -273,6 +323,7 @@ def register_pair(
         "seconds": elapsed,
         "seconds_per_step": elapsed / max(cfg.steps, 1),
         "recoveries": recoveries,
+        "rollbacks": rollbacks,
         "final_learning_rate": lr,
         "backend": phi_ab.encoding.backend,
         "final": history[-1] if history else {},

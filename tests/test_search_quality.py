@@ -149,3 +149,48 @@ def test_realistic_pairs_keep_scanner_geometry(shared_data):
     background = [float(pair[k].data[pair[f"{k}_labels"].data == 0].mean()) for k in ("fixed", "moving")]
     assert abs(femur[0] - femur[1]) > 0.01 or abs(background[0] - background[1]) > 0.01
     assert set(torch.unique(ml.data).tolist()) >= {0, 1, 2, 3, 4}
+
+
+def test_watchdog_flags_a_jump_not_noise():
+    from neuralreg.registration import _Watchdog
+
+    rng = np.random.default_rng(0)
+    calm = _Watchdog(0.25, relative=False)
+    assert not any(calm.update(0.4 + 0.03 * rng.standard_normal(), 0.4) for _ in range(300))
+    jump = _Watchdog(0.25, relative=False)
+    series = [0.42] * 5 + [0.47, 0.73, 0.92, 0.99, 0.98, 0.96]  # the real knee pair's sim_ba
+    fired = [jump.update(0.4, v) for v in series]
+    assert fired.index(True) == 8 and jump.healthy()  # fired, then the window restarts
+    mse = _Watchdog(0.5, relative=True)  # relative to its best: 1e-3 -> 1.6e-3 is a jump, +0.2 of nothing
+    assert [mse.update(v) for v in [1e-3] * 5 + [1.6e-3] * 5].index(True) == 9
+
+
+def test_a_field_that_jumps_away_is_rolled_back(phantom):
+    """A constant 30 % shift of Phi_BA injected mid-run (GradICON cannot see it): rolled back, maps consistent."""
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+
+    def run(tolerance):
+        calls = {"n": 0}
+
+        def kick(optimizer, args, kwargs):
+            params = optimizer.param_groups[0]["params"]
+            if len(params) > 2:  # the fields' optimizer, not the affine one
+                calls["n"] += 1
+                if calls["n"] == 100:
+                    with torch.no_grad():
+                        params[-1].add_(0.3)  # last bias of Phi_BA: a constant displacement
+
+        handle = register_optimizer_step_post_hook(kick)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RegistrationWarning)
+                cfg = RegistrationConfig(**{**CONFIG, "divergence_tolerance": tolerance, "affine_init": "centroid"})
+                return register_pair(phantom["moving"], phantom["fixed"], cfg)
+        finally:
+            handle.remove()
+
+    guarded, unguarded = run(0.25), run(0.0)
+    assert guarded.info["rollbacks"] >= 1 and unguarded.info["rollbacks"] == 0
+    assert guarded.info["quality"]["verdict"] == "good"
+    assert unguarded.info["quality"]["verdict"] == "failed"  # the self-check sees what the watchdog prevents
+    assert guarded.inverse_consistency_error() < 2.0 < unguarded.inverse_consistency_error()
