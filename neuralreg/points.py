@@ -24,6 +24,8 @@ class VoxelSampler:
             ``weighted_fraction`` of each draw picks voxels with probability proportional
             to it (inside the mask), jittered within the voxel; the rest stays uniform.
         weighted_fraction: share of points drawn by ``weights`` (0: all uniform).
+        device: where points are drawn (``generator`` must live there too); the mask and
+            weights are moved there once.
     """
 
     def __init__(
@@ -33,12 +35,15 @@ class VoxelSampler:
         generator: torch.Generator | None = None,
         weights: torch.Tensor | None = None,
         weighted_fraction: float = 0.0,
+        device: torch.device | str = "cpu",
     ):
         self.shape = tuple(shape)
         self.generator = generator
-        self.upper = torch.tensor([n - 1 for n in self.shape], dtype=torch.float32)
+        self.device = torch.device(device)
+        self.upper = torch.tensor([n - 1 for n in self.shape], dtype=torch.float32, device=self.device)
         self.mask_voxels = None
         if mask is not None:
+            mask = mask.to(self.device)
             idx = torch.nonzero(mask.reshape(self.shape) > 0)
             if idx.shape[0] == 0:
                 raise ValueError("the mask is empty")
@@ -48,7 +53,7 @@ class VoxelSampler:
         self.weighted_fraction = weighted_fraction if weights is not None else 0.0
         self.cdf = None
         if self.weighted_fraction > 0:
-            w = weights.reshape(self.shape).double().clamp(min=0)
+            w = weights.to(self.device).reshape(self.shape).double().clamp(min=0)
             if mask is not None:
                 w = w * (mask.reshape(self.shape) > 0)
             if float(w.sum()) > 0:
@@ -59,18 +64,18 @@ class VoxelSampler:
     def _uniform(self, n: int) -> torch.Tensor:
         d = len(self.shape)
         if self.mask_voxels is None:
-            return torch.rand(n, d, generator=self.generator) * self.upper
-        pick = torch.randint(0, self.mask_voxels.shape[0], (n,), generator=self.generator)
+            return torch.rand(n, d, generator=self.generator, device=self.device) * self.upper
+        pick = torch.randint(0, self.mask_voxels.shape[0], (n,), generator=self.generator, device=self.device)
         return self._jittered(self.mask_voxels[pick])
 
     def _weighted(self, n: int) -> torch.Tensor:
-        u = torch.rand(n, dtype=torch.float64, generator=self.generator) * self.cdf[-1]
+        u = torch.rand(n, dtype=torch.float64, generator=self.generator, device=self.device) * self.cdf[-1]
         flat = torch.searchsorted(self.cdf, u, right=True).clamp(max=self.cdf.shape[0] - 1)
         return self._jittered(torch.stack(torch.unravel_index(flat, self.shape), dim=1).float())
 
     def _jittered(self, voxels: torch.Tensor) -> torch.Tensor:
         """Voxel centres (n, d) moved uniformly within their voxels, kept inside the grid."""
-        jitter = torch.rand(voxels.shape, generator=self.generator) - 0.5
+        jitter = torch.rand(voxels.shape, generator=self.generator, device=self.device) - 0.5
         return (voxels + jitter).clamp(min=0).minimum(self.upper)
 
     def sample(self, n: int, weighted: bool = True) -> torch.Tensor:
@@ -85,5 +90,6 @@ class VoxelSampler:
     def sample_windows(self, n_windows: int, points_per_window: int, window: float) -> torch.Tensor:
         """(n_windows * points_per_window, d) points, grouped by window (side ``window`` voxels)."""
         centers = self.sample(n_windows)
-        offsets = (torch.rand(n_windows, points_per_window, len(self.shape), generator=self.generator) - 0.5) * window
+        shape = (n_windows, points_per_window, len(self.shape))
+        offsets = (torch.rand(shape, generator=self.generator, device=self.device) - 0.5) * window
         return (centers[:, None, :] + offsets).reshape(-1, len(self.shape))

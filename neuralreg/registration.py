@@ -82,15 +82,16 @@ class _Stage:
     """One pyramid level: down-sampled images, their voxel<->normalized maps and samplers."""
 
     def __init__(self, moving, fixed, moving_mask, fixed_mask, factor, box, generator, device, edge_fraction=0.0):
-        self.moving = moving.downsample(factor).to(device)
-        self.fixed = fixed.downsample(factor).to(device)
+        self.moving = moving.to(device).downsample(factor)
+        self.fixed = fixed.to(device).downsample(factor)
         self.moving_sampler, self.fixed_sampler = (
             VoxelSampler(
                 img.shape,
-                _mask(mask, factor),
+                _mask(mask, factor, device),
                 generator,
-                weights=edge_weights(img.data.cpu()) if edge_fraction > 0 else None,
+                weights=edge_weights(img.data) if edge_fraction > 0 else None,
                 weighted_fraction=edge_fraction,
+                device=device,
             )
             for img, mask in ((self.moving, moving_mask), (self.fixed, fixed_mask))
         )
@@ -101,10 +102,10 @@ class _Stage:
         self.u_to_vox = {k: np.linalg.inv(v) for k, v in self.vox_to_u.items()}
 
 
-def _mask(mask: Image | None, factor: int):
+def _mask(mask: Image | None, factor: int, device):
     if mask is None:
         return None
-    return mask.with_data((mask.data > 0).float()).downsample(factor).data > 0.5
+    return mask.with_data((mask.data > 0).float()).to(device).downsample(factor).data > 0.5
 
 
 def _similarity_term(cfg, stage, mapping, source: str, target: str, device, fused_warp: bool, similarity=None):
@@ -227,7 +228,7 @@ def register_pair(
     t_start = time.perf_counter()
 
     torch.manual_seed(cfg.seed)
-    generator = torch.Generator().manual_seed(cfg.seed)
+    generator = torch.Generator(device=device).manual_seed(cfg.seed)  # points are drawn on the device
     phi_ab = NeuralField(d, cfg.field).to(device)
     phi_ba = NeuralField(d, cfg.field).to(device)
     for f in (phi_ab, phi_ba):
@@ -253,8 +254,10 @@ def register_pair(
     n_levels = cfg.field.encoding.n_levels
     steps = stage_steps(cfg)
     recoveries = rollbacks = 0
-    snapshot = None
     watchdog = _Watchdog(cfg.divergence_tolerance, relative=cfg.similarity == "mse")
+    check_every = cfg.check_every or (1 if device.type == "cpu" else 10)
+    snapshot, candidate = _snapshot(phi_ab, phi_ba, optimizer), None  # committed, and awaiting a healthy check
+    pending: list[tuple[int, int, torch.Tensor]] = []  # (step, stage, [loss, sim_ab, sim_ba, reg]) not yet read
     bar = tqdm(total=cfg.steps, disable=not cfg.progress, desc="register", dynamic_ncols=True)
     step = 0
     for s, (factor, n_steps) in enumerate(zip(cfg.pyramid, steps, strict=False)):
@@ -265,8 +268,8 @@ def register_pair(
         watchdog.reset()
         i = 0
         while i < n_steps:
-            if snapshot is None or (step % 50 == 0 and watchdog.healthy()):
-                snapshot = _snapshot(phi_ab, phi_ba, optimizer)
+            if step % 50 == 0 and candidate is None:
+                candidate = _snapshot(phi_ab, phi_ba, optimizer)
             if s == len(cfg.pyramid) - 1 and cfg.final_lr_fraction != 1.0:
                 frac = cfg.final_lr_fraction
                 scheduled = lr * (frac + (1 - frac) * 0.5 * (1 + math.cos(math.pi * i / max(n_steps, 1))))
@@ -277,7 +280,41 @@ def register_pair(
             sim_ba = _similarity_term(cfg, stage, map_ba, "fixed", "moving", device, fused_warp)
             reg = _regularizer_term(cfg, stage, map_ab, map_ba, box, device)
             loss = sim_ab + sim_ba + cfg.regularizer_weight * reg
-            if not bool(torch.isfinite(loss)):
+            terms = torch.stack([loss, sim_ab, sim_ba, reg.to(loss.dtype)]).detach()
+            if check_every == 1 and not bool(torch.isfinite(loss)):  # on the CPU: skip and retry this step
+                pending.append((step, s, terms))
+            else:
+                loss.backward()
+                optimizer.step()
+                pending.append((step, s, terms))
+                i += 1
+                step += 1
+                bar.update(1)
+            if len(pending) < check_every and i < n_steps:
+                continue
+            # one host synchronisation per check: the terms of the pending steps, in order
+            rows = torch.stack([t for _, _, t in pending]).tolist()
+            event = None
+            for (k, st, _), (v_loss, v_ab, v_ba, v_reg) in zip(pending, rows, strict=True):
+                if not math.isfinite(v_loss):
+                    event = "nan"
+                    break
+                history.append(
+                    {
+                        "step": k,
+                        "stage": st,
+                        "part": "fields",
+                        "loss": v_loss,
+                        "sim_ab": v_ab,
+                        "sim_ba": v_ba,
+                        "reg": v_reg,
+                    }
+                )
+                if watchdog.update(v_ab, v_ba) and rollbacks < cfg.max_recoveries:
+                    event = "jump"
+                    break
+            pending = []
+            if event == "nan":
                 recoveries += 1
                 if recoveries > cfg.max_recoveries:
                     bar.close()
@@ -285,38 +322,20 @@ def register_pair(
                         f"loss became non-finite at step {step} after {cfg.max_recoveries} recoveries; "
                         "lower the learning rate or raise the regularizer weight"
                     )
+            elif event == "jump":
+                rollbacks += 1
+            if event is not None:  # back to the last healthy snapshot, at half the learning rate
                 _restore(snapshot, phi_ab, phi_ba, optimizer)
+                candidate = None
                 lr /= 2
                 for g in optimizer.param_groups:
                     g["lr"] = lr
                 continue
-            loss.backward()
-            optimizer.step()
-            terms = {
-                k: float(v.detach())
-                for k, v in (
-                    ("loss", loss),
-                    ("sim_ab", sim_ab),
-                    ("sim_ba", sim_ba),
-                    ("reg", reg),
-                )
-            }
-            history.append({"step": step, "stage": s, "part": "fields", **terms})
-            if watchdog.update(terms["sim_ab"], terms["sim_ba"]) and rollbacks < cfg.max_recoveries:
-                rollbacks += 1  # back to the last healthy snapshot, at half the learning rate
-                _restore(snapshot, phi_ab, phi_ba, optimizer)
-                lr /= 2
-                for g in optimizer.param_groups:
-                    g["lr"] = lr
-            bar.update(1)
-            if step % 10 == 0:
-                bar.set_postfix(
-                    stage=s,
-                    sim=f"{terms['sim_ab']:.4f}/{terms['sim_ba']:.4f}",
-                    reg=f"{terms['reg']:.2e}",
-                )
-            i += 1
-            step += 1
+            if candidate is not None and watchdog.healthy():
+                snapshot, candidate = candidate, None
+            if history and cfg.progress and history[-1]["step"] // 10 != (history[-1]["step"] - len(rows)) // 10:
+                last = history[-1]
+                bar.set_postfix(stage=s, sim=f"{last['sim_ab']:.4f}/{last['sim_ba']:.4f}", reg=f"{last['reg']:.2e}")
     bar.close()
     elapsed = time.perf_counter() - t_start
     info = {
@@ -406,7 +425,7 @@ def _choose_start(cfg, moving, fixed, moving_mask, fixed_mask, device, fused_war
         m, mm = _prealigned(moving, cand.matrix), _prealigned(moving_mask, cand.matrix)
         box = NormalizedBox.around([(m.shape, m.affine), (fixed.shape, fixed.affine)], cfg.margin)
         affine = AffineMap(fixed.n_dims).to(device)
-        gen = torch.Generator().manual_seed(cfg.seed)
+        gen = torch.Generator(device=device).manual_seed(cfg.seed)
         level = cfg.affine_pyramid[:1]
         _fit_affine(short, affine, m, fixed, mm, fixed_mask, box, gen, device, fused_warp, [], steps, level, False)
         losses.append(_affine_loss(cfg, affine, m, fixed, mm, fixed_mask, box, device))
@@ -430,7 +449,7 @@ def _search_facts(best, scores, losses, k) -> dict:
 @torch.no_grad()
 def _affine_loss(cfg, affine, moving, fixed, moving_mask, fixed_mask, box, device, draws: int = 4) -> float:
     """Symmetric affine similarity at the coarsest affine level, on points of a fixed seed."""
-    gen = torch.Generator().manual_seed(cfg.seed + 7919)
+    gen = torch.Generator(device=device).manual_seed(cfg.seed + 7919)
     stage = _Stage(moving, fixed, moving_mask, fixed_mask, cfg.affine_pyramid[0], box, gen, device, cfg.edge_fraction)
     total = 0.0
     for _ in range(draws):
