@@ -15,8 +15,10 @@ setup(
     long_description=Path(__file__).with_name("README.md").read_text(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["neuralreg", "neuralreg.*"]),
-    package_data={"neuralreg": ["csrc/*"]},
+    # cuda_kernels/ (the kernel sources, compiled on first use) ships as neuralreg._kernels
+    packages=find_packages(include=["neuralreg", "neuralreg.*"]) + ["neuralreg._kernels"],
+    package_dir={"neuralreg._kernels": "cuda_kernels"},
+    package_data={"neuralreg._kernels": ["*.h", "*.cpp", "*.cu", "*.sh"]},
     install_requires=[
         "torch>=2.1",
         "numpy>=1.24",

@@ -1,8 +1,9 @@
-// CUDA hash-grid encoding: forward, backward (inputs; tables by atomicAdd) and the
-// double-backward terms needed by the autograd GradICON penalty. Same per-point math as
-// the CPU twin (pointmath.h). Torch-free: the torch binding lives in native_cuda.cpp.
-#include <cuda_runtime.h>
-
+// CUDA hash-grid encoding: forward, backward (inputs; tables by atomicAdd), the
+// double-backward terms needed by the autograd GradICON penalty, and the encoding with its
+// spatial Jacobian (forward and backward) for the analytic one. Same per-point math as the
+// CPU twin (pointmath.h). Torch-free: the torch binding lives in native_cuda.cpp. Compiles
+// with nvcc, or as host C++ with NR_EMULATE_CUDA (cuda_compat.h).
+#include "cuda_compat.h"
 #include "layout.h"
 #include "pointmath.h"
 
@@ -112,61 +113,146 @@ __global__ void double_backward_kernel(const T* __restrict__ ggx, const T* __res
     for (int j = 0; j < D; ++j) atomicAdd(g_x + p * D + j, accx[j]);
 }
 
-inline unsigned blocks_for(int64_t work, int threads) { return (unsigned)((work + threads - 1) / threads); }
+// One thread per (point, level): y and dy/dx rows of this level, no atomics.
+template <int D, typename T>
+__global__ void forward_jacobian_kernel(const T* __restrict__ x, const T* __restrict__ table, T* __restrict__ y,
+                                        T* __restrict__ jac, int64_t n, int F, nr::LevelLayout lay, bool smooth) {
+  int64_t t, p;
+  int l;
+  if (!point_level(n, lay.n_levels, t, p, l)) return;
+  auto cell = cell_at<D, T>(x + p * D, lay, l, smooth);
+  T* out = y + t * F;
+  T* jout = jac + t * F * D;
+  for (int f = 0; f < F; ++f) out[f] = T(0);
+  for (int k = 0; k < F * D; ++k) jout[k] = T(0);
+  for (int c = 0; c < (1 << D); ++c) {
+    T w = cell.weight(c);
+    T dw[D];
+    for (int i = 0; i < D; ++i) dw[i] = cell.dweight(c, i);
+    const T* row = table + (int64_t)cell.rows[c] * F;
+    for (int f = 0; f < F; ++f) {
+      out[f] += w * row[f];
+      for (int i = 0; i < D; ++i) jout[f * D + i] += dw[i] * row[f];
+    }
+  }
+}
+
+// Backward of (y, jac) against (gy, gjac), one thread per (point, level):
+//   g_T[row,f] += w_c gy[p,l,f] + sum_i dw_c/dx_i gjac[p,l,f,i]          (atomics)
+//   g_x[p,j]   += sum_{c,f} T[row,f] (gy dw_c/dx_j + sum_i gjac_i d2w_c/dx_i dx_j)   (atomics over levels)
+template <int D, typename T>
+__global__ void jacobian_backward_kernel(const T* __restrict__ gy, const T* __restrict__ gjac,
+                                         const T* __restrict__ x, const T* __restrict__ table, T* __restrict__ g_x,
+                                         T* __restrict__ g_T, int64_t n, int F, nr::LevelLayout lay, bool smooth) {
+  int64_t t, p;
+  int l;
+  if (!point_level(n, lay.n_levels, t, p, l)) return;
+  auto cell = cell_at<D, T>(x + p * D, lay, l, smooth);
+  const T* g = gy + t * F;
+  const T* gj = gjac + t * F * D;
+  T acc[D] = {};
+  for (int c = 0; c < (1 << D); ++c) {
+    T w = cell.weight(c);
+    T dw[D];
+    for (int i = 0; i < D; ++i) dw[i] = cell.dweight(c, i);
+    const T* row = table + (int64_t)cell.rows[c] * F;
+    for (int f = 0; f < F; ++f) {
+      if (g_T) {
+        T a = w * g[f];
+        for (int i = 0; i < D; ++i) a += dw[i] * gj[f * D + i];
+        atomicAdd(g_T + (int64_t)cell.rows[c] * F + f, a);
+      }
+      if (g_x) {
+        for (int j = 0; j < D; ++j) {
+          T a = g[f] * dw[j];
+          for (int i = 0; i < D; ++i) a += gj[f * D + i] * cell.d2weight(c, i, j);
+          acc[j] += row[f] * a;
+        }
+      }
+    }
+  }
+  if (g_x)
+    for (int j = 0; j < D; ++j) atomicAdd(g_x + p * D + j, acc[j]);
+}
+
+constexpr int kThreads = 128;
+
+inline unsigned blocks_for(int64_t work) { return (unsigned)((work + kThreads - 1) / kThreads); }
+
+enum Op { kForward, kBackward, kDoubleBackward, kForwardJacobian, kJacobianBackward };
+
+// Every kernel over the (point, level) grid. Buffer roles per op (unused ones null):
+//   forward:          x, table -> out0 = y
+//   backward:         gy, x, table -> out0 = gx, out1 = gT
+//   double backward:  ggx, ggT, gy, x, table -> out0 = g_gy, out1 = g_x, out2 = g_T
+//   forward jacobian: x, table -> out0 = y, out1 = jac
+//   jacobian backward: gy, in1 = gjac, x, table -> out0 = g_x, out1 = g_T
+template <typename T, int D>
+void launch_dim(Op op, const T* in0, const T* in1, const T* gy, const T* x, const T* table, T* out0, T* out1, T* out2,
+                int64_t n, int F, const nr::LevelLayout& lay, bool smooth, cudaStream_t stream) {
+  const unsigned blocks = blocks_for(n * lay.n_levels);
+  switch (op) {
+    case kForward:
+      NR_LAUNCH((forward_kernel<D, T>), blocks, kThreads, stream, x, table, out0, n, F, lay, smooth);
+      break;
+    case kBackward:
+      NR_LAUNCH((backward_kernel<D, T>), blocks, kThreads, stream, gy, x, table, out0, out1, n, F, lay, smooth);
+      break;
+    case kDoubleBackward:
+      NR_LAUNCH((double_backward_kernel<D, T>), blocks, kThreads, stream, in0, in1, gy, x, table, out0, out1, out2, n,
+                F, lay, smooth);
+      break;
+    case kForwardJacobian:
+      NR_LAUNCH((forward_jacobian_kernel<D, T>), blocks, kThreads, stream, x, table, out0, out1, n, F, lay, smooth);
+      break;
+    case kJacobianBackward:
+      NR_LAUNCH((jacobian_backward_kernel<D, T>), blocks, kThreads, stream, gy, in1, x, table, out0, out1, n, F, lay,
+                smooth);
+      break;
+  }
+}
 
 template <typename T>
-int launch(int d, int which, const T* ggx, const T* ggT, const T* gy, const T* x, const T* table, T* y_or_gx,
-           T* gT_or_gx, T* g_T, int64_t n, int F, const nr::LevelLayout& lay, bool smooth, cudaStream_t stream) {
-  const int threads = 128;
-  unsigned blocks = blocks_for(n * lay.n_levels, threads);
-  if (blocks == 0) return 0;
-#define NR_LAUNCH(D)                                                                                            \
-  if (which == 0)                                                                                               \
-    forward_kernel<D, T><<<blocks, threads, 0, stream>>>(x, table, y_or_gx, n, F, lay, smooth);                 \
-  else if (which == 1)                                                                                          \
-    backward_kernel<D, T><<<blocks, threads, 0, stream>>>(gy, x, table, y_or_gx, gT_or_gx, n, F, lay, smooth);  \
-  else                                                                                                          \
-    double_backward_kernel<D, T><<<blocks, threads, 0, stream>>>(ggx, ggT, gy, x, table, y_or_gx, gT_or_gx, g_T, \
-                                                                 n, F, lay, smooth);
-  if (d == 2) {
-    NR_LAUNCH(2)
-  } else if (d == 3) {
-    NR_LAUNCH(3)
-  } else {
+int launch(int d, Op op, const T* in0, const T* in1, const T* gy, const T* x, const T* table, T* out0, T* out1,
+           T* out2, int64_t n, int F, const nr::LevelLayout& lay, bool smooth, cudaStream_t stream) {
+  if (n * lay.n_levels == 0) return 0;
+  if (d == 2)
+    launch_dim<T, 2>(op, in0, in1, gy, x, table, out0, out1, out2, n, F, lay, smooth, stream);
+  else if (d == 3)
+    launch_dim<T, 3>(op, in0, in1, gy, x, table, out0, out1, out2, n, F, lay, smooth, stream);
+  else
     return -1;
-  }
-#undef NR_LAUNCH
   return (int)cudaGetLastError();
 }
 
 }  // namespace
 
 // C launchers. Output buffers of the backward passes (gx, gT, g_x, g_T) must be zeroed.
+#define NR_HASHGRID_LAUNCHERS(T, SUFFIX)                                                                               \
+  int nr_hashgrid_forward_##SUFFIX(int d, const T* x, const T* table, T* y, int64_t n, int F,                          \
+                                   const nr::LevelLayout* lay, bool smooth, cudaStream_t s) {                          \
+    return launch<T>(d, kForward, nullptr, nullptr, nullptr, x, table, y, nullptr, nullptr, n, F, *lay, smooth, s);     \
+  }                                                                                                                    \
+  int nr_hashgrid_backward_##SUFFIX(int d, const T* gy, const T* x, const T* table, T* gx, T* gT, int64_t n, int F,   \
+                                    const nr::LevelLayout* lay, bool smooth, cudaStream_t s) {                         \
+    return launch<T>(d, kBackward, nullptr, nullptr, gy, x, table, gx, gT, nullptr, n, F, *lay, smooth, s);             \
+  }                                                                                                                    \
+  int nr_hashgrid_double_backward_##SUFFIX(int d, const T* ggx, const T* ggT, const T* gy, const T* x, const T* table, \
+                                           T* g_gy, T* g_x, T* g_T, int64_t n, int F, const nr::LevelLayout* lay,      \
+                                           bool smooth, cudaStream_t s) {                                              \
+    return launch<T>(d, kDoubleBackward, ggx, ggT, gy, x, table, g_gy, g_x, g_T, n, F, *lay, smooth, s);               \
+  }                                                                                                                    \
+  int nr_hashgrid_forward_jacobian_##SUFFIX(int d, const T* x, const T* table, T* y, T* jac, int64_t n, int F,         \
+                                            const nr::LevelLayout* lay, bool smooth, cudaStream_t s) {                 \
+    return launch<T>(d, kForwardJacobian, nullptr, nullptr, nullptr, x, table, y, jac, nullptr, n, F, *lay, smooth, s); \
+  }                                                                                                                    \
+  int nr_hashgrid_jacobian_backward_##SUFFIX(int d, const T* gy, const T* gjac, const T* x, const T* table, T* g_x,    \
+                                             T* g_T, int64_t n, int F, const nr::LevelLayout* lay, bool smooth,        \
+                                             cudaStream_t s) {                                                         \
+    return launch<T>(d, kJacobianBackward, nullptr, gjac, gy, x, table, g_x, g_T, nullptr, n, F, *lay, smooth, s);     \
+  }
+
 extern "C" {
-int nr_hashgrid_forward_f32(int d, const float* x, const float* table, float* y, int64_t n, int F,
-                            const nr::LevelLayout* lay, bool smooth, cudaStream_t s) {
-  return launch<float>(d, 0, nullptr, nullptr, nullptr, x, table, y, nullptr, nullptr, n, F, *lay, smooth, s);
-}
-int nr_hashgrid_forward_f64(int d, const double* x, const double* table, double* y, int64_t n, int F,
-                            const nr::LevelLayout* lay, bool smooth, cudaStream_t s) {
-  return launch<double>(d, 0, nullptr, nullptr, nullptr, x, table, y, nullptr, nullptr, n, F, *lay, smooth, s);
-}
-int nr_hashgrid_backward_f32(int d, const float* gy, const float* x, const float* table, float* gx, float* gT,
-                             int64_t n, int F, const nr::LevelLayout* lay, bool smooth, cudaStream_t s) {
-  return launch<float>(d, 1, nullptr, nullptr, gy, x, table, gx, gT, nullptr, n, F, *lay, smooth, s);
-}
-int nr_hashgrid_backward_f64(int d, const double* gy, const double* x, const double* table, double* gx, double* gT,
-                             int64_t n, int F, const nr::LevelLayout* lay, bool smooth, cudaStream_t s) {
-  return launch<double>(d, 1, nullptr, nullptr, gy, x, table, gx, gT, nullptr, n, F, *lay, smooth, s);
-}
-int nr_hashgrid_double_backward_f32(int d, const float* ggx, const float* ggT, const float* gy, const float* x,
-                                    const float* table, float* g_gy, float* g_x, float* g_T, int64_t n, int F,
-                                    const nr::LevelLayout* lay, bool smooth, cudaStream_t s) {
-  return launch<float>(d, 2, ggx, ggT, gy, x, table, g_gy, g_x, g_T, n, F, *lay, smooth, s);
-}
-int nr_hashgrid_double_backward_f64(int d, const double* ggx, const double* ggT, const double* gy, const double* x,
-                                    const double* table, double* g_gy, double* g_x, double* g_T, int64_t n, int F,
-                                    const nr::LevelLayout* lay, bool smooth, cudaStream_t s) {
-  return launch<double>(d, 2, ggx, ggT, gy, x, table, g_gy, g_x, g_T, n, F, *lay, smooth, s);
-}
+NR_HASHGRID_LAUNCHERS(float, f32)
+NR_HASHGRID_LAUNCHERS(double, f64)
 }

@@ -1,5 +1,6 @@
-// CPU twins of the CUDA kernels (hash grid forward / backward / double backward, fused
-// warp), parallel with at::parallel_for, and their torch bindings.
+// CPU twins of the CUDA kernels (hash grid forward / backward / double backward, encoding
+// with Jacobian and its backward, fused warp), parallel with at::parallel_for, and their
+// torch bindings: the ops of ops.h.
 // Table gradients are race-free: levels own disjoint table rows, so they are split
 // between threads by level.
 #include <torch/extension.h>
@@ -7,6 +8,7 @@
 
 #include <vector>
 
+#include "ops.h"
 #include "pointmath.h"
 
 namespace {
@@ -398,11 +400,6 @@ std::vector<torch::Tensor> warp_forward(torch::Tensor image, torch::Tensor point
 int num_threads() { return at::get_num_threads(); }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("hashgrid_forward", &hashgrid_forward);
-  m.def("hashgrid_backward", &hashgrid_backward);
-  m.def("hashgrid_double_backward", &hashgrid_double_backward);
-  m.def("hashgrid_forward_jacobian", &hashgrid_forward_jacobian);
-  m.def("hashgrid_jacobian_backward", &hashgrid_jacobian_backward);
-  m.def("warp_forward", &warp_forward);
+  NR_OPS(NR_BIND_OP)
   m.def("num_threads", &num_threads);
 }

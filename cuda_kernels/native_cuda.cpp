@@ -1,11 +1,23 @@
-// Torch binding of the CUDA kernels (hashgrid.cu, warp.cu). Built on first use by
-// neuralreg/native.py when torch has CUDA and nvcc exists; mirrors native_cpu.cpp.
+// Torch binding of the CUDA kernels (hashgrid.cu, warp.cu): the ops of ops.h, as
+// native_cpu.cpp. Built on first use by neuralreg/native.py when torch has CUDA and nvcc
+// exists; native_emulated.cpp compiles this file and the kernels as host C++ (CPU tensors,
+// NR_EMULATE_CUDA), which is how CI runs the CUDA kernels without a GPU.
 #include <torch/extension.h>
-#include <ATen/cuda/CUDAContext.h>
 
 #include <vector>
 
+#include "cuda_compat.h"
 #include "layout.h"
+#include "ops.h"
+
+#if defined(NR_EMULATE_CUDA)
+#define NR_STREAM nullptr
+#define NR_ON_DEVICE(t) (t).device().is_cpu()
+#else
+#include <ATen/cuda/CUDAContext.h>
+#define NR_STREAM NR_STREAM
+#define NR_ON_DEVICE(t) (t).is_cuda()
+#endif
 
 extern "C" {
 int nr_hashgrid_forward_f32(int, const float*, const float*, float*, int64_t, int, const nr::LevelLayout*, bool,
@@ -21,6 +33,14 @@ int nr_hashgrid_double_backward_f32(int, const float*, const float*, const float
 int nr_hashgrid_double_backward_f64(int, const double*, const double*, const double*, const double*, const double*,
                                     double*, double*, double*, int64_t, int, const nr::LevelLayout*, bool,
                                     cudaStream_t);
+int nr_hashgrid_forward_jacobian_f32(int, const float*, const float*, float*, float*, int64_t, int,
+                                     const nr::LevelLayout*, bool, cudaStream_t);
+int nr_hashgrid_forward_jacobian_f64(int, const double*, const double*, double*, double*, int64_t, int,
+                                     const nr::LevelLayout*, bool, cudaStream_t);
+int nr_hashgrid_jacobian_backward_f32(int, const float*, const float*, const float*, const float*, float*, float*,
+                                      int64_t, int, const nr::LevelLayout*, bool, cudaStream_t);
+int nr_hashgrid_jacobian_backward_f64(int, const double*, const double*, const double*, const double*, double*,
+                                      double*, int64_t, int, const nr::LevelLayout*, bool, cudaStream_t);
 int nr_warp_f32(int, const float*, const int64_t*, const float*, float*, float*, int64_t, cudaStream_t);
 int nr_warp_f64(int, const double*, const int64_t*, const double*, double*, double*, int64_t, cudaStream_t);
 }
@@ -44,7 +64,12 @@ nr::LevelLayout make_layout(const std::vector<double>& scales, const std::vector
 }
 
 void check(const torch::Tensor& t, const char* name) {
-  TORCH_CHECK(t.is_cuda() && t.is_contiguous(), name, " must be a contiguous CUDA tensor");
+  TORCH_CHECK(NR_ON_DEVICE(t) && t.is_contiguous(), name, " must be a contiguous tensor on the kernels' device");
+}
+
+template <typename T>
+T* ptr_if(bool need, torch::Tensor& t) {
+  return need ? t.data_ptr<T>() : nullptr;
 }
 
 template <typename T>
@@ -65,7 +90,7 @@ torch::Tensor hashgrid_forward(torch::Tensor x, torch::Tensor table, std::vector
   const int64_t n = x.size(0);
   const int F = (int)table.size(1), d = (int)x.size(1);
   auto y = torch::empty({n, lay.n_levels * F}, x.options());
-  auto stream = at::cuda::getCurrentCUDAStream();
+  auto stream = NR_STREAM;
   if (x.scalar_type() == torch::kFloat64)
     check_status(nr_hashgrid_forward_f64(d, x.data_ptr<double>(), table.data_ptr<double>(), y.data_ptr<double>(), n,
                                          F, &lay, smooth, stream));
@@ -81,12 +106,14 @@ std::vector<torch::Tensor> hashgrid_backward(torch::Tensor gy, torch::Tensor x, 
                                              std::vector<bool> hashed, bool smooth, bool need_x, bool need_table) {
   gy = gy.contiguous();
   check(gy, "gy");
+  check(x, "x");
+  check(table, "table");
   auto lay = make_layout(scales, resolutions, sizes, offsets, hashed);
   const int64_t n = x.size(0);
   const int F = (int)table.size(1), d = (int)x.size(1);
   auto gx = torch::zeros_like(x);
   auto gT = torch::zeros_like(table);
-  auto stream = at::cuda::getCurrentCUDAStream();
+  auto stream = NR_STREAM;
   if (x.scalar_type() == torch::kFloat64)
     check_status(nr_hashgrid_backward_f64(d, gy.data_ptr<double>(), x.data_ptr<double>(), table.data_ptr<double>(),
                                           need_x ? gx.data_ptr<double>() : nullptr,
@@ -107,13 +134,16 @@ std::vector<torch::Tensor> hashgrid_double_backward(c10::optional<torch::Tensor>
   gy = gy.contiguous();
   if (ggx.has_value() && ggx->defined()) ggx = ggx->contiguous();
   if (ggT.has_value() && ggT->defined()) ggT = ggT->contiguous();
+  check(gy, "gy");
+  check(x, "x");
+  check(table, "table");
   auto lay = make_layout(scales, resolutions, sizes, offsets, hashed);
   const int64_t n = x.size(0);
   const int F = (int)table.size(1), d = (int)x.size(1);
   auto g_gy = torch::zeros_like(gy);
   auto g_x = torch::zeros_like(x);
   auto g_T = torch::zeros_like(table);
-  auto stream = at::cuda::getCurrentCUDAStream();
+  auto stream = NR_STREAM;
   if (x.scalar_type() == torch::kFloat64)
     check_status(nr_hashgrid_double_backward_f64(
         d, opt_ptr<double>(ggx), opt_ptr<double>(ggT), gy.data_ptr<double>(), x.data_ptr<double>(),
@@ -128,6 +158,58 @@ std::vector<torch::Tensor> hashgrid_double_backward(c10::optional<torch::Tensor>
   return {g_gy, g_x, g_T};
 }
 
+std::vector<torch::Tensor> hashgrid_forward_jacobian(torch::Tensor x, torch::Tensor table, std::vector<double> scales,
+                                                     std::vector<int64_t> resolutions, std::vector<int64_t> sizes,
+                                                     std::vector<int64_t> offsets, std::vector<bool> hashed,
+                                                     bool smooth) {
+  check(x, "x");
+  check(table, "table");
+  auto lay = make_layout(scales, resolutions, sizes, offsets, hashed);
+  const int64_t n = x.size(0);
+  const int F = (int)table.size(1), d = (int)x.size(1);
+  auto y = torch::empty({n, lay.n_levels * F}, x.options());
+  auto jac = torch::empty({n, lay.n_levels * F, d}, x.options());
+  auto stream = NR_STREAM;
+  if (x.scalar_type() == torch::kFloat64)
+    check_status(nr_hashgrid_forward_jacobian_f64(d, x.data_ptr<double>(), table.data_ptr<double>(),
+                                                  y.data_ptr<double>(), jac.data_ptr<double>(), n, F, &lay, smooth,
+                                                  stream));
+  else
+    check_status(nr_hashgrid_forward_jacobian_f32(d, x.data_ptr<float>(), table.data_ptr<float>(), y.data_ptr<float>(),
+                                                  jac.data_ptr<float>(), n, F, &lay, smooth, stream));
+  return {y, jac};
+}
+
+std::vector<torch::Tensor> hashgrid_jacobian_backward(torch::Tensor gy, torch::Tensor gjac, torch::Tensor x,
+                                                      torch::Tensor table, std::vector<double> scales,
+                                                      std::vector<int64_t> resolutions, std::vector<int64_t> sizes,
+                                                      std::vector<int64_t> offsets, std::vector<bool> hashed,
+                                                      bool smooth, bool need_x, bool need_table) {
+  gy = gy.contiguous();
+  gjac = gjac.contiguous();
+  check(gy, "gy");
+  check(gjac, "gjac");
+  check(x, "x");
+  check(table, "table");
+  auto lay = make_layout(scales, resolutions, sizes, offsets, hashed);
+  const int64_t n = x.size(0);
+  const int F = (int)table.size(1), d = (int)x.size(1);
+  auto g_x = need_x ? torch::zeros_like(x) : torch::Tensor();
+  auto g_T = need_table ? torch::zeros_like(table) : torch::Tensor();
+  auto stream = NR_STREAM;
+  if (x.scalar_type() == torch::kFloat64)
+    check_status(nr_hashgrid_jacobian_backward_f64(d, gy.data_ptr<double>(), gjac.data_ptr<double>(),
+                                                   x.data_ptr<double>(), table.data_ptr<double>(),
+                                                   ptr_if<double>(need_x, g_x), ptr_if<double>(need_table, g_T), n, F,
+                                                   &lay, smooth, stream));
+  else
+    check_status(nr_hashgrid_jacobian_backward_f32(d, gy.data_ptr<float>(), gjac.data_ptr<float>(),
+                                                   x.data_ptr<float>(), table.data_ptr<float>(),
+                                                   ptr_if<float>(need_x, g_x), ptr_if<float>(need_table, g_T), n, F,
+                                                   &lay, smooth, stream));
+  return {g_x, g_T};
+}
+
 std::vector<torch::Tensor> warp_forward(torch::Tensor image, torch::Tensor points) {
   image = image.contiguous();
   points = points.contiguous();
@@ -139,7 +221,7 @@ std::vector<torch::Tensor> warp_forward(torch::Tensor image, torch::Tensor point
   int64_t shape[3] = {image.size(0), image.size(1), d == 3 ? image.size(2) : 1};
   auto values = torch::empty({n}, points.options());
   auto grads = torch::empty({n, d}, points.options());
-  auto stream = at::cuda::getCurrentCUDAStream();
+  auto stream = NR_STREAM;
   if (points.scalar_type() == torch::kFloat64)
     check_status(nr_warp_f64(d, image.data_ptr<double>(), shape, points.data_ptr<double>(), values.data_ptr<double>(),
                              grads.data_ptr<double>(), n, stream));
@@ -149,9 +231,4 @@ std::vector<torch::Tensor> warp_forward(torch::Tensor image, torch::Tensor point
   return {values, grads};
 }
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("hashgrid_forward", &hashgrid_forward);
-  m.def("hashgrid_backward", &hashgrid_backward);
-  m.def("hashgrid_double_backward", &hashgrid_double_backward);
-  m.def("warp_forward", &warp_forward);
-}
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { NR_OPS(NR_BIND_OP) }

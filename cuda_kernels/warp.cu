@@ -1,7 +1,7 @@
 // CUDA fused warp: value and spatial gradient of a volume at voxel-index points, in one
-// pass (pointmath.h's sample_with_gradient, the same function as the CPU twin).
-#include <cuda_runtime.h>
-
+// pass (pointmath.h's sample_with_gradient, the same function as the CPU twin). Compiles
+// with nvcc, or as host C++ with NR_EMULATE_CUDA (cuda_compat.h).
+#include "cuda_compat.h"
 #include "pointmath.h"
 
 namespace {
@@ -19,16 +19,16 @@ __global__ void warp_kernel(const T* __restrict__ image, Shape shape, const T* _
 }
 
 template <typename T>
-int launch(int d, const T* image, const int64_t* shape, const T* points, T* values, T* grads, int64_t n,
+int launch_warp(int d, const T* image, const int64_t* shape, const T* points, T* values, T* grads, int64_t n,
            cudaStream_t stream) {
   Shape s{{shape[0], shape[1], d == 3 ? shape[2] : 1}};
   const int threads = 256;
   unsigned blocks = (unsigned)((n + threads - 1) / threads);
   if (blocks == 0) return 0;
   if (d == 2)
-    warp_kernel<2, T><<<blocks, threads, 0, stream>>>(image, s, points, values, grads, n);
+    NR_LAUNCH((warp_kernel<2, T>), blocks, threads, stream, image, s, points, values, grads, n);
   else if (d == 3)
-    warp_kernel<3, T><<<blocks, threads, 0, stream>>>(image, s, points, values, grads, n);
+    NR_LAUNCH((warp_kernel<3, T>), blocks, threads, stream, image, s, points, values, grads, n);
   else
     return -1;
   return (int)cudaGetLastError();
@@ -39,10 +39,10 @@ int launch(int d, const T* image, const int64_t* shape, const T* points, T* valu
 extern "C" {
 int nr_warp_f32(int d, const float* image, const int64_t* shape, const float* points, float* values, float* grads,
                 int64_t n, cudaStream_t s) {
-  return launch<float>(d, image, shape, points, values, grads, n, s);
+  return launch_warp<float>(d, image, shape, points, values, grads, n, s);
 }
 int nr_warp_f64(int d, const double* image, const int64_t* shape, const double* points, double* values,
                 double* grads, int64_t n, cudaStream_t s) {
-  return launch<double>(d, image, shape, points, values, grads, n, s);
+  return launch_warp<double>(d, image, shape, points, values, grads, n, s);
 }
 }

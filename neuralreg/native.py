@@ -1,12 +1,20 @@
 """Native kernels (``cuda_kernels/``): build on first use, status, and autograd wrappers.
 
-The CPU extension (``native_cpu.cpp``) and, where torch has CUDA and nvcc exists, the
-CUDA one (``native_cuda.cpp`` + ``hashgrid.cu`` + ``warp.cu``) are compiled with
-``torch.utils.cpp_extension`` the first time they are needed (about a minute, cached by
-torch in ``TORCH_EXTENSIONS_DIR``), never during
+Three builds of one op table (``cuda_kernels/ops.h``):
+- ``cpu``: ``native_cpu.cpp``, the CPU twins;
+- ``cuda``: ``native_cuda.cpp`` + ``hashgrid.cu`` + ``warp.cu``, where torch has CUDA and
+  nvcc exists;
+- ``emulated``: the same CUDA sources compiled as host C++ (``native_emulated.cpp``,
+  ``cuda_compat.h``): every kernel launch run block by block on the CPU. Only for tests
+  (``emulate_cuda()``): it checks the CUDA kernels' index math and atomics without a GPU.
+Each is compiled with ``torch.utils.cpp_extension`` the first time it is needed (about a
+minute, cached by torch in ``TORCH_EXTENSIONS_DIR``; the CPU build's name carries a hash
+of this CPU's instruction-set flags, as it is built with ``-march=native``, so a cache
+shared by different nodes never loads a binary on a CPU that cannot run it), never during
 ``pip install``: pip may build in an isolated environment where importing torch would
-fetch another one. If it cannot be built, the PyTorch reference runs, with one warning.
-Set ``NEURALREG_NATIVE=0`` to never try.
+fetch another one. The sources ship inside the package (``neuralreg/_kernels`` in a
+wheel). If a build fails, the PyTorch reference runs, with one warning, and
+``neuralreg.backends()`` says why. Set ``NEURALREG_NATIVE=0`` to never try.
 
 Exposed operations (same semantics as the references, tested against them):
 - ``hashgrid_encode(x, table, layout, smoothstep)``: differentiable to second order in
@@ -18,7 +26,10 @@ Exposed operations (same semantics as the references, tested against them):
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import os
+import platform
 import sys
 import threading
 import warnings
@@ -29,40 +40,71 @@ import torch
 _lock = threading.Lock()
 _modules: dict = {}
 _errors: dict = {}
+_cpu_route = {"kind": "cpu"}  # which build serves CPU tensors: "cpu" or "emulated" (tests)
+KINDS = ("cpu", "cuda", "emulated")
 
 
 def kernels_dir() -> Path | None:
-    """The ``cuda_kernels`` folder of a source checkout or editable install."""
+    """The kernel sources: ``cuda_kernels/`` of a checkout, or ``neuralreg/_kernels`` of a wheel."""
     here = Path(__file__).resolve().parent
-    for candidate in (here.parent / "cuda_kernels", here / "cuda_kernels"):
-        if (candidate / "pointmath.h").is_file():
+    for candidate in (here.parent / "cuda_kernels", here / "_kernels"):
+        if (candidate / "ops.h").is_file():
             return candidate
+    try:  # an editable install maps the package neuralreg._kernels onto cuda_kernels/
+        import importlib.util
+
+        spec = importlib.util.find_spec("neuralreg._kernels")
+        if spec is not None and spec.submodule_search_locations:
+            for loc in spec.submodule_search_locations:
+                if (Path(loc) / "ops.h").is_file():
+                    return Path(loc)
+    except (ImportError, ValueError):
+        pass
     return None
+
+
+def cpu_tag() -> str:
+    """8 hex digits naming this CPU's instruction set (machine and its feature flags)."""
+    flags = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    flags = " ".join(sorted(line.split(":", 1)[1].split()))
+                    break
+    except OSError:
+        pass
+    return hashlib.sha1(f"{platform.machine()} {platform.processor()} {flags}".encode()).hexdigest()[:8]
+
+
+def build_name(kind: str) -> str:
+    """The torch extension name of a build (the CPU one keyed by ``cpu_tag()``)."""
+    return f"neuralreg_native_cpu_{cpu_tag()}" if kind == "cpu" else f"neuralreg_native_{kind}"
 
 
 def _build(kind: str, src: Path):
     from torch.utils import cpp_extension
 
-    name = f"neuralreg_native_{kind}"
+    name = build_name(kind)
     try:
         cached = any(Path(cpp_extension._get_build_directory(name, verbose=False)).glob(f"{name}*.so"))
     except Exception:
         cached = False
     if not cached:
         print(f"neuralreg: building the native {kind.upper()} kernels (once, about a minute)...", file=sys.stderr)
-    if kind == "cpu":
+    if kind in ("cpu", "emulated"):
         return cpp_extension.load(
-            name="neuralreg_native_cpu",
-            sources=[str(src / "native_cpu.cpp")],
+            name=name,
+            sources=[str(src / ("native_cpu.cpp" if kind == "cpu" else "native_emulated.cpp"))],
             extra_include_paths=[str(src)],
-            extra_cflags=["-O3", "-march=native", "-fopenmp", "-std=c++17"],
-            extra_ldflags=["-fopenmp"],
+            extra_cflags=["-O3", "-std=c++17"] + (["-march=native", "-fopenmp"] if kind == "cpu" else ["-O1"]),
+            extra_ldflags=["-fopenmp"] if kind == "cpu" else [],
             verbose=False,
         )
     if not torch.cuda.is_available() or cpp_extension.CUDA_HOME is None:
         raise RuntimeError("torch without CUDA, or no CUDA toolkit (nvcc)")
     return cpp_extension.load(
-        name="neuralreg_native_cuda",
+        name=name,
         sources=[str(src / "native_cuda.cpp"), str(src / "hashgrid.cu"), str(src / "warp.cu")],
         extra_include_paths=[str(src)],
         extra_cflags=["-O3", "-std=c++17"],
@@ -72,7 +114,7 @@ def _build(kind: str, src: Path):
 
 
 def _load(kind: str = "cpu"):
-    """The compiled module for ``cpu`` or ``cuda`` (built once), or None with the reason kept."""
+    """The compiled module for ``cpu``, ``cuda`` or ``emulated`` (built once), or None with the reason kept."""
     if kind in _modules or kind in _errors:
         return _modules.get(kind)
     with _lock:
@@ -90,27 +132,57 @@ def _load(kind: str = "cpu"):
         except Exception as exc:  # compiler, ninja or CUDA toolkit missing, build error
             first = str(exc).splitlines()[0] if str(exc) else ""
             _errors[kind] = f"build failed ({type(exc).__name__}: {first})"
-            if kind == "cpu" or torch.cuda.is_available():
-                warnings.warn(f"neuralreg native {kind} kernels unavailable: {_errors[kind]}", stacklevel=3)
+            if kind == "cpu" or (kind == "cuda" and torch.cuda.is_available()):
+                warnings.warn(
+                    f"neuralreg native {kind} kernels unavailable, the slower PyTorch reference runs: {_errors[kind]}",
+                    stacklevel=3,
+                )
     return _modules.get(kind)
 
 
 def status(kind: str = "cpu") -> str:
-    """One line: whether the native kernels for ``cpu`` or ``cuda`` are loaded (building them if needed)."""
+    """One line: whether the ``cpu``, ``cuda`` or ``emulated`` kernels are loaded (building them if needed)."""
     if _load(kind) is not None:
         return f"available ({kind.upper()} extension)"
     return f"unavailable ({_errors[kind]})"
 
 
-def hashgrid_available(device: torch.device | str = "cpu") -> bool:
+def _kind(device: torch.device | str) -> str:
     kind = torch.device(device).type
-    return kind in ("cpu", "cuda") and _load(kind) is not None
+    return _cpu_route["kind"] if kind == "cpu" else kind
+
+
+def hashgrid_available(device: torch.device | str = "cpu") -> bool:
+    kind = _kind(device)
+    return kind in KINDS and _load(kind) is not None
+
+
+@contextlib.contextmanager
+def emulate_cuda():
+    """Within this block CPU tensors go to the emulated CUDA kernels (tests; slow, sequential)."""
+    if _load("emulated") is None:
+        raise RuntimeError(f"emulated CUDA kernels {status('emulated')}")
+    before = _cpu_route["kind"]
+    _cpu_route["kind"] = "emulated"
+    try:
+        yield
+    finally:
+        _cpu_route["kind"] = before
+
+
+def ops(kind: str) -> list[str]:
+    """The op names a build exposes (``num_threads`` and pybind11's own names left out)."""
+    module = _load(kind)
+    if module is None:
+        raise RuntimeError(f"native kernels {status(kind)}")
+    return sorted(n for n in dir(module) if not n.startswith("_") and n != "num_threads")
 
 
 def _mod(t: torch.Tensor):
-    module = _load(t.device.type)
+    kind = _kind(t.device)
+    module = _load(kind)
     if module is None:
-        raise RuntimeError(f"native kernels {status(t.device.type)}")
+        raise RuntimeError(f"native kernels {status(kind)}")
     return module
 
 
@@ -202,9 +274,9 @@ class _HashGridEncodeJacobian(torch.autograd.Function):
         x, table = ctx.saved_tensors
         need_x, need_t = ctx.needs_input_grad[:2]
         if gy is None:
-            gy = torch.zeros(x.shape[0], table.shape[1] * len(ctx.layout.scales), dtype=x.dtype)
+            gy = torch.zeros(x.shape[0], table.shape[1] * len(ctx.layout.scales), dtype=x.dtype, device=x.device)
         if gjac is None:
-            gjac = torch.zeros(*gy.shape, x.shape[1], dtype=x.dtype)
+            gjac = torch.zeros(*gy.shape, x.shape[1], dtype=x.dtype, device=x.device)
         g_x, g_t = _mod(x).hashgrid_jacobian_backward(
             gy, gjac, x, table, *_layout_args(ctx.layout), ctx.smooth, need_x, need_t
         )

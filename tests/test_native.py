@@ -1,4 +1,9 @@
-"""Native CPU kernels against the PyTorch reference: values, first and second derivatives (float64)."""
+"""Native kernels against the PyTorch reference: values, first and second derivatives (float64).
+
+``device`` runs each check on the CPU twin, on the CUDA kernels emulated on the CPU
+(``native.emulate_cuda``: the real .cu sources, every launch run block by block) and,
+where there is a GPU, on the CUDA kernels themselves.
+"""
 
 import pytest
 import torch
@@ -12,6 +17,13 @@ pytestmark = pytest.mark.skipif(not native.hashgrid_available("cpu"), reason=f"n
 DEVICES = [
     "cpu",
     pytest.param(
+        "emulated",
+        marks=pytest.mark.skipif(
+            not native.hashgrid_available("cpu") or native._load("emulated") is None,
+            reason=f"emulated CUDA kernels: {native._errors.get('emulated')}",
+        ),
+    ),
+    pytest.param(
         "cuda",
         marks=pytest.mark.skipif(
             not torch.cuda.is_available() or not native.hashgrid_available("cuda"),
@@ -19,6 +31,17 @@ DEVICES = [
         ),
     ),
 ]
+
+
+@pytest.fixture(params=DEVICES)
+def device(request):
+    """The torch device of the kernels under test ("emulated": CPU tensors, CUDA sources)."""
+    if request.param == "emulated":
+        with native.emulate_cuda():
+            yield "cpu"
+    else:
+        yield request.param
+
 
 CFG = dict(n_levels=5, n_features_per_level=2, log2_hashmap_size=9, base_resolution=3, per_level_scale=1.8)
 
@@ -41,7 +64,6 @@ def _points(d, n=64, seed=0, dtype=torch.float64):
     return x
 
 
-@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("d", [2, 3])
 @pytest.mark.parametrize("interp", ["Linear", "Smoothstep"])
 def test_values_and_derivatives_match_reference(d, interp, device):
@@ -67,9 +89,9 @@ def test_values_and_derivatives_match_reference(d, interp, device):
 
 @pytest.mark.parametrize("d", [2, 3])
 @pytest.mark.parametrize("interp", ["Linear", "Smoothstep"])
-def test_gradcheck_and_gradgradcheck(d, interp):
-    enc = _encoding(d, interp)
-    x = torch.rand(5, d, generator=torch.Generator().manual_seed(2), dtype=torch.float64) * 0.8 + 0.1
+def test_gradcheck_and_gradgradcheck(d, interp, device):
+    enc = _encoding(d, interp).to(device)
+    x = torch.rand(5, d, generator=torch.Generator().manual_seed(2), dtype=torch.float64).to(device) * 0.8 + 0.1
     x.requires_grad_(True)
     table = enc.table.detach().clone().requires_grad_(True)
 
@@ -89,7 +111,6 @@ def test_float32_matches_reference():
     torch.testing.assert_close(native.hashgrid_encode(x, enc.table, enc.layout, False), ref, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("device", DEVICES)
 def test_gradicon_step_matches_reference(device):
     cfg = FieldConfig(encoding=HashGridConfig(**CFG), hidden_width=16, backend="torch")
     torch.manual_seed(0)
@@ -115,7 +136,6 @@ def test_gradicon_step_matches_reference(device):
         torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-12)
 
 
-@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("d", [2, 3])
 def test_fused_warp_matches_grid_sample(d, device):
     shape = (7, 9, 8)[:d]
@@ -139,7 +159,9 @@ def test_fused_warp_matches_grid_sample(d, device):
 
 @pytest.mark.parametrize("backend", ["torch", "native"])
 @pytest.mark.parametrize("activation", ["relu", "silu", "tanh", "softplus"])
-def test_analytic_gradicon_equals_autograd(backend, activation):
+def test_analytic_gradicon_equals_autograd(backend, activation, device):
+    if backend == "torch" and device != "cpu":
+        pytest.skip("the reference has no device-specific kernels")
     cfg = FieldConfig(
         encoding=HashGridConfig(**CFG, interpolation="Smoothstep"),
         hidden_width=16,
@@ -147,7 +169,7 @@ def test_analytic_gradicon_equals_autograd(backend, activation):
         backend="torch",
     )
     torch.manual_seed(0)
-    fa, fb = NeuralField(3, cfg).double(), NeuralField(3, cfg).double()
+    fa, fb = NeuralField(3, cfg).double().to(device), NeuralField(3, cfg).double().to(device)
     for f in (fa, fb):
         f.encoding.backend = backend
         torch.nn.init.uniform_(f.encoding.table, -0.1, 0.1)
@@ -155,6 +177,7 @@ def test_analytic_gradicon_equals_autograd(backend, activation):
     fa.encoding.set_active_levels(4)  # masked levels must behave the same
     u = _points(3, 150)
     u[5] = torch.tensor([1.2, -0.1, 0.5], dtype=torch.float64)  # outside the unit cube: clamped
+    u = u.to(device)
 
     def run(fn):
         for f in (fa, fb):
@@ -171,11 +194,54 @@ def test_analytic_gradicon_equals_autograd(backend, activation):
         torch.testing.assert_close(b, a, rtol=1e-8, atol=1e-12)
 
 
-def test_encoding_jacobian_kernel_gradcheck():
-    enc = _encoding(3, "Smoothstep")
-    x = torch.rand(4, 3, generator=torch.Generator().manual_seed(5), dtype=torch.float64) * 0.8 + 0.1
+def test_encoding_jacobian_kernel_gradcheck(device):
+    enc = _encoding(3, "Smoothstep").to(device)
+    x = torch.rand(4, 3, generator=torch.Generator().manual_seed(5), dtype=torch.float64).to(device) * 0.8 + 0.1
     x.requires_grad_(True)
     table = enc.table.detach().clone().requires_grad_(True)
     assert torch.autograd.gradcheck(
         lambda x, t: native.hashgrid_encode_with_jacobian(x, t, enc.layout, True), (x, table), eps=1e-6, atol=1e-6
     )
+
+
+@pytest.mark.parametrize("d", [2, 3])
+@pytest.mark.parametrize("interp", ["Linear", "Smoothstep"])
+def test_encoding_jacobian_kernels_match_reference(d, interp, device):
+    """Forward (y, dy/dx) and its backward to x and the table against autograd on the reference."""
+    enc = _encoding(d, interp).to(device)
+    smooth = interp == "Smoothstep"
+    x = _points(d, 48).to(device)
+    g = torch.Generator().manual_seed(6)
+    L = enc.table.new_empty(0)  # dtype/device template
+    w_y = torch.randn(48, enc.n_output_dims, generator=g, dtype=torch.float64).to(L.device)
+    w_j = torch.randn(48, enc.n_output_dims, d, generator=g, dtype=torch.float64).to(L.device)
+
+    def reference(xx, table):
+        y = hashgrid_encode_torch(xx, table, enc.indexer(), smooth)
+        jac = torch.stack(
+            [torch.autograd.grad(y[:, k].sum(), xx, create_graph=True)[0] for k in range(y.shape[1])], dim=1
+        )
+        return y, jac
+
+    def run(fn):
+        xx = x.clone().requires_grad_(True)
+        table = enc.table.detach().clone().requires_grad_(True)
+        y, jac = fn(xx, table)
+        gx, gt = torch.autograd.grad((y * w_y).sum() + (jac * w_j).sum(), (xx, table))
+        return y.detach(), jac.detach(), gx, gt
+
+    ref = run(reference)
+    nat = run(lambda xx, t: native.hashgrid_encode_with_jacobian(xx, t, enc.layout, smooth))
+    for a, b, name in zip(ref, nat, ["values", "jacobian", "d/dx", "d/dtable"]):
+        torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-11, msg=name)
+
+
+def test_every_build_exposes_the_same_ops():
+    """One op table (cuda_kernels/ops.h): CPU twin, CUDA sources compiled for emulation and, with a GPU, CUDA."""
+    cpu = native.ops("cpu")
+    assert "hashgrid_forward_jacobian" in cpu and "hashgrid_jacobian_backward" in cpu and "warp_forward" in cpu
+    if native._load("emulated") is None:
+        pytest.skip(f"emulated CUDA kernels: {native.status('emulated')}")
+    assert native.ops("emulated") == cpu
+    if torch.cuda.is_available() and native.hashgrid_available("cuda"):
+        assert native.ops("cuda") == cpu

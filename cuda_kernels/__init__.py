@@ -1,0 +1,1 @@
+"""Kernel sources (C++/CUDA), installed as ``neuralreg._kernels``; compiled on first use by ``neuralreg.native``."""
