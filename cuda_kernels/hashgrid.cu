@@ -126,9 +126,8 @@ __global__ void forward_jacobian_kernel(const T* __restrict__ x, const T* __rest
   for (int f = 0; f < F; ++f) out[f] = T(0);
   for (int k = 0; k < F * D; ++k) jout[k] = T(0);
   for (int c = 0; c < (1 << D); ++c) {
-    T w = cell.weight(c);
-    T dw[D];
-    for (int i = 0; i < D; ++i) dw[i] = cell.dweight(c, i);
+    T w, dw[D];
+    cell.corner(c, w, dw, nullptr);
     const T* row = table + (int64_t)cell.rows[c] * F;
     for (int f = 0; f < F; ++f) {
       out[f] += w * row[f];
@@ -152,9 +151,8 @@ __global__ void jacobian_backward_kernel(const T* __restrict__ gy, const T* __re
   const T* gj = gjac + t * F * D;
   T acc[D] = {};
   for (int c = 0; c < (1 << D); ++c) {
-    T w = cell.weight(c);
-    T dw[D];
-    for (int i = 0; i < D; ++i) dw[i] = cell.dweight(c, i);
+    T w, dw[D];
+    cell.corner(c, w, dw, nullptr);
     const T* row = table + (int64_t)cell.rows[c] * F;
     for (int f = 0; f < F; ++f) {
       if (g_T) {

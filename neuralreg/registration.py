@@ -56,17 +56,19 @@ class _Watchdog:
         self.recent: list[tuple[float, ...]] = []
         self.best: tuple[float, ...] | None = None
 
+    def _running(self) -> tuple[float, ...]:
+        return tuple(float(np.mean(v)) for v in zip(*self.recent, strict=True))
+
     def _over(self, tolerance: float) -> bool:
-        running = [float(np.mean(v)) for v in zip(*self.recent, strict=True)]
         limits = [b * (1 + tolerance) if self.relative else b + tolerance for b in self.best]
-        return any(r > lim for r, lim in zip(running, limits, strict=True))
+        return any(r > lim for r, lim in zip(self._running(), limits, strict=True))
 
     def update(self, *terms: float) -> bool:
         """Record one step's terms; True when a term has diverged (then the window restarts)."""
         self.recent = (self.recent + [terms])[-self.window :]
         if len(self.recent) < self.window or self.tolerance <= 0:
             return False
-        running = tuple(float(np.mean(v)) for v in zip(*self.recent, strict=True))
+        running = self._running()
         self.best = running if self.best is None else tuple(map(min, self.best, running))
         if self._over(self.tolerance):
             self.recent = []
@@ -281,12 +283,10 @@ def register_pair(
             reg = _regularizer_term(cfg, stage, map_ab, map_ba, box, device)
             loss = sim_ab + sim_ba + cfg.regularizer_weight * reg
             terms = torch.stack([loss, sim_ab, sim_ba, reg.to(loss.dtype)]).detach()
-            if check_every == 1 and not bool(torch.isfinite(loss)):  # on the CPU: skip and retry this step
-                pending.append((step, s, terms))
-            else:
+            pending.append((step, s, terms))
+            if check_every > 1 or bool(torch.isfinite(loss)):  # on the CPU a NaN step is skipped and retried
                 loss.backward()
                 optimizer.step()
-                pending.append((step, s, terms))
                 i += 1
                 step += 1
                 bar.update(1)

@@ -68,16 +68,21 @@ def test_deterministic_under_seed():
     assert [h["loss"] for h in a.history] != [h["loss"] for h in c.history]
 
 
-def test_nan_loss_is_recovered(monkeypatch):
+def _nan_once(monkeypatch, call: int) -> None:
+    """The ``call``-th evaluation of the mse similarity returns NaN."""
     calls = {"n": 0}
     real = sim_module.SIMILARITY_FUNCTIONS["mse"]
 
     def flaky(w, f):
         calls["n"] += 1
         out = real(w, f)
-        return out * float("nan") if calls["n"] == 21 else out
+        return out * float("nan") if calls["n"] == call else out
 
     monkeypatch.setitem(sim_module.SIMILARITY_FUNCTIONS, "mse", flaky)
+
+
+def test_nan_loss_is_recovered(monkeypatch):
+    _nan_once(monkeypatch, call=21)
     pair = triangles_pair(3, size=48)
     reg = register_pair(pair["moving"], pair["fixed"], quick_config())
     assert reg.info["recoveries"] == 1
@@ -87,15 +92,7 @@ def test_nan_loss_is_recovered(monkeypatch):
 
 def test_nan_is_recovered_when_the_host_reads_every_10_steps(monkeypatch):
     """The GPU schedule (check_every=10, no per-step synchronisation), run on the CPU."""
-    calls = {"n": 0}
-    real = sim_module.SIMILARITY_FUNCTIONS["mse"]
-
-    def flaky(w, f):
-        calls["n"] += 1
-        out = real(w, f)
-        return out * float("nan") if calls["n"] == 21 else out
-
-    monkeypatch.setitem(sim_module.SIMILARITY_FUNCTIONS, "mse", flaky)
+    _nan_once(monkeypatch, call=21)
     pair = triangles_pair(3, size=48)
     reg = register_pair(pair["moving"], pair["fixed"], quick_config(check_every=10))
     fields = [h for h in reg.history if h["part"] == "fields"]
