@@ -494,11 +494,13 @@ def _fit_affine(
     n_stages = len(pyramid)
     per_stage = [total // n_stages + (1 if k < total % n_stages else 0) for k in range(n_stages)]
     show = cfg.progress if progress is None else progress
+    check_every = cfg.check_every or (1 if torch.device(device).type == "cpu" else 10)
     bar = tqdm(total=total, disable=not show, desc="affine", dynamic_ncols=True)
     step = 0
     for s, (factor, n_steps) in enumerate(zip(pyramid, per_stage, strict=True)):
         stage = _Stage(moving, fixed, moving_mask, fixed_mask, factor, box, generator, device, cfg.edge_fraction)
-        for _ in range(n_steps):
+        pending: list[tuple[int, int, torch.Tensor]] = []  # (step, stage, [loss, sim_ab, sim_ba]) not yet read
+        for k in range(n_steps):
             frac = 0.5 * (1 + math.cos(math.pi * step / max(total, 1)))
             for g in optimizer.param_groups:
                 g["lr"] = cfg.affine_learning_rate * (0.05 + 0.95 * frac)
@@ -508,24 +510,29 @@ def _fit_affine(
             sim_ab = _similarity_term(cfg, stage, fwd, "moving", "fixed", device, fused_warp, cfg.affine_similarity)
             sim_ba = _similarity_term(cfg, stage, inv, "fixed", "moving", device, fused_warp, cfg.affine_similarity)
             loss = sim_ab + sim_ba
-            if not bool(torch.isfinite(loss)):
-                raise RegistrationDiverged(f"affine loss became non-finite at step {step}")
             loss.backward()
             optimizer.step()
-            history.append(
-                {
-                    "step": step,
-                    "stage": s,
-                    "part": "affine",
-                    "loss": float(loss.detach()),
-                    "sim_ab": float(sim_ab.detach()),
-                    "sim_ba": float(sim_ba.detach()),
-                    "reg": 0.0,
-                }
-            )
+            pending.append((step, s, torch.stack([loss, sim_ab, sim_ba]).detach()))
             bar.update(1)
-            if step % 10 == 0:
-                bar.set_postfix(stage=s, sim=f"{history[-1]['sim_ab']:.4f}/{history[-1]['sim_ba']:.4f}")
+            if len(pending) == check_every or k == n_steps - 1:
+                # one host synchronisation per check, as in the fields' loop
+                for (j, st, _), (v_loss, v_ab, v_ba) in zip(pending, torch.stack([t for *_, t in pending]).tolist()):
+                    if not math.isfinite(v_loss):
+                        raise RegistrationDiverged(f"affine loss became non-finite at step {j}")
+                    history.append(
+                        {
+                            "step": j,
+                            "stage": st,
+                            "part": "affine",
+                            "loss": v_loss,
+                            "sim_ab": v_ab,
+                            "sim_ba": v_ba,
+                            "reg": 0.0,
+                        }
+                    )
+                    if j % 10 == 0:
+                        bar.set_postfix(stage=st, sim=f"{v_ab:.4f}/{v_ba:.4f}")
+                pending = []
             step += 1
     bar.close()
 

@@ -95,6 +95,8 @@ def test_nan_is_recovered_when_the_host_reads_every_10_steps(monkeypatch):
     _nan_once(monkeypatch, call=21)
     pair = triangles_pair(3, size=48)
     reg = register_pair(pair["moving"], pair["fixed"], quick_config(check_every=10))
+    affine = [h["step"] for h in reg.history if h["part"] == "affine"]
+    assert affine == list(range(reg.config.affine_steps))  # the affine stage's delayed reads keep every step
     fields = [h for h in reg.history if h["part"] == "fields"]
     assert reg.info["recoveries"] == 1
     assert reg.info["final_learning_rate"] == pytest.approx(reg.config.learning_rate / 2)
@@ -102,6 +104,14 @@ def test_nan_is_recovered_when_the_host_reads_every_10_steps(monkeypatch):
         {h["step"] for h in fields}
     )
     assert all(torch.isfinite(p).all() for p in reg.phi_ab.parameters())
+
+
+@pytest.mark.parametrize("check_every", [1, 10])
+def test_nan_in_the_affine_stage_reports_divergence(monkeypatch, check_every):
+    monkeypatch.setitem(sim_module.SIMILARITY_FUNCTIONS, "lncc", lambda w, f: (w - f).mean() * float("nan"))
+    pair = triangles_pair(3, size=48)
+    with pytest.raises(RegistrationDiverged, match="affine loss became non-finite at step 0"):
+        register_pair(pair["moving"], pair["fixed"], quick_config(check_every=check_every, affine_init="centroid"))
 
 
 def test_persistent_nan_reports_divergence(monkeypatch):
