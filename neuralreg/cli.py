@@ -45,6 +45,12 @@ def _add_register_options(p: argparse.ArgumentParser) -> None:
         help=f"share of similarity points drawn on image edges, the rest uniform (default: {d.edge_fraction})",
     )
     p.add_argument(
+        "--edge-power",
+        type=float,
+        help="edge points are drawn by gradient magnitude to this power; below 1 weak edges count more "
+        f"(default: {d.edge_power})",
+    )
+    p.add_argument(
         "--affine-steps",
         type=int,
         help=f"steps of the global affine part fitted first; 0 turns it off (default: {d.affine_steps})",
@@ -75,6 +81,9 @@ def _check_options(args) -> None:
     finite("--edge-fraction", getattr(args, "edge_fraction", None), 0.0)
     if getattr(args, "edge_fraction", None) is not None and args.edge_fraction > 1:
         raise CLIError(f"--edge-fraction must be in [0, 1], not {args.edge_fraction}")
+    finite("--edge-power", getattr(args, "edge_power", None), 0.0, low_ok=False)
+    if getattr(args, "edge_power", None) is not None and args.edge_power > 4:
+        raise CLIError(f"--edge-power must be in (0, 4], not {args.edge_power}")
     for flag, key, low in (
         ("--steps", "steps", 1),
         ("--points", "points", 8),
@@ -104,6 +113,7 @@ def _build_config(args) -> RegistrationConfig:
         "points",
         "learning_rate",
         "edge_fraction",
+        "edge_power",
         "affine_steps",
         "device",
         "seed",

@@ -5,11 +5,17 @@ from __future__ import annotations
 import torch
 
 
-def edge_weights(image: torch.Tensor) -> torch.Tensor:
-    """Gradient magnitude of ``image`` (*spatial), central differences in voxel units, float32."""
+def edge_weights(image: torch.Tensor, power: float = 1.0) -> torch.Tensor:
+    """Gradient magnitude of ``image`` (*spatial) to the ``power``, central differences in voxel units, float32.
+
+    ``power`` < 1 flattens the weights: a weak edge (bone against muscle) is drawn nearly as
+    often as a strong one (fat against muscle), which suits local NCC, whose windows count
+    alike whatever their contrast.
+    """
     data = image.float()
     grads = torch.gradient(data)
-    return torch.sqrt(sum(g * g for g in grads))
+    magnitude = torch.sqrt(sum(g * g for g in grads))
+    return magnitude if power == 1.0 else magnitude.pow(power)
 
 
 class VoxelSampler:

@@ -83,7 +83,9 @@ class _Watchdog:
 class _Stage:
     """One pyramid level: down-sampled images, their voxel<->normalized maps and samplers."""
 
-    def __init__(self, moving, fixed, moving_mask, fixed_mask, factor, box, generator, device, edge_fraction=0.0):
+    def __init__(
+        self, moving, fixed, moving_mask, fixed_mask, factor, box, generator, device, edge_fraction=0.0, edge_power=1.0
+    ):
         self.moving = moving.to(device).downsample(factor)
         self.fixed = fixed.to(device).downsample(factor)
         self.moving_sampler, self.fixed_sampler = (
@@ -91,7 +93,7 @@ class _Stage:
                 img.shape,
                 _mask(mask, factor, device),
                 generator,
-                weights=edge_weights(img.data) if edge_fraction > 0 else None,
+                weights=edge_weights(img.data, edge_power) if edge_fraction > 0 else None,
                 weighted_fraction=edge_fraction,
                 device=device,
             )
@@ -102,6 +104,11 @@ class _Stage:
             "fixed": box.voxel_to_normalized_matrix(self.fixed.affine),
         }
         self.u_to_vox = {k: np.linalg.inv(v) for k, v in self.vox_to_u.items()}
+
+
+def _edges(cfg) -> tuple[float, float]:
+    """(edge_fraction, edge_power) of a config, as ``_Stage`` takes them."""
+    return cfg.edge_fraction, cfg.edge_power
 
 
 def _mask(mask: Image | None, factor: int, device):
@@ -263,7 +270,7 @@ def register_pair(
     bar = tqdm(total=cfg.steps, disable=not cfg.progress, desc="register", dynamic_ncols=True)
     step = 0
     for s, (factor, n_steps) in enumerate(zip(cfg.pyramid, steps, strict=False)):
-        stage = _Stage(moving, fixed, moving_mask, fixed_mask, factor, box, generator, device, cfg.edge_fraction)
+        stage = _Stage(moving, fixed, moving_mask, fixed_mask, factor, box, generator, device, *_edges(cfg))
         active = math.ceil(n_levels * (s + 1) / len(cfg.pyramid))
         for f in (phi_ab, phi_ba):
             f.encoding.set_active_levels(active)
@@ -450,7 +457,7 @@ def _search_facts(best, scores, losses, k) -> dict:
 def _affine_loss(cfg, affine, moving, fixed, moving_mask, fixed_mask, box, device, draws: int = 4) -> float:
     """Symmetric affine similarity at the coarsest affine level, on points of a fixed seed."""
     gen = torch.Generator(device=device).manual_seed(cfg.seed + 7919)
-    stage = _Stage(moving, fixed, moving_mask, fixed_mask, cfg.affine_pyramid[0], box, gen, device, cfg.edge_fraction)
+    stage = _Stage(moving, fixed, moving_mask, fixed_mask, cfg.affine_pyramid[0], box, gen, device, *_edges(cfg))
     total = 0.0
     for _ in range(draws):
         for fn, src, dst in (
@@ -482,7 +489,7 @@ def _fit_affine(
     T starts at the identity or at the translation between intensity centroids
     (``config.affine_init``); Adam with a cosine-decayed learning rate over
     ``config.affine_steps`` spread evenly over ``config.affine_pyramid``. Points are drawn
-    as for the fields (``config.edge_fraction`` of them on edges).
+    as for the fields (``config.edge_fraction`` of them on edges, ``config.edge_power``).
     """
     total = cfg.affine_steps if steps is None else steps
     pyramid = cfg.affine_pyramid if pyramid is None else pyramid
@@ -498,7 +505,7 @@ def _fit_affine(
     bar = tqdm(total=total, disable=not show, desc="affine", dynamic_ncols=True)
     step = 0
     for s, (factor, n_steps) in enumerate(zip(pyramid, per_stage, strict=True)):
-        stage = _Stage(moving, fixed, moving_mask, fixed_mask, factor, box, generator, device, cfg.edge_fraction)
+        stage = _Stage(moving, fixed, moving_mask, fixed_mask, factor, box, generator, device, *_edges(cfg))
         pending: list[tuple[int, int, torch.Tensor]] = []  # (step, stage, [loss, sim_ab, sim_ba]) not yet read
         for k in range(n_steps):
             frac = 0.5 * (1 + math.cos(math.pi * step / max(total, 1)))

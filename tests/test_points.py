@@ -62,3 +62,23 @@ def test_config_rejects_a_bad_edge_fraction():
     assert RegistrationConfig().edge_fraction == 1.0
     with pytest.raises(ValueError, match="edge_fraction"):
         RegistrationConfig(edge_fraction=-0.1)
+
+
+def test_edge_power_flattens_the_weights_toward_weak_edges():
+    img = torch.zeros(8, 40)
+    img[:, 10:] = 0.1  # a weak edge between columns 9 and 10
+    img[:, 30:] = 1.1  # a ten times stronger one between 29 and 30
+    for power, weak_share in ((1.0, 1 / 11), (0.5, 1 / (1 + 10**0.5))):
+        w = edge_weights(img, power)
+        assert float(w[3, 29] / w[3, 9]) == pytest.approx(10.0**power, rel=1e-5)
+        s = VoxelSampler(img.shape, generator=torch.Generator().manual_seed(3), weights=w, weighted_fraction=1.0)
+        cols = s.sample(40000)[:, 1]
+        assert float((cols < 20).float().mean()) == pytest.approx(weak_share, abs=0.01)
+    assert torch.equal(edge_weights(img), edge_weights(img, 1.0))
+
+
+def test_config_rejects_a_bad_edge_power():
+    from neuralreg.config import RegistrationConfig
+
+    with pytest.raises(ValueError, match="edge_power"):
+        RegistrationConfig(edge_power=0.0)

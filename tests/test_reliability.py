@@ -139,6 +139,8 @@ OPTION_CASES = {
     "--points 3": (["--points", "3"], "--points must be at least 8"),
     "--device banana": (["--device", "banana"], "--device must be cpu, cuda or cuda:N, not 'banana'"),
     "--edge-fraction 2": (["--edge-fraction", "2"], "--edge-fraction must be in [0, 1]"),
+    "--edge-power 0": (["--edge-power", "0"], "--edge-power must be > 0.0, not 0.0"),
+    "--edge-power 5": (["--edge-power", "5"], "--edge-power must be in (0, 4], not 5.0"),
     "malformed config": (["--config", "{dir}/bad.json"], "--config {dir}/bad.json: not valid JSON"),
     "config not an object": (["--config", "{dir}/list.json"], "expected a JSON object"),
     "config unknown key": (
