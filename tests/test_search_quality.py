@@ -13,6 +13,7 @@ from neuralreg.coordinates import grid_corners_world
 from neuralreg.io import write_image
 from neuralreg.metrics import dice
 from neuralreg.phantoms import knee_phantom_pair
+from neuralreg.quality import judge
 from neuralreg.search import global_search, rotation_matrix
 
 CONFIG = dict(steps=150, points=4096, regularizer_points=1024, affine_steps=100, progress=False)
@@ -121,6 +122,35 @@ def test_hopeless_pair_is_flagged(phantom):
     q = reg.info["quality"]
     assert q["verdict"] == "failed"
     assert any("hardly correlate" in r for r in q["reasons"])
+
+
+def _measures(**changes) -> dict:
+    """Measures of canonical knee pair 9005132-9006723 with the defaults (bone Dice 0.970)."""
+    m = {
+        "ncc_identity": 0.41,
+        "ncc_affine": 0.78,
+        "ncc_final": 0.90,
+        "lncc_identity": 0.02,
+        "lncc_affine": 0.049,
+        "lncc_final": 0.227,
+        "overlap_identity": 1.0,
+        "overlap_final": 1.0,
+        "inverse_consistency_error_mm": 0.45,
+        "inverse_consistency_limit_mm": 2.0,
+        "world_boxes_overlap": True,
+        "centre_distance_mm": 3.0,
+        "percent_folds": 0.0,
+    }
+    return {**m, **changes}
+
+
+def test_low_affine_local_ncc_is_overruled_by_a_good_final_similarity():
+    """A right affine part on non-corresponding soft tissue can score local NCC 0.049: not a failure
+    when the fields bring the global NCC to 0.90; it is one when the final NCC stays low."""
+    assert judge(_measures()).verdict == "good"
+    q = judge(_measures(ncc_final=0.80))
+    assert q.verdict == "failed"
+    assert q.reasons[0] == "after the global (affine) alignment the images hardly correlate (local NCC 0.049)"
 
 
 def test_gross_failure_rule():
