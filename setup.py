@@ -1,7 +1,7 @@
 """neuralreg: pairwise medical image registration with neural fields and GradICON.
 
 No torch import here: pip may build in an isolated environment, and torch there would
-pull the newest CUDA build. Native kernels build on first use (see neuralreg/native.py).
+pull the newest CUDA build. Native kernels build on first use (see neuralreg/fields/native.py).
 """
 
 from pathlib import Path
@@ -35,11 +35,10 @@ setup(
             "dask[distributed]>=2024.1",
             "antspyx>=0.5",
             "itk-elastix>=0.20",
-            "scipy>=1.9",
+            "scipy>=1.9",  # neuralreg-eval's, for its tests (pip install -e ./eval)
         ],
-        # classical baselines of examples/knee_benchmark.py: ANTs SyN and elastix B-spline
-        # scipy: the Euclidean distance transform of the hard benchmark's soft tissue (knee.realistic_pair)
-        "baselines": ["antspyx>=0.5", "itk-elastix>=0.20", "scipy>=1.9"],
+        # the evaluation code (knee protocol, baselines, benchmark harness) is its own
+        # distribution, eval/ (neuralreg-eval): pip install -e "./eval[baselines]"
         # cohort registration (neuralreg batch)
         "batch": ["dask[distributed]>=2024.1"],
         # tinycudann: install by hand on a CUDA machine, see README ("GPU and tinycudann")

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from neuralreg import RegistrationConfig
-from neuralreg.batch import register_pairs
+from neuralreg.cli.batch import register_pairs
 from neuralreg.io import write_image
 from neuralreg.phantoms import knee_phantom_pair
 

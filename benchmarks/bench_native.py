@@ -16,9 +16,11 @@ import argparse
 import torch
 from timing import median_ms
 
-from neuralreg import FieldConfig, HashGridEncoding, NeuralField, native, regularizers
-from neuralreg.sampling import sample_image
-from neuralreg.similarity import lncc
+from neuralreg import FieldConfig, HashGridEncoding, NeuralField
+from neuralreg.fields import native
+from neuralreg.geometry.interpolation import sample_image
+from neuralreg.losses import regularizers
+from neuralreg.losses.similarity import lncc
 
 
 def bench_warp() -> tuple[float, float]:

@@ -14,8 +14,9 @@ import time
 import torch
 from timing import median_ms
 
-from neuralreg import NeuralField, RegistrationConfig, register_pair, regularizers
+from neuralreg import NeuralField, RegistrationConfig, register_pair
 from neuralreg.config import FieldConfig
+from neuralreg.losses import regularizers
 from neuralreg.metrics import dice
 from neuralreg.phantoms import knee_phantom_pair, triangles_pair
 

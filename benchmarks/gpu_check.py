@@ -62,7 +62,8 @@ def run_tests(selection: str) -> dict:
 
 
 def time_kernels(device: str, n: int, backends: list[str]) -> dict:
-    from neuralreg import FieldConfig, HashGridEncoding, native
+    from neuralreg import FieldConfig, HashGridEncoding
+    from neuralreg.fields import native
 
     out = {}
     g = torch.Generator().manual_seed(0)
@@ -135,7 +136,8 @@ def main(argv=None) -> int:
     p.add_argument("--smoke", action="store_true", help="CPU, emulated CUDA kernels, small pair: checks the script")
     args = p.parse_args(argv)
 
-    from neuralreg import backends, native
+    from neuralreg import backends
+    from neuralreg.fields import native
 
     report: dict = {
         "torch": torch.__version__,

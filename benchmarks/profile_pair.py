@@ -26,8 +26,12 @@ from pathlib import Path
 
 import torch
 
-from neuralreg import cli, encoding, field, image, io, native, outputs, quality, registration, result, search
-from neuralreg import similarity as sim
+from neuralreg import cli, io, losses, quality, result
+from neuralreg.fields import encoding, field, native
+from neuralreg.geometry import image
+from neuralreg.optim import pair as registration
+from neuralreg.optim import search
+from neuralreg.report import outputs
 
 # (module or class, attribute, label): the phases timed
 PHASES = (
@@ -45,7 +49,7 @@ PHASES = (
     (field.NeuralField, "forward_with_jacobian", "field with Jacobian: + MLP push-forward"),
     (native, "warp", "fused warp"),
     (image.Image, "sample", "image interpolation"),
-    (sim, "lncc", "local NCC"),
+    (losses.SIMILARITIES, "lncc", "local NCC"),
     (torch.autograd, "backward", "backward"),
     (torch.optim.Adam, "step", "Adam step"),
     (registration, "_snapshot", "snapshots (watchdog)"),
@@ -90,12 +94,15 @@ class Timers:
 
     def install(self):
         for owner, name, label in PHASES:
-            setattr(owner, name, self.wrap(getattr(owner, name), label))
+            if isinstance(owner, dict):  # a registry (losses.SIMILARITIES): the optimizer looks it up there
+                owner[name] = self.wrap(owner[name], label)
+            else:
+                setattr(owner, name, self.wrap(getattr(owner, name), label))
 
 
 def start_up_seconds() -> float:
     """Wall time of a fresh ``python -c 'import neuralreg.cli; native kernels loaded'``."""
-    code = "import neuralreg.cli, neuralreg.native as n; n.hashgrid_available()"
+    code = "import neuralreg.cli, neuralreg.fields.native as n; n.hashgrid_available()"
     t = time.perf_counter()
     subprocess.run([sys.executable, "-c", code], check=True)
     return time.perf_counter() - t

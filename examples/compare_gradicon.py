@@ -4,7 +4,7 @@ Runs the pairs prepared by ``examples/knee_benchmark.py`` (OUT/pairs/<id>/) thro
 ``icon_registration.pretrained_models.OAI_knees_gradICON_model``, without and with its
 instance optimization (50 Adam steps on the pair, as ``itk_wrapper.register_pair``
 does), and scores its maps with the same evaluation as every other method
-(``neuralreg.knee.score_maps``); neuralreg rows come from the benchmark's results.csv.
+(``neuralreg_eval.knee.score_maps``); neuralreg rows come from the benchmark's results.csv.
 
     python examples/compare_gradicon.py --pairs-dir knee_results/pairs --weights knee_model_weights.trch
 
@@ -118,7 +118,7 @@ def maps_as_fields(phi_ab_vox, phi_ba_vox, moving, fixed):
     """Voxel-index maps of the network as world ``DisplacementField`` s (fixed and moving grids)."""
     import torch
 
-    from neuralreg.coordinates import apply_affine, grid_points
+    from neuralreg.geometry.coordinates import apply_affine, grid_points
     from neuralreg.io import DisplacementField
 
     out = []
@@ -134,8 +134,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         import torch
+        from neuralreg_eval import knee
 
-        from neuralreg import knee
         from neuralreg.io import read_image, read_labels
 
         torch.set_num_threads(args.threads)
@@ -162,7 +162,8 @@ def main(argv=None) -> int:
                 r = rows[-1]
                 print(
                     f"{r['pair']} {name}: cartilage {r['cartilage']:.3f} bone {r['bone']:.3f} "
-                    f"folds {r['percent_folds']:.4f} % ICE {r['ice_mm']:.2f} mm {seconds:.1f} s"
+                    f"folds {r['percent_folds_forward']:.4f} % ICE {r['inverse_consistency_error_mm']:.2f} mm "
+                    f"{seconds:.1f} s"
                 )
         out = args.out or args.pairs_dir.parent / "gradicon_results.csv"
         _write(out, rows)

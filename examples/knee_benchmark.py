@@ -76,7 +76,8 @@ def prepare_pair(files, i, j, folder: Path, shape, seed: int, geometry: str = "c
     """Synthesize and write one pair (moving = subject j, fixed = subject i); return its facts."""
     import json
 
-    from neuralreg import knee
+    from neuralreg_eval import knee
+
     from neuralreg.io import write_image
 
     facts_path = folder / "pair.json"
@@ -118,8 +119,8 @@ FIELDS = (
     "affine_bone",
     "gross_failure",
     "quality",
-    "percent_folds",
-    "ice_mm",
+    "percent_folds_forward",
+    "inverse_consistency_error_mm",
     "seconds",
     "cpu_seconds",
     "peak_memory_mb",
@@ -154,12 +155,11 @@ def main(argv=None) -> int:
     if args.steps:
         config["steps"] = args.steps
 
+    from neuralreg_eval import baselines, benchmark
     from tqdm.auto import tqdm
 
-    from neuralreg import baselines, benchmark
-
     for m in [m for m in methods if m in baselines.BASELINES and not baselines.available(m)]:
-        print(f"note: {m} is not installed (pip install 'neuralreg[baselines]'); skipped", file=sys.stderr)
+        print(f"note: {m} is not installed (pip install -e './eval[baselines]'); skipped", file=sys.stderr)
         methods.remove(m)
 
     args.out.mkdir(parents=True, exist_ok=True)
@@ -218,8 +218,7 @@ def _figure(rows, methods, path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from neuralreg.knee import GROSS_FAILURE_BONE_DICE
+    from neuralreg_eval.knee import GROSS_FAILURE_BONE_DICE
 
     ok = [r for r in rows if not r.get("error")]
     pairs = sorted({r["pair"] for r in ok}, key=lambda p: min(float(r["initial_bone"]) for r in ok if r["pair"] == p))

@@ -44,7 +44,7 @@ def fair_knee(root: Path, out: Path, base_config, overwrite: bool) -> dict:
 
     import neuralreg
     from neuralreg.io import preprocess, read_image
-    from neuralreg.outputs import write_outputs
+    from neuralreg.report.outputs import write_outputs
     from neuralreg.result import Registration
 
     moving = preprocess(read_image(root / "fair_knee" / "knee_template.nii.gz"))
@@ -67,12 +67,13 @@ def dess_knee(root: Path, out: Path, base_config, k: int, amplitude: float, shap
     """moving(y) = fixed(T(y)), T(y) = y + u(y) known: the true Phi_BA is T on the moving grid."""
     import numpy as np
     import torch
+    from neuralreg_eval import knee
 
     import neuralreg
-    from neuralreg import knee, phantoms
-    from neuralreg.coordinates import apply_affine, grid_points
+    from neuralreg import phantoms
+    from neuralreg.geometry.coordinates import apply_affine, grid_points
     from neuralreg.io import preprocess, read_image
-    from neuralreg.outputs import write_outputs
+    from neuralreg.report.outputs import write_outputs
 
     files = sorted((root / "dess_knee").glob("*.nii*"))
     if not files:

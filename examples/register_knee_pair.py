@@ -35,11 +35,12 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    from neuralreg_eval import knee
+
     import neuralreg
-    from neuralreg import knee
     from neuralreg.errors import InputError
     from neuralreg.io import preprocess, read_image, read_labels
-    from neuralreg.outputs import OutputExists, prepare_output, write_outputs
+    from neuralreg.report.outputs import OutputExists, prepare_output, write_outputs
 
     try:
         prepare_output(args.out, args.overwrite)

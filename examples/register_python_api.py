@@ -11,7 +11,7 @@ import sys
 import neuralreg
 from neuralreg.errors import InputError
 from neuralreg.io import preprocess, read_image
-from neuralreg.outputs import write_outputs
+from neuralreg.report.outputs import write_outputs
 
 
 def main() -> int:

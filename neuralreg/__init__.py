@@ -1,12 +1,12 @@
 """neuralreg: pairwise image registration with neural fields and GradICON."""
 
-from .config import FieldConfig, HashGridConfig, RegistrationConfig
-from .encoding import HashGridEncoding, available_backends
-from .errors import InputError, RegistrationDiverged, RegistrationFileError, RegistrationWarning
-from .field import NeuralField
-from .image import Image
-from .registration import register_pair
-from .result import Registration
+from neuralreg.api import register_pair
+from neuralreg.config import FieldConfig, HashGridConfig, RegistrationConfig
+from neuralreg.errors import InputError, RegistrationDiverged, RegistrationFileError, RegistrationWarning
+from neuralreg.fields.encoding import HashGridEncoding, available_backends
+from neuralreg.fields.field import NeuralField
+from neuralreg.geometry.image import Image
+from neuralreg.result import Registration
 
 __version__ = "0.1.0"
 

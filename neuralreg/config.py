@@ -10,6 +10,9 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from neuralreg.losses import REGULARIZERS as _REGULARIZER_TABLE
+from neuralreg.losses import SIMILARITIES as _SIMILARITY_TABLE
+
 
 @dataclass
 class HashGridConfig:
@@ -82,8 +85,8 @@ class FieldConfig:
             raise ValueError(f"backend must be torch, native, tcnn or auto, not {self.backend!r}")
 
 
-SIMILARITIES = ("mse", "ncc", "lncc")
-REGULARIZERS = ("gradicon", "gradicon_fd", "icon", "diffusion", "bending", "none")
+SIMILARITIES = tuple(_SIMILARITY_TABLE)
+REGULARIZERS = tuple(_REGULARIZER_TABLE)
 
 
 @dataclass

@@ -1,9 +1,25 @@
-"""Evaluation: Dice, Jacobian determinant and folds, inverse consistency, landmark error."""
+"""Evaluation: Dice, Jacobian determinant and folds, inverse consistency, landmark error,
+and the one schema of a registered pair's scores.
+
+``SCORES``: the names and meanings of the scores that ``report.json``, the batch's
+``summary.csv`` and the benchmark tables share (each adds its own: Dice per label,
+cartilage Dice, timings).
+"""
 
 from __future__ import annotations
 
 import numpy as np
 import torch
+
+from neuralreg.geometry.coordinates import apply_affine, grid_points
+
+SCORES = {
+    "percent_folds_forward": "% of fixed-grid voxels where det J of Phi_AB < 0 (backward differences)",
+    "percent_folds_inverse": "% of moving-grid voxels where det J of Phi_BA < 0",
+    "inverse_consistency_error_mm": "mean |Phi_AB(Phi_BA(y)) - y| in mm over moving-grid voxels y",
+    "seconds": "wall seconds of the registration",
+    "quality": "the self-check's verdict: good, check or failed",
+}
 
 
 def dice(labels_a, labels_b, labels=None) -> dict:
@@ -66,6 +82,27 @@ def percent_folds(det: torch.Tensor, mask: torch.Tensor | None = None) -> float:
     if mask is not None:
         interior = interior[mask[(slice(1, None),) * det.dim()] > 0]
     return 100.0 * float((interior < 0).double().mean()) if interior.numel() else 0.0
+
+
+@torch.no_grad()
+def inverse_consistency_error(
+    there, back, grid, max_points: int = 200000, mask: torch.Tensor | None = None, dtype=torch.float32
+) -> float:
+    """Mean ||back(there(x)) - x|| in mm over the voxels x of ``grid`` = (shape, affine).
+
+    ``there``, ``back``: transforms (``map_points``, world mm), e.g. Phi_BA and Phi_AB for
+    x in the moving space. ``mask`` (the grid's shape) keeps its non-zero voxels; above
+    ``max_points`` voxels a fixed-seed random subset is used. Voxel points are made in ``dtype``.
+    """
+    shape, affine = grid
+    vox = grid_points(shape, dtype=dtype)
+    if mask is not None:
+        vox = vox[mask.reshape(-1) > 0]
+    if vox.shape[0] > max_points:
+        g = torch.Generator().manual_seed(0)
+        vox = vox[torch.randperm(vox.shape[0], generator=g)[:max_points]]
+    x = apply_affine(affine, vox)
+    return float(torch.linalg.norm(back.map_points(there.map_points(x)) - x, dim=1).mean())
 
 
 def landmark_error(mapped_fixed_points: torch.Tensor, moving_points: torch.Tensor) -> dict:

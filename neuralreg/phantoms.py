@@ -10,8 +10,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .coordinates import apply_affine, grid_points
-from .image import Image
+from neuralreg.geometry.coordinates import apply_affine, grid_points
+from neuralreg.geometry.image import Image
+from neuralreg.geometry.transforms import map_grid, sample_world
 
 KNEE_LABELS = {1: "femur", 2: "femoral cartilage", 3: "tibia", 4: "tibial cartilage"}
 
@@ -99,11 +100,8 @@ def smooth_random_displacement(
 
 def warp_by_displacement(image: Image, displacement_mm: torch.Tensor, mode: str = "linear") -> Image:
     """``image(x + u(x))`` on the image's own grid, u (*shape, d) in world mm."""
-    shape, d = image.shape, image.n_dims
-    x = apply_affine(image.affine, grid_points(shape, dtype=torch.float64))
-    y = x + displacement_mm.reshape(-1, d).double()
-    vox = apply_affine(np.linalg.inv(image.affine), y).float()
-    values = image.sample(vox, mode=mode, padding="border").reshape(shape)
+    x = map_grid(None, image.shape, image.affine, dtype=torch.float64)
+    values = sample_world(image, x + displacement_mm.double(), mode, padding="border")
     if not image.data.is_floating_point():
         values = values.round().to(image.data.dtype)
     return image.with_data(values)

@@ -34,9 +34,9 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 
-from .coordinates import apply_affine, grid_world_box
-from .image import Image
-from .similarity import lncc, ncc
+from neuralreg.geometry.coordinates import apply_affine, grid_world_box
+from neuralreg.geometry.image import Image
+from neuralreg.losses.similarity import lncc, ncc
 
 MIN_OVERLAP = 0.5
 MIN_NCC = 0.75

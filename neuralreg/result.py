@@ -8,13 +8,15 @@ import warnings
 import numpy as np
 import torch
 
-from .affine import AffineMap, ComposedMap, world_matrix
-from .config import RegistrationConfig
-from .coordinates import NormalizedBox, apply_affine, grid_points
-from .errors import RegistrationFileError
-from .field import NeuralField
-from .image import Image
-from .metrics import jacobian_determinant, percent_folds
+from neuralreg.config import RegistrationConfig
+from neuralreg.errors import RegistrationFileError
+from neuralreg.fields.affine import AffineMap, ComposedMap, world_matrix
+from neuralreg.fields.field import NeuralField
+from neuralreg.files import atomic_write
+from neuralreg.geometry.coordinates import NormalizedBox, apply_affine, grid_points
+from neuralreg.geometry.image import Image
+from neuralreg.geometry.transforms import map_grid, resample, sample_world
+from neuralreg.metrics import inverse_consistency_error, jacobian_determinant, percent_folds
 
 FORMAT_VERSION = 1
 
@@ -111,6 +113,11 @@ class Registration:
             out = apply_affine(self.prealign, out.double()).float()
         return out
 
+    def transform(self, direction: str = "forward") -> _Direction:
+        """One direction as a transform (``map_points``, world mm) for ``geometry.transforms``."""
+        self._field(direction)
+        return _Direction(self, direction)
+
     @torch.no_grad()
     def map_on_grid(self, shape=None, affine=None, direction: str = "forward", chunk: int = 65536) -> torch.Tensor:
         """World coordinates (*shape, d) of Phi at every voxel of a grid (default: the grid of its domain)."""
@@ -119,11 +126,7 @@ class Registration:
         key = (direction, tuple(shape), np.asarray(affine, dtype=np.float64).tobytes())
         if key in self._grid_cache:
             return self._grid_cache[key].clone()
-        out = torch.empty(int(np.prod(shape)), len(shape))
-        for s in range(0, out.shape[0], chunk):
-            vox = _voxels(shape, s, min(s + chunk, out.shape[0]))
-            out[s : s + chunk] = self.map_points(apply_affine(affine, vox), direction, chunk)
-        out = out.reshape(*shape, len(shape))
+        out = map_grid(self.transform(direction), shape, affine, chunk)
         if len(self._grid_cache) >= 4:
             self._grid_cache.pop(next(iter(self._grid_cache)))
         self._grid_cache[key] = out
@@ -147,26 +150,12 @@ class Registration:
             grid: (shape, affine) of the output; default the other image's grid.
         """
         shape, affine = grid if grid is not None else self._grid(direction)
-        phi = self.map_on_grid(shape, affine, direction).reshape(-1, len(shape))
-        vox = apply_affine(np.linalg.inv(image.affine), phi.double()).float()
-        values = torch.empty(vox.shape[0])
-        src = image.data.float()
-        for s in range(0, vox.shape[0], 262144):
-            values[s : s + 262144] = Image(src, image.affine).sample(vox[s : s + 262144], mode=mode)
-        data = values.reshape(shape)
-        if mode == "nearest" and not image.data.is_floating_point():
-            data = data.round().to(image.data.dtype)
-        return Image(data, affine)
+        return Image(sample_world(image, self.map_on_grid(shape, affine, direction), mode), affine)
 
     @staticmethod
-    @torch.no_grad()
     def identity_warp(image: Image, target: Image, mode: str = "nearest") -> Image:
         """``image`` resampled onto ``target``'s grid by the identity map (world coordinates)."""
-        vox = apply_affine(np.linalg.inv(image.affine) @ target.affine, grid_points(target.shape, dtype=torch.float64))
-        values = image.sample(vox.float(), mode=mode).reshape(target.shape)
-        if mode == "nearest" and not image.data.is_floating_point():
-            values = values.round().to(image.data.dtype)
-        return Image(values, target.affine)
+        return resample(image, None, (target.shape, target.affine), mode)
 
     def jacobian_determinant(self, direction: str = "forward") -> Image:
         """det of d(Phi)/dx on the domain grid (backward differences), as an Image."""
@@ -188,17 +177,10 @@ class Registration:
 
         ``mask`` (the grid's shape) restricts the mean to its non-zero voxels.
         """
-        shape, affine = self._grid(direction)
-        vox = grid_points(shape)
-        if mask is not None:
-            vox = vox[mask.reshape(-1) > 0]
-        if vox.shape[0] > max_points:
-            g = torch.Generator().manual_seed(0)
-            vox = vox[torch.randperm(vox.shape[0], generator=g)[:max_points]]
-        x = apply_affine(affine, vox)
         other = "forward" if direction == "inverse" else "inverse"
-        back = self.map_points(self.map_points(x, direction), other)
-        return float(torch.linalg.norm(back - x, dim=1).mean())
+        return inverse_consistency_error(
+            self.transform(direction), self.transform(other), self._grid(direction), max_points, mask
+        )
 
     def state(self) -> dict:
         return {
@@ -217,8 +199,6 @@ class Registration:
 
     def save(self, path) -> None:
         """Save the fitted fields (re-evaluate later at any resolution with ``Registration.load``)."""
-        from .io import atomic_write
-
         with atomic_write(path) as tmp:
             torch.save(self.state(), tmp)
 
@@ -277,10 +257,11 @@ class Registration:
         )
 
 
-def _voxels(shape, start: int, stop: int) -> torch.Tensor:
-    flat = torch.arange(start, stop)
-    idx = []
-    for n in reversed(shape):
-        idx.append(flat % n)
-        flat = flat // n
-    return torch.stack(idx[::-1], 1).float()
+class _Direction:
+    """``Registration.transform(direction)``: Phi_AB (``forward``) or Phi_BA as ``map_points``."""
+
+    def __init__(self, reg: Registration, direction: str):
+        self.reg, self.direction = reg, direction
+
+    def map_points(self, points_world: torch.Tensor) -> torch.Tensor:
+        return self.reg.map_points(points_world, self.direction)

@@ -1,7 +1,7 @@
 import numpy as np
 import torch
 
-from neuralreg.coordinates import apply_affine, grid_points
+from neuralreg.geometry.coordinates import apply_affine, grid_points
 from neuralreg.metrics import dice, jacobian_determinant, landmark_error, percent_folds
 
 

@@ -1,0 +1,110 @@
+"""The global affine part of a pair's maps, and its composition with the neural fields.
+
+With an affine T (normalized coordinates, see ``neuralreg.geometry.coordinates``) the pair's maps are
+
+    Phi_AB(u) = psi_AB(T(u))        (fixed -> moving)
+    Phi_BA(u) = psi_BA(T^-1(u))     (moving -> fixed)
+
+where psi(y) = y + D(y) are the ``NeuralField`` s. T and T^-1 are exact inverses, so the
+affine part alone is inverse consistent; the fields model what remains.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from neuralreg.fields.field import NeuralField
+
+
+class AffineMap(nn.Module):
+    """T(u) = c + (I + W)(u - c) + t, c = 0.5 (the box center): identity at init.
+
+    Parameters ``weight`` W (d, d) and ``translation`` t (d,), normalized units.
+    """
+
+    def __init__(self, n_dims: int):
+        super().__init__()
+        self.n_dims = n_dims
+        self.weight = nn.Parameter(torch.zeros(n_dims, n_dims))
+        self.translation = nn.Parameter(torch.zeros(n_dims))
+
+    def linear(self) -> torch.Tensor:
+        """I + W, (d, d)."""
+        return torch.eye(self.n_dims, device=self.weight.device) + self.weight
+
+    def matrix(self, inverse: bool = False) -> torch.Tensor:
+        """(d+1, d+1) homogeneous matrix of T (or T^-1) on normalized coordinates."""
+        d = self.n_dims
+        a = self.linear()
+        c = torch.full((d,), 0.5, device=a.device)
+        m = torch.eye(d + 1, device=a.device)
+        m[:d, :d] = a
+        m[:d, d] = c - a @ c + self.translation
+        return torch.linalg.inv(m) if inverse else m
+
+    def apply(self, u: torch.Tensor, inverse: bool = False) -> torch.Tensor:
+        """T(u) or T^-1(u) for points u (N, d)."""
+        m = self.matrix(inverse).to(u.dtype)
+        d = self.n_dims
+        return u @ m[:d, :d].T + m[:d, d]
+
+    def set_matrix(self, matrix) -> None:
+        """Set T from a (d+1, d+1) homogeneous matrix on normalized coordinates."""
+        m = torch.as_tensor(np.asarray(matrix), dtype=torch.float32)
+        d = self.n_dims
+        a = m[:d, :d]
+        c = torch.full((d,), 0.5)
+        with torch.no_grad():
+            self.weight.copy_(a - torch.eye(d))
+            self.translation.copy_(m[:d, d] - c + a @ c)
+
+
+class ComposedMap(nn.Module):
+    """Phi(u) = field(T(u)) (``inverse=False``) or field(T^-1(u)): one direction of a pair.
+
+    Offers the ``NeuralField`` interface used by the losses: ``forward`` (N, d) -> (N, d),
+    ``forward_with_jacobian`` and ``encoding``.
+    """
+
+    def __init__(self, field: NeuralField, affine: AffineMap, inverse: bool):
+        super().__init__()
+        self.field = field
+        self.affine = affine
+        self.inverse = inverse
+
+    @property
+    def encoding(self):
+        return self.field.encoding
+
+    def forward(self, u: torch.Tensor) -> torch.Tensor:
+        return self.field(self.affine.apply(u, self.inverse))
+
+    def forward_with_jacobian(self, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Phi(u) (N, d) and its Jacobian (N, d, d): J_field(T u) times the linear part of T."""
+        m = self.affine.matrix(self.inverse).to(u.dtype)
+        d = self.affine.n_dims
+        y, jac = self.field.forward_with_jacobian(u @ m[:d, :d].T + m[:d, d])
+        return y, torch.matmul(jac, m[:d, :d])
+
+
+def world_matrix(affine_normalized: np.ndarray, box) -> np.ndarray:
+    """The affine of normalized coordinates as a world (mm) matrix: x -> box^-1(T(box(x)))."""
+    d = box.n_dims
+    to_u = np.eye(d + 1)
+    to_u[:d, :d] = np.eye(d) / box.scale
+    to_u[:d, d] = -np.asarray(box.center) / box.scale + 0.5
+    return np.linalg.inv(to_u) @ np.asarray(affine_normalized, dtype=np.float64) @ to_u
+
+
+def intensity_centroid(image) -> np.ndarray:
+    """World centroid (d,) of an image's intensity above its minimum (for translation init)."""
+    from neuralreg.geometry.coordinates import apply_affine, grid_points
+
+    small = image.downsample(2) if min(image.shape) >= 8 else image
+    w = (small.data.float() - small.data.float().min()).reshape(-1).double()
+    if float(w.sum()) <= 0:
+        w = torch.ones_like(w)
+    x = apply_affine(small.affine, grid_points(small.shape, dtype=torch.float64))
+    return (w[:, None] * x).sum(0).numpy() / float(w.sum())

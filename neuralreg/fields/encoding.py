@@ -1,0 +1,139 @@
+"""One hash-grid encoding interface with a backend switch (``torch``, ``native``, ``tcnn``, ``auto``).
+
+Every backend uses the same parameter layout (tcnn's), so a table trained with one can
+be evaluated with another. Inputs are clamped to [0, 1]^d before any backend sees them.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import nn
+
+from neuralreg.config import HashGridConfig
+from neuralreg.fields.hashgrid import level_layout
+from neuralreg.fields.reference import TorchHashGridIndexer, hashgrid_encode_torch
+
+BACKENDS = ("torch", "native", "tcnn")
+
+
+def available_backends() -> dict[str, str]:
+    """Which hash-grid backends can run here, with a one-line reason for each."""
+    from neuralreg.fields import native
+    from neuralreg.fields import tcnn as tcnn_backend
+
+    return {
+        "torch": "available (pure-PyTorch reference)",
+        "native": native.status("cpu") + (f"; CUDA: {native.status('cuda')}" if torch.cuda.is_available() else ""),
+        "tcnn": tcnn_backend.status(),
+    }
+
+
+def resolve_backend(backend: str, device: torch.device | str = "cpu") -> str:
+    """Map ``auto`` to the fastest backend available on ``device``; check the others."""
+    from neuralreg.fields import native
+    from neuralreg.fields import tcnn as tcnn_backend
+
+    device = torch.device(device)
+    if backend == "auto":
+        if device.type == "cuda" and tcnn_backend.is_available():
+            return "tcnn"
+        if native.hashgrid_available(device):
+            return "native"
+        return "torch"
+    if backend == "native" and not native.hashgrid_available(device):
+        warnings.warn(
+            f"native hash-grid backend unavailable ({native.status()}); using torch",
+            stacklevel=2,
+        )
+        return "torch"
+    if backend == "tcnn" and not (device.type == "cuda" and tcnn_backend.is_available()):
+        raise RuntimeError(f"tcnn backend requested but {tcnn_backend.status()} (needs CUDA)")
+    return backend
+
+
+class HashGridEncoding(nn.Module):
+    """Multiresolution hash encoding of points in [0, 1]^d.
+
+    Args:
+        n_dims: input dimension d (2 or 3).
+        config: the encoding configuration (tcnn keys).
+        backend: ``torch``, ``native``, ``tcnn`` or ``auto``.
+
+    ``forward(x)``: x (N, d) -> (N, L*F) features in the input's float dtype (float32 for tcnn).
+    ``level_mask``: a (L,) buffer of 0/1 that switches levels off (coarse-to-fine).
+    """
+
+    def __init__(self, n_dims: int, config: HashGridConfig | None = None, backend: str = "torch"):
+        super().__init__()
+        if n_dims not in (2, 3):
+            raise ValueError(f"hash-grid encoding supports 2 or 3 dimensions, not {n_dims}")
+        self.config = config or HashGridConfig()
+        self.n_dims = n_dims
+        self.layout = level_layout(self.config, n_dims)
+        self.n_output_dims = self.config.n_levels * self.config.n_features_per_level
+        table = torch.empty(self.layout.n_params_rows, self.config.n_features_per_level)
+        nn.init.uniform_(table, -1e-4, 1e-4)
+        self.table = nn.Parameter(table)
+        self.register_buffer("level_mask", torch.ones(self.config.n_levels))
+        self._indexer = None
+        self.backend = backend
+        self._tcnn = None
+
+    def set_backend(self, backend: str) -> None:
+        self.backend = resolve_backend(backend, self.table.device)
+
+    def set_active_levels(self, n_active: int) -> None:
+        """Enable the ``n_active`` coarsest levels; finer ones output zero and receive no gradient."""
+        mask = torch.zeros_like(self.level_mask)
+        mask[: max(1, min(n_active, self.config.n_levels))] = 1
+        self.level_mask.copy_(mask)
+
+    def indexer(self) -> TorchHashGridIndexer:
+        dev = self.table.device
+        if self._indexer is None or self._indexer.scales.device != dev:
+            self._indexer = TorchHashGridIndexer(self.layout, self.n_dims, dev)
+        return self._indexer
+
+    def forward_with_jacobian(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Features (N, L*F) and their spatial Jacobian (N, L*F, d), differentiable once.
+
+        The native backend computes both in one kernel; the others take the Jacobian by
+        autograd (d backward passes) with the same result.
+        """
+        inside = ((x >= 0) & (x <= 1)).to(x.dtype)  # the clamp's derivative
+        if self.backend == "native":
+            from neuralreg.fields import native
+
+            xc = x.clamp(0.0, 1.0)
+            feats, jac = native.hashgrid_encode_with_jacobian(
+                xc, self.table.to(x.dtype), self.layout, self.config.interpolation == "Smoothstep"
+            )
+            mask = self.level_mask.to(feats.dtype).repeat_interleave(self.config.n_features_per_level)
+            return feats * mask, jac * mask[:, None] * inside[:, None, :]
+        xg = x if x.requires_grad else x.detach().requires_grad_(True)
+        feats = self(xg)
+        rows = [
+            torch.autograd.grad(feats[:, k].sum(), xg, create_graph=True, retain_graph=True)[0]
+            for k in range(feats.shape[1])
+        ]
+        return feats, torch.stack(rows, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.clamp(0.0, 1.0)
+        smooth = self.config.interpolation == "Smoothstep"
+        if self.backend == "torch":
+            out = hashgrid_encode_torch(x, self.table.to(x.dtype), self.indexer(), smooth)
+        elif self.backend == "native":
+            from neuralreg.fields import native
+
+            out = native.hashgrid_encode(x, self.table.to(x.dtype), self.layout, smooth)
+        elif self.backend == "tcnn":
+            from neuralreg.fields import tcnn as tcnn_backend
+
+            out = tcnn_backend.encode(self, x)
+        else:
+            raise RuntimeError(f"backend {self.backend!r} not resolved; call set_backend")
+        mask = self.level_mask.to(out.dtype).repeat_interleave(self.config.n_features_per_level)
+        return out * mask

@@ -1,0 +1,53 @@
+"""Similarities and regularizers, registered by name: the config, the CLI and the optimizer
+read these tables, so a new term is a function here and one entry below.
+
+``SIMILARITIES[name](warped (N,) or (W, k), fixed same) -> scalar`` loss (lower is better).
+
+``REGULARIZERS[name]`` is a ``Regularizer``: ``make(config, box)`` gives the term
+``(phi_a, phi_b, u (N, d) normalized points) -> scalar``. An inverse-consistency term
+(``fields_only=False``) gets the full maps (affine part included) and is evaluated both
+ways, Phi_AB o Phi_BA on moving-domain points and Phi_BA o Phi_AB on fixed-domain points;
+a smoothness term (``fields_only=True``) gets the two fields alone and all the points.
+``"none"`` switches the regularizer off.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from neuralreg.losses import regularizers
+from neuralreg.losses.similarity import lncc, mse, ncc
+
+SIMILARITIES: dict[str, Callable] = {"mse": mse, "ncc": ncc, "lncc": lncc}
+
+
+@dataclass(frozen=True)
+class Regularizer:
+    make: Callable  # (config, box) -> term(phi_a, phi_b, u)
+    fields_only: bool = False
+
+
+def _gradicon(cfg, box):
+    return regularizers.gradicon_analytic if cfg.jacobian == "analytic" else regularizers.gradicon
+
+
+def _gradicon_fd(cfg, box):
+    step = cfg.fd_step_mm / box.scale
+
+    def term(a, b, u):
+        return regularizers.gradicon_fd(a, b, u, step)
+
+    return term
+
+
+REGULARIZERS: dict[str, Regularizer | None] = {
+    "gradicon": Regularizer(_gradicon),
+    "gradicon_fd": Regularizer(_gradicon_fd),
+    "icon": Regularizer(lambda cfg, box: regularizers.icon),
+    "diffusion": Regularizer(lambda cfg, box: regularizers.diffusion, fields_only=True),
+    "bending": Regularizer(lambda cfg, box: regularizers.bending, fields_only=True),
+    "none": None,
+}
+
+__all__ = ["REGULARIZERS", "SIMILARITIES", "Regularizer"]

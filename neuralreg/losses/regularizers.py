@@ -1,0 +1,86 @@
+"""Regularizers of a pair of maps, evaluated at sampled points.
+
+Each takes the maps ``phi_ab`` and ``phi_ba`` (callables (N, d) -> (N, d) in normalized
+coordinates, see ``neuralreg.geometry.coordinates``) and points ``u`` (N, d) in the domain of ``phi_ba``.
+
+GradICON here is ``mean_x ||grad(phi_ab o phi_ba)(x) - I||_F^2``. The convolutional
+model of ``icon_registration.losses.GradientICON`` averages the same squared entries over
+its d channels as well, so its value is this one divided by d.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def _eye_rows(u: torch.Tensor):
+    d = u.shape[1]
+    return torch.eye(d, dtype=u.dtype, device=u.device)
+
+
+def jacobian_autograd(y: torch.Tensor, u: torch.Tensor, create_graph: bool = True) -> torch.Tensor:
+    """Spatial Jacobian dy/du (N, d_out, d_in) of pointwise y(u) by autograd (one pass per output)."""
+    rows = [
+        torch.autograd.grad(y[:, i].sum(), u, create_graph=create_graph, retain_graph=True)[0]
+        for i in range(y.shape[1])
+    ]
+    return torch.stack(rows, 1)
+
+
+def gradicon(phi_ab, phi_ba, u: torch.Tensor) -> torch.Tensor:
+    """GradICON by autograd: mean ||J(phi_ab o phi_ba) - I||_F^2 (differentiable w.r.t. parameters)."""
+    u = u.detach().requires_grad_(True)
+    jac = jacobian_autograd(phi_ab(phi_ba(u)), u)
+    return ((jac - _eye_rows(u)) ** 2).sum((1, 2)).mean()
+
+
+def gradicon_analytic(phi_ab, phi_ba, u: torch.Tensor) -> torch.Tensor:
+    """GradICON with each field's Jacobian pushed forward through its MLP (same value as ``gradicon``).
+
+    ``phi_ab`` and ``phi_ba`` must provide ``forward_with_jacobian`` (``NeuralField`` does):
+    J(phi_ab o phi_ba)(u) = J_ab(phi_ba(u)) J_ba(u), one forward and one backward pass.
+    """
+    y, jac_ba = phi_ba.forward_with_jacobian(u)
+    _, jac_ab = phi_ab.forward_with_jacobian(y)
+    jac = torch.matmul(jac_ab, jac_ba)
+    return ((jac - _eye_rows(u)) ** 2).sum((1, 2)).mean()
+
+
+def gradicon_fd(phi_ab, phi_ba, u: torch.Tensor, step: float) -> torch.Tensor:
+    """GradICON by forward finite differences with ``step`` (normalized units), as the convolutional model."""
+    y0 = phi_ab(phi_ba(u))
+    total = 0.0
+    eye = _eye_rows(u)
+    for i in range(u.shape[1]):
+        col = (phi_ab(phi_ba(u + step * eye[i])) - y0) / step
+        total = total + ((col - eye[i]) ** 2).sum(1)
+    return total.mean()
+
+
+def icon(phi_ab, phi_ba, u: torch.Tensor) -> torch.Tensor:
+    """ICON: mean ||phi_ab(phi_ba(u)) - u||^2 (normalized units squared)."""
+    return ((phi_ab(phi_ba(u)) - u) ** 2).sum(1).mean()
+
+
+def diffusion(phi_ab, phi_ba, u: torch.Tensor) -> torch.Tensor:
+    """Mean ||grad D||_F^2 of each field's displacement, summed over both fields."""
+    total = 0.0
+    for phi in (phi_ab, phi_ba):
+        v = u.detach().requires_grad_(True)
+        jac = jacobian_autograd(phi(v), v)
+        total = total + ((jac - _eye_rows(v)) ** 2).sum((1, 2)).mean()
+    return total
+
+
+def bending(phi_ab, phi_ba, u: torch.Tensor) -> torch.Tensor:
+    """Mean sum of squared second derivatives of each field (bending energy), both fields summed."""
+    total = 0.0
+    for phi in (phi_ab, phi_ba):
+        v = u.detach().requires_grad_(True)
+        jac = jacobian_autograd(phi(v), v)  # (N, d, d)
+        d = v.shape[1]
+        for i in range(d):
+            for j in range(d):
+                h = torch.autograd.grad(jac[:, i, j].sum(), v, create_graph=True, retain_graph=True)[0]
+                total = total + (h**2).sum(1).mean()
+    return total

@@ -1,0 +1,572 @@
+"""``register_pair``: optimize the two neural fields of one image pair.
+
+The steps, each its own function: check the inputs; choose the start (``_choose_start``:
+the global search and a short affine fit per candidate); fit the global affine part
+(``_fit_affine``); fit the fields coarse to fine (``_fit_fields``: Adam, the NaN recovery
+and the watchdog's rollback); wrap the result and run the self-check. What every step
+reads about the pair (config, images, masks, normalized box, device) is one ``_Pair``.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import time
+import warnings
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from neuralreg.config import RegistrationConfig
+from neuralreg.errors import InputError, RegistrationDiverged, RegistrationWarning
+from neuralreg.fields.affine import AffineMap, ComposedMap, intensity_centroid
+from neuralreg.fields.field import NeuralField
+from neuralreg.geometry.coordinates import NormalizedBox, apply_affine
+from neuralreg.geometry.image import Image
+from neuralreg.losses import REGULARIZERS, SIMILARITIES
+from neuralreg.optim.points import VoxelSampler, edge_weights
+from neuralreg.quality import assess
+from neuralreg.result import Registration
+
+
+def check_image(image: Image, name: str) -> None:
+    """Raise ``InputError`` for non-finite or constant images."""
+    data = image.data
+    if not data.is_floating_point():
+        data = data.float()
+    if not bool(torch.isfinite(data).all()):
+        raise InputError(f"{name} contains NaN or Inf voxels")
+    if float(data.max() - data.min()) == 0.0:
+        raise InputError(f"{name} is constant: nothing to register")
+
+
+class _Watchdog:
+    """Catches a run that jumps away from a good state without producing NaN.
+
+    Within one pyramid stage it tracks the ``window``-step running mean of each similarity
+    term and its best (lowest) value; a term whose running mean rises more than
+    ``tolerance`` above its best has diverged (in units of 1 - NCC; for ``mse`` relative
+    to its best). Seen on real-geometry knee pairs: one field jumped within 3 steps of a
+    stage start to a 40 mm offset outside the other image, where the similarity has no
+    gradient and GradICON (blind to a constant shift of the composition) cannot pull it back.
+    """
+
+    def __init__(self, tolerance: float, relative: bool, window: int = 5):
+        self.tolerance, self.relative, self.window = tolerance, relative, window
+        self.reset()
+
+    def reset(self) -> None:
+        """Start a new stage (the similarity's scale changes with the resolution)."""
+        self.recent: list[tuple[float, ...]] = []
+        self.best: tuple[float, ...] | None = None
+
+    def _running(self) -> tuple[float, ...]:
+        return tuple(float(np.mean(v)) for v in zip(*self.recent, strict=True))
+
+    def _over(self, tolerance: float) -> bool:
+        limits = [b * (1 + tolerance) if self.relative else b + tolerance for b in self.best]
+        return any(r > lim for r, lim in zip(self._running(), limits, strict=True))
+
+    def update(self, *terms: float) -> bool:
+        """Record one step's terms; True when a term has diverged (then the window restarts)."""
+        self.recent = (self.recent + [terms])[-self.window :]
+        if len(self.recent) < self.window or self.tolerance <= 0:
+            return False
+        running = self._running()
+        self.best = running if self.best is None else tuple(map(min, self.best, running))
+        if self._over(self.tolerance):
+            self.recent = []
+            return True
+        return False
+
+    def healthy(self) -> bool:
+        """Whether the latest running means are within half the tolerance of the best (safe to snapshot)."""
+        return self.best is None or len(self.recent) < self.window or not self._over(self.tolerance / 2)
+
+
+class _Stage:
+    """One pyramid level: down-sampled images, their voxel<->normalized maps and samplers."""
+
+    def __init__(
+        self, moving, fixed, moving_mask, fixed_mask, factor, box, generator, device, edge_fraction=0.0, edge_power=1.0
+    ):
+        self.moving = moving.to(device).downsample(factor)
+        self.fixed = fixed.to(device).downsample(factor)
+        self.moving_sampler, self.fixed_sampler = (
+            VoxelSampler(
+                img.shape,
+                _mask(mask, factor, device),
+                generator,
+                weights=edge_weights(img.data, edge_power) if edge_fraction > 0 else None,
+                weighted_fraction=edge_fraction,
+                device=device,
+            )
+            for img, mask in ((self.moving, moving_mask), (self.fixed, fixed_mask))
+        )
+        self.vox_to_u = {
+            "moving": box.voxel_to_normalized_matrix(self.moving.affine),
+            "fixed": box.voxel_to_normalized_matrix(self.fixed.affine),
+        }
+        self.u_to_vox = {k: np.linalg.inv(v) for k, v in self.vox_to_u.items()}
+
+
+@dataclasses.dataclass
+class _Pair:
+    """One pair as every step of the fit reads it: the moving image (and mask) already in
+    the frame of the chosen start, the fixed image, the normalized box around both."""
+
+    cfg: RegistrationConfig
+    moving: Image
+    fixed: Image
+    moving_mask: Image | None
+    fixed_mask: Image | None
+    box: NormalizedBox
+    device: torch.device
+    fused_warp: bool
+
+    def stage(self, factor: int, generator) -> _Stage:
+        """The pyramid level ``factor`` (edge-weighted samplers as the config says)."""
+        m, f, cfg = self.moving, self.fixed, self.cfg
+        return _Stage(m, f, self.moving_mask, self.fixed_mask, factor, self.box, generator, self.device,
+                      cfg.edge_fraction, cfg.edge_power)  # fmt: skip
+
+    @property
+    def check_every(self) -> int:
+        """Steps between host reads of the loss (``config.check_every``; 1 on the CPU, 10 on a GPU)."""
+        return self.cfg.check_every or (1 if self.device.type == "cpu" else 10)
+
+
+def _mask(mask: Image | None, factor: int, device):
+    if mask is None:
+        return None
+    return mask.with_data((mask.data > 0).float()).to(device).downsample(factor).data > 0.5
+
+
+def _similarity_term(cfg, stage, mapping, source: str, target: str, device, fused_warp: bool, similarity=None):
+    """sim(source o mapping, target) at points sampled in the target's domain."""
+    similarity = similarity or cfg.similarity
+    sampler = stage.fixed_sampler if target == "fixed" else stage.moving_sampler
+    target_img = stage.fixed if target == "fixed" else stage.moving
+    source_img = stage.moving if source == "moving" else stage.fixed
+    if similarity == "lncc":
+        k = cfg.lncc_patch_points
+        vox = sampler.sample_windows(max(1, cfg.points // k), k, cfg.lncc_window).to(device)
+    else:
+        vox = sampler.sample(cfg.points).to(device)
+    u = apply_affine(stage.vox_to_u[target], vox)
+    warped_vox = apply_affine(stage.u_to_vox[source], mapping(u))
+    if fused_warp:  # native fused value + gradient kernel
+        from neuralreg.fields import native
+
+        warped = native.warp(source_img.data.float(), warped_vox)
+    else:
+        warped = source_img.sample(warped_vox)
+    fixed_vals = target_img.sample(vox)
+    if similarity == "lncc":
+        warped = warped.reshape(-1, cfg.lncc_patch_points)
+        fixed_vals = fixed_vals.reshape(-1, cfg.lncc_patch_points)
+    return SIMILARITIES[similarity](warped, fixed_vals)
+
+
+def _regularizer_term(cfg, stage, map_ab, map_ba, box, device):
+    """lambda's term; ``map_*`` are the full maps (affine o field).
+
+    Inverse-consistency terms are evaluated both ways, half the points each:
+    Phi_AB o Phi_BA at points of the moving domain and Phi_BA o Phi_AB at points of the
+    fixed domain, so that neither map is left unregularized where the other does not
+    reach (e.g. fixed points that the affine part maps outside the moving image).
+    """
+    if cfg.regularizer == "none" or cfg.regularizer_weight == 0:
+        return torch.zeros((), device=device)
+    n = max(1, cfg.regularizer_points // 2)
+    u_moving = apply_affine(stage.vox_to_u["moving"], stage.moving_sampler.sample(n, weighted=False).to(device))
+    u_fixed = apply_affine(stage.vox_to_u["fixed"], stage.fixed_sampler.sample(n, weighted=False).to(device))
+    entry = REGULARIZERS[cfg.regularizer]
+    term = entry.make(cfg, box)
+    if entry.fields_only:  # the fields only, not the global affine part
+        return term(map_ab.field, map_ba.field, torch.cat([u_moving, u_fixed]))
+    return 0.5 * (term(map_ab, map_ba, u_moving) + term(map_ba, map_ab, u_fixed))
+
+
+def stage_steps(config: RegistrationConfig) -> list[int]:
+    """Steps of each pyramid stage (they add up to ``config.steps``)."""
+    total = sum(config.stage_fractions)
+    steps = [round(config.steps * f / total) for f in config.stage_fractions]
+    steps[-1] = config.steps - sum(steps[:-1])
+    return steps
+
+
+def register_pair(
+    moving: Image,
+    fixed: Image,
+    config: RegistrationConfig | None = None,
+    moving_mask: Image | None = None,
+    fixed_mask: Image | None = None,
+) -> Registration:
+    """Register ``moving`` (A) to ``fixed`` (B) with two neural fields.
+
+    Minimizes sim(A o Phi_AB, B) + sim(B o Phi_BA, A) + lambda * regularizer(Phi_AB, Phi_BA)
+    with Adam, resampling points every step, coarse to fine: the images are box-averaged
+    by ``config.pyramid[s]`` and the finest hash levels are switched on stage by stage.
+
+    Args:
+        moving, fixed: 2D or 3D ``Image`` s with affines (world mm); intensities as given
+            (see ``neuralreg.io`` for MRI/CT preprocessing). ``neuralreg.register_pair``
+            also takes paths of image files.
+        config: ``RegistrationConfig``, a dict of its keys, or None (defaults).
+        moving_mask, fixed_mask: optional masks on the images' grids; similarity points
+            are drawn inside them.
+
+    Returns:
+        ``Registration`` holding both fields (``forward`` = Phi_AB maps fixed-space points
+        into the moving space).
+
+    Raises:
+        InputError: unusable input; RegistrationDiverged: NaN loss beyond recovery.
+
+    Warns:
+        RegistrationWarning: when the self-check (``quality.assess``) finds the result
+        doubtful or probably wrong; the verdict and its reasons are in ``info["quality"]``.
+    """
+    cfg = _as_config(config)
+    moving, fixed = _as_image(moving, "moving"), _as_image(fixed, "fixed")
+    moving_mask = None if moving_mask is None else _as_image(moving_mask, "moving_mask")
+    fixed_mask = None if fixed_mask is None else _as_image(fixed_mask, "fixed_mask")
+    if moving.n_dims != fixed.n_dims:
+        raise InputError(f"moving image is {moving.n_dims}D but fixed image is {fixed.n_dims}D")
+    check_image(moving, "moving image")
+    check_image(fixed, "fixed image")
+    for mask, img, name in (
+        (moving_mask, moving, "moving mask"),
+        (fixed_mask, fixed, "fixed mask"),
+    ):
+        if mask is not None:
+            if mask.shape != img.shape:
+                raise InputError(f"{name} has shape {mask.shape}, its image {img.shape}")
+            if not bool((mask.data > 0).any()):
+                raise InputError(f"{name} is empty")
+    device = torch.device(cfg.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"device {cfg.device!r} requested but no CUDA GPU is available")
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    d = fixed.n_dims
+    t_start = time.perf_counter()
+
+    torch.manual_seed(cfg.seed)
+    generator = torch.Generator(device=device).manual_seed(cfg.seed)  # points are drawn on the device
+    phi_ab = NeuralField(d, cfg.field).to(device)
+    phi_ba = NeuralField(d, cfg.field).to(device)
+    for f in (phi_ab, phi_ba):
+        f.set_backend(cfg.field.backend)
+    fused_warp = phi_ab.encoding.backend == "native"
+    original_moving = moving
+    prealign, search_info = np.eye(d + 1), None
+    if cfg.affine_steps > 0 and cfg.affine_init == "search":
+        prealign, search_info = _choose_start(cfg, moving, fixed, moving_mask, fixed_mask, device, fused_warp)
+        moving, moving_mask = _prealigned(moving, prealign), _prealigned(moving_mask, prealign)
+    box = NormalizedBox.around([(moving.shape, moving.affine), (fixed.shape, fixed.affine)], cfg.margin)
+    pair = _Pair(cfg, moving, fixed, moving_mask, fixed_mask, box, device, fused_warp)
+    affine = AffineMap(d).to(device)
+    history: list[dict] = []
+    if cfg.affine_steps > 0:
+        _fit_affine(pair, affine, generator, history)
+    affine.requires_grad_(False)
+    facts = _fit_fields(pair, phi_ab, phi_ba, affine, generator, history)
+    elapsed = time.perf_counter() - t_start
+    info = {
+        "seconds": elapsed,
+        "seconds_per_step": elapsed / max(cfg.steps, 1),
+        **facts,
+        "backend": phi_ab.encoding.backend,
+        "final": history[-1] if history else {},
+        "affine_steps": cfg.affine_steps,
+        "search": search_info,
+    }
+    reg = Registration(
+        phi_ab,
+        phi_ba,
+        box,
+        (fixed.shape, fixed.affine),
+        (original_moving.shape, original_moving.affine),
+        cfg,
+        history,
+        info,
+        affine=affine.matrix().detach().cpu().double().numpy(),
+        prealign=prealign,
+    )
+    quality = assess(reg, original_moving, fixed)
+    info["quality"] = quality.to_dict()
+    if quality.verdict != "good":
+        warnings.warn(f"registration quality {quality.summary()}", RegistrationWarning, stacklevel=3)
+    return reg
+
+
+def _fit_fields(pair: _Pair, phi_ab, phi_ba, affine, generator, history: list) -> dict:
+    """Fit the two fields (the affine part fixed), coarse to fine: the pyramid's stages switch
+    on the hash levels in turn; a NaN step or a similarity jump (``_Watchdog``) rolls both
+    fields back to the last healthy snapshot at half the learning rate. Appends to
+    ``history``; returns the recoveries, rollbacks and final learning rate."""
+    cfg, device, fused_warp = pair.cfg, pair.device, pair.fused_warp
+    map_ab, map_ba = ComposedMap(phi_ab, affine, False), ComposedMap(phi_ba, affine, True)
+    params = list(phi_ab.parameters()) + list(phi_ba.parameters())
+    lr = cfg.learning_rate
+    optimizer = torch.optim.Adam(params, lr=lr)
+
+    n_levels = cfg.field.encoding.n_levels
+    steps = stage_steps(cfg)
+    recoveries = rollbacks = 0
+    watchdog = _Watchdog(cfg.divergence_tolerance, relative=cfg.similarity == "mse")
+    check_every = pair.check_every
+    snapshot, candidate = _snapshot(phi_ab, phi_ba, optimizer), None  # committed, and awaiting a healthy check
+    pending: list[tuple[int, int, torch.Tensor]] = []  # (step, stage, [loss, sim_ab, sim_ba, reg]) not yet read
+    bar = tqdm(total=cfg.steps, disable=not cfg.progress, desc="register", dynamic_ncols=True)
+    step = 0
+    for s, (factor, n_steps) in enumerate(zip(cfg.pyramid, steps, strict=False)):
+        stage = pair.stage(factor, generator)
+        active = math.ceil(n_levels * (s + 1) / len(cfg.pyramid))
+        for f in (phi_ab, phi_ba):
+            f.encoding.set_active_levels(active)
+        watchdog.reset()
+        i = 0
+        while i < n_steps:
+            if step % 50 == 0 and candidate is None:
+                candidate = _snapshot(phi_ab, phi_ba, optimizer)
+            if s == len(cfg.pyramid) - 1 and cfg.final_lr_fraction != 1.0:
+                frac = cfg.final_lr_fraction
+                scheduled = lr * (frac + (1 - frac) * 0.5 * (1 + math.cos(math.pi * i / max(n_steps, 1))))
+                for g in optimizer.param_groups:
+                    g["lr"] = scheduled
+            optimizer.zero_grad(set_to_none=True)
+            sim_ab = _similarity_term(cfg, stage, map_ab, "moving", "fixed", device, fused_warp)
+            sim_ba = _similarity_term(cfg, stage, map_ba, "fixed", "moving", device, fused_warp)
+            reg = _regularizer_term(cfg, stage, map_ab, map_ba, pair.box, device)
+            loss = sim_ab + sim_ba + cfg.regularizer_weight * reg
+            terms = torch.stack([loss, sim_ab, sim_ba, reg.to(loss.dtype)]).detach()
+            pending.append((step, s, terms))
+            if check_every > 1 or bool(torch.isfinite(loss)):  # on the CPU a NaN step is skipped and retried
+                loss.backward()
+                optimizer.step()
+                i += 1
+                step += 1
+                bar.update(1)
+            if len(pending) < check_every and i < n_steps:
+                continue
+            # one host synchronisation per check: the terms of the pending steps, in order
+            rows = torch.stack([t for _, _, t in pending]).tolist()
+            event = None
+            for (k, st, _), (v_loss, v_ab, v_ba, v_reg) in zip(pending, rows, strict=True):
+                if not math.isfinite(v_loss):
+                    event = "nan"
+                    break
+                history.append(
+                    {
+                        "step": k,
+                        "stage": st,
+                        "part": "fields",
+                        "loss": v_loss,
+                        "sim_ab": v_ab,
+                        "sim_ba": v_ba,
+                        "reg": v_reg,
+                    }
+                )
+                if watchdog.update(v_ab, v_ba) and rollbacks < cfg.max_recoveries:
+                    event = "jump"
+                    break
+            pending = []
+            if event == "nan":
+                recoveries += 1
+                if recoveries > cfg.max_recoveries:
+                    bar.close()
+                    raise RegistrationDiverged(
+                        f"loss became non-finite at step {step} after {cfg.max_recoveries} recoveries; "
+                        "lower the learning rate or raise the regularizer weight"
+                    )
+            elif event == "jump":
+                rollbacks += 1
+            if event is not None:  # back to the last healthy snapshot, at half the learning rate
+                _restore(snapshot, phi_ab, phi_ba, optimizer)
+                candidate = None
+                lr /= 2
+                for g in optimizer.param_groups:
+                    g["lr"] = lr
+                continue
+            if candidate is not None and watchdog.healthy():
+                snapshot, candidate = candidate, None
+            if history and cfg.progress and history[-1]["step"] // 10 != (history[-1]["step"] - len(rows)) // 10:
+                last = history[-1]
+                bar.set_postfix(stage=s, sim=f"{last['sim_ab']:.4f}/{last['sim_ba']:.4f}", reg=f"{last['reg']:.2e}")
+    bar.close()
+    return {"recoveries": recoveries, "rollbacks": rollbacks, "final_learning_rate": lr}
+
+
+def _as_config(config) -> RegistrationConfig:
+    """A ``RegistrationConfig`` from itself, a dict of its keys or None; else ``TypeError``."""
+    if config is None:
+        return RegistrationConfig()
+    if isinstance(config, RegistrationConfig):
+        return config
+    if isinstance(config, dict):
+        return RegistrationConfig.from_dict(config)
+    raise TypeError(f"config must be a RegistrationConfig, a dict of its keys or None, not {type(config).__name__}")
+
+
+def _as_image(value, name: str) -> Image:
+    """``value`` if it is an ``Image``; arrays and anything else raise ``TypeError`` (paths are
+    read by the front door ``neuralreg.register_pair``, which sits above ``io``)."""
+    if isinstance(value, Image):
+        return value
+    if isinstance(value, np.ndarray | torch.Tensor):
+        raise TypeError(
+            f"{name} must be a neuralreg.Image (data and voxel-to-world affine) or a file path, not an array; "
+            "wrap it with neuralreg.Image.from_array(array, spacing=...)"
+        )
+    raise TypeError(f"{name} must be a neuralreg.Image or a file path, not {type(value).__name__}")
+
+
+def _prealigned(image: Image | None, prealign: np.ndarray) -> Image | None:
+    """The moving image (or mask) in the fixed world frame: its affine becomes S^-1 A (S: fixed -> moving)."""
+    if image is None:
+        return None
+    return Image(image.data, np.linalg.inv(prealign) @ image.affine)
+
+
+def _choose_start(cfg, moving, fixed, moving_mask, fixed_mask, device, fused_warp):
+    """The rigid pre-alignment S (fixed -> moving world) from ``search.global_search``.
+
+    Each of the ``cfg.search_starts`` best candidates is refined by a short affine fit at
+    the coarsest affine level (``affine_steps / 8`` steps, at most 4096 points); the one
+    whose refined symmetric similarity (same points for every candidate) is best wins.
+    Returns (S, facts).
+    """
+    from neuralreg.optim.search import global_search
+
+    candidates = global_search(moving, fixed, max_angle_deg=cfg.search_max_angle, keep=cfg.search_starts)
+    if len(candidates) == 1:
+        best = candidates[0]
+        return best.matrix, _search_facts(best, [best.score], [math.nan], 0)
+    short = dataclasses.replace(cfg, points=min(cfg.points, 4096), affine_init="identity")
+    steps = max(10, cfg.affine_steps // 8)
+    losses = []
+    for cand in candidates:
+        m, mm = _prealigned(moving, cand.matrix), _prealigned(moving_mask, cand.matrix)
+        box = NormalizedBox.around([(m.shape, m.affine), (fixed.shape, fixed.affine)], cfg.margin)
+        candidate = _Pair(cfg, m, fixed, mm, fixed_mask, box, device, fused_warp)
+        affine = AffineMap(fixed.n_dims).to(device)
+        gen = torch.Generator(device=device).manual_seed(cfg.seed)
+        _fit_affine(dataclasses.replace(candidate, cfg=short), affine, gen, [], steps, cfg.affine_pyramid[:1], False)
+        losses.append(_affine_loss(candidate, affine))
+    k = int(np.argmin(losses))
+    return candidates[k].matrix, _search_facts(candidates[k], [c.score for c in candidates], losses, k)
+
+
+def _search_facts(best, scores, losses, k) -> dict:
+    return {
+        "matrix_world_fixed_to_moving": best.matrix.tolist(),
+        "angles_deg": list(best.angles_deg),
+        "score": best.score,
+        "identity_score": best.identity_score,
+        "overlap": best.overlap,
+        "candidate_scores": scores,
+        "candidate_losses": [float(v) for v in losses],
+        "chosen": k,
+    }
+
+
+@torch.no_grad()
+def _affine_loss(pair: _Pair, affine, draws: int = 4) -> float:
+    """Symmetric affine similarity at the coarsest affine level, on points of a fixed seed."""
+    cfg, device = pair.cfg, pair.device
+    gen = torch.Generator(device=device).manual_seed(cfg.seed + 7919)
+    stage = pair.stage(cfg.affine_pyramid[0], gen)
+    total = 0.0
+    for _ in range(draws):
+        for fn, src, dst in (
+            (lambda u: affine.apply(u), "moving", "fixed"),
+            (lambda u: affine.apply(u, inverse=True), "fixed", "moving"),
+        ):
+            total += float(_similarity_term(cfg, stage, fn, src, dst, device, False, cfg.affine_similarity))
+    return total / draws
+
+
+def _fit_affine(
+    pair: _Pair,
+    affine,
+    generator,
+    history: list,
+    steps: int | None = None,
+    pyramid: tuple | None = None,
+    progress: bool | None = None,
+):
+    """Fit the global affine T alone (fields off): symmetric similarity, coarse to fine.
+
+    T starts at the identity or at the translation between intensity centroids
+    (``config.affine_init``); Adam with a cosine-decayed learning rate over
+    ``config.affine_steps`` spread evenly over ``config.affine_pyramid``. Points are drawn
+    as for the fields (``config.edge_fraction`` of them on edges, ``config.edge_power``).
+    """
+    cfg, device, fused_warp = pair.cfg, pair.device, pair.fused_warp
+    total = cfg.affine_steps if steps is None else steps
+    pyramid = cfg.affine_pyramid if pyramid is None else pyramid
+    if cfg.affine_init == "centroid":
+        shift = (intensity_centroid(pair.moving) - intensity_centroid(pair.fixed)) / pair.box.scale
+        with torch.no_grad():
+            affine.translation.copy_(torch.as_tensor(shift, dtype=torch.float32))
+    optimizer = torch.optim.Adam(affine.parameters(), lr=cfg.affine_learning_rate)
+    n_stages = len(pyramid)
+    per_stage = [total // n_stages + (1 if k < total % n_stages else 0) for k in range(n_stages)]
+    show = cfg.progress if progress is None else progress
+    check_every = pair.check_every
+    bar = tqdm(total=total, disable=not show, desc="affine", dynamic_ncols=True)
+    step = 0
+    for s, (factor, n_steps) in enumerate(zip(pyramid, per_stage, strict=True)):
+        stage = pair.stage(factor, generator)
+        pending: list[tuple[int, int, torch.Tensor]] = []  # (step, stage, [loss, sim_ab, sim_ba]) not yet read
+        for k in range(n_steps):
+            frac = 0.5 * (1 + math.cos(math.pi * step / max(total, 1)))
+            for g in optimizer.param_groups:
+                g["lr"] = cfg.affine_learning_rate * (0.05 + 0.95 * frac)
+            optimizer.zero_grad(set_to_none=True)
+            fwd = lambda u: affine.apply(u)  # noqa: E731
+            inv = lambda u: affine.apply(u, inverse=True)  # noqa: E731
+            sim_ab = _similarity_term(cfg, stage, fwd, "moving", "fixed", device, fused_warp, cfg.affine_similarity)
+            sim_ba = _similarity_term(cfg, stage, inv, "fixed", "moving", device, fused_warp, cfg.affine_similarity)
+            loss = sim_ab + sim_ba
+            loss.backward()
+            optimizer.step()
+            pending.append((step, s, torch.stack([loss, sim_ab, sim_ba]).detach()))
+            bar.update(1)
+            if len(pending) == check_every or k == n_steps - 1:
+                # one host synchronisation per check, as in the fields' loop
+                for (j, st, _), (v_loss, v_ab, v_ba) in zip(pending, torch.stack([t for *_, t in pending]).tolist()):
+                    if not math.isfinite(v_loss):
+                        raise RegistrationDiverged(f"affine loss became non-finite at step {j}")
+                    history.append(
+                        {
+                            "step": j,
+                            "stage": st,
+                            "part": "affine",
+                            "loss": v_loss,
+                            "sim_ab": v_ab,
+                            "sim_ba": v_ba,
+                            "reg": 0.0,
+                        }
+                    )
+                    if j % 10 == 0:
+                        bar.set_postfix(stage=st, sim=f"{v_ab:.4f}/{v_ba:.4f}")
+                pending = []
+            step += 1
+    bar.close()
+
+
+def _snapshot(phi_ab, phi_ba, optimizer):
+    return copy.deepcopy((phi_ab.state_dict(), phi_ba.state_dict(), optimizer.state_dict()))
+
+
+def _restore(snapshot, phi_ab, phi_ba, optimizer):
+    a, b, o = copy.deepcopy(snapshot)
+    phi_ab.load_state_dict(a)
+    phi_ba.load_state_dict(b)
+    optimizer.load_state_dict(o)

@@ -1,0 +1,243 @@
+"""Global alignment search: a rigid start that does not depend on the scanners' headers.
+
+Scans of different subjects or sessions keep their scanner geometry: oblique grids,
+table offsets of centimetres (or, with broken headers, metres), different fields of view.
+A gradient-based affine fit started at the identity or at the intensity centroids gets
+lost there. This module searches exhaustively, at a coarse isotropic resolution:
+
+- over rotations: a grid of Euler angles (one angle in 2D), then a finer grid around the
+  best few;
+- over translations, for each rotation at once: masked normalized cross-correlation of
+  the two images for every shift, by FFT (Padfield, "Masked object registration in the
+  Fourier domain", IEEE TIP 2012), counting only voxels inside both fields of view and
+  only shifts where they overlap enough.
+
+The result is a rigid world map S (fixed -> moving points): x_moving = R (x_fixed - c) + c' .
+``register_pair`` uses it as a pre-alignment (``Registration.prealign``): the fields
+and the affine stage then fit what remains, in a box around images that overlap.
+
+Coordinates: world mm (``Image.affine``), points (N, d) in array-axis order.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from neuralreg.geometry.coordinates import apply_affine, grid_points, grid_world_box
+from neuralreg.geometry.image import Image
+
+
+@dataclass
+class SearchResult:
+    """Best rigid map found.
+
+    Attributes:
+        matrix: (d+1, d+1) world matrix, fixed -> moving points.
+        score: masked NCC at the best rotation and shift (1 is perfect).
+        identity_score: masked NCC of the identity map (physical alignment) on the same
+            grid, NaN where the images do not overlap in world space.
+        overlap: share of the fixed field of view inside the moving one at the optimum.
+        angles_deg: Euler angles (x, y, z order of application; one angle in 2D).
+    """
+
+    matrix: np.ndarray
+    score: float
+    identity_score: float
+    overlap: float
+    angles_deg: tuple
+
+
+def rotation_matrix(angles_deg) -> np.ndarray:
+    """(d, d) rotation: one angle in 2D, or Euler angles about array axes 0, 1, 2 in 3D."""
+    a = np.deg2rad(np.asarray(angles_deg, dtype=np.float64))
+    if a.size == 1:
+        c, s = math.cos(a.item()), math.sin(a.item())
+        return np.array([[c, -s], [s, c]])
+    out = np.eye(3)
+    for axis, angle in enumerate(a):
+        c, s = math.cos(angle), math.sin(angle)
+        i, j = [k for k in range(3) if k != axis]
+        r = np.eye(3)
+        r[i, i], r[i, j], r[j, i], r[j, j] = c, -s, s, c
+        out = r @ out
+    return out
+
+
+def _smoothed(image: Image, spacing_mm: float) -> Image:
+    """Box-average the image towards ``spacing_mm`` (integer factor of its finest spacing)."""
+    factor = max(1, int(spacing_mm / float(image.spacing.min()) / 1.5))
+    return image.downsample(factor) if factor > 1 and min(image.shape) >= 2 * factor else image
+
+
+def _resample(image: Image, points_world: torch.Tensor, shape) -> tuple[torch.Tensor, torch.Tensor]:
+    """Values and inside-the-field-of-view mask of ``image`` at world points, as arrays of ``shape``."""
+    vox = apply_affine(np.linalg.inv(image.affine), points_world).float()
+    upper = torch.tensor([n - 1 for n in image.shape], dtype=vox.dtype)
+    inside = ((vox >= 0) & (vox <= upper)).all(1)
+    values = image.sample(vox, padding="border") * inside
+    return values.reshape(shape), inside.float().reshape(shape)
+
+
+class _MaskedNCC:
+    """Masked NCC of a fixed image against every cyclic shift of moving images (FFT)."""
+
+    def __init__(self, fixed: torch.Tensor, fixed_mask: torch.Tensor):
+        self.shape = fixed.shape
+        d = fixed.dim()
+        self.dims = tuple(range(d))
+        f = fixed.float() * fixed_mask
+        self.total = fixed_mask.sum()
+        self.F = [torch.fft.rfftn(x, dim=self.dims) for x in (fixed_mask.float(), f, f * fixed)]
+
+    def corr(self, a_hat, b) -> torch.Tensor:
+        """sum_x a(x) b(x + shift) for all shifts (a given by its FFT)."""
+        return torch.fft.irfftn(a_hat.conj() * torch.fft.rfftn(b, dim=self.dims), s=self.shape, dim=self.dims)
+
+    def __call__(self, moving: torch.Tensor, moving_mask: torch.Tensor, min_overlap: float, overlap_power: float):
+        mm = moving_mask.float()
+        m = moving.float() * mm
+        fm, ff, fff = self.F
+        n = self.corr(fm, mm)
+        sf, sff = self.corr(ff, mm), self.corr(fff, mm)
+        sm, smm = self.corr(fm, m), self.corr(fm, m * moving)
+        sfm = self.corr(ff, m)
+        n_safe = n.clamp(min=1.0)
+        cov = sfm - sf * sm / n_safe
+        var = (sff - sf * sf / n_safe).clamp(min=0) * (smm - sm * sm / n_safe).clamp(min=0)
+        ncc = cov / torch.sqrt(var + 1e-6)
+        # favour shifts where the fields of view overlap as much as they can: a small
+        # overlap (the limb's outline against air, say) can correlate well by chance
+        share = n / max(min(float(self.total), float(mm.sum())), 1.0)
+        score = ncc * share.clamp(min=0) ** overlap_power
+        score = torch.where(n >= min_overlap, score, torch.full_like(ncc, -2.0))
+        return score, n
+
+
+def _shift_vector(index: int, shape) -> np.ndarray:
+    """The cyclic shift (in voxels, signed) of a flat index of an FFT-correlation array."""
+    idx = np.array(np.unravel_index(index, shape), dtype=np.float64)
+    n = np.asarray(shape, dtype=np.float64)
+    return np.where(idx > n / 2, idx - n, idx)
+
+
+def global_search(
+    moving: Image,
+    fixed: Image,
+    max_angle_deg: float = 40.0,
+    angle_step_deg: float = 20.0,
+    resolution: int = 32,
+    refine_resolution: int = 48,
+    keep: int = 4,
+    min_overlap: float = 0.3,
+    overlap_power: float = 0.5,
+) -> list[SearchResult]:
+    """Search rotations and translations for the rigid maps that best align two images.
+
+    Args:
+        moving, fixed: the images (2D or 3D), intensities comparable (e.g. preprocessed).
+        max_angle_deg, angle_step_deg: rotation grid per axis, -max..max.
+        resolution: coarse grid side (voxels) of the first pass; each of the ``keep`` best
+            rotations is then refined on a grid of ``refine_resolution``, one axis at a time
+            by ``angle_step_deg / 2`` each way.
+        min_overlap: shifts where less than this share of the fixed field of view overlaps
+            the moving one are not considered.
+        overlap_power: the score is NCC x (overlap / largest possible overlap) ** this.
+
+    Returns:
+        up to ``keep`` distinct ``SearchResult`` s, best score first (the world matrix
+        fixed -> moving); seeds refined to the same candidate count once.
+    """
+    d = fixed.n_dims
+    lo_f, hi_f = grid_world_box(fixed.shape, fixed.affine)
+    lo_m, hi_m = grid_world_box(moving.shape, moving.affine)
+    c_f, c_m = (lo_f + hi_f) / 2, (lo_m + hi_m) / 2
+    extent = float(max((hi_f - lo_f).max(), (hi_m - lo_m).max()))
+    steps = np.arange(-max_angle_deg, max_angle_deg + 1e-6, max(angle_step_deg, 1e-3)) if max_angle_deg > 0 else [0.0]
+    grid = [tuple(a) for a in itertools.product(steps, repeat=1 if d == 2 else 3)]
+    coarse = _Pass(moving, fixed, c_f, c_m, extent, resolution, min_overlap, overlap_power)(grid)
+    seeds = sorted(coarse, key=lambda r: -r[0])[: 2 * keep]
+    half = angle_step_deg / 2 if max_angle_deg > 0 else 0.0
+    ident = identity_score(moving, fixed, refine_resolution)
+    refine = _Pass(moving, fixed, c_f, c_m, extent, refine_resolution, min_overlap, overlap_power)
+    out = []
+    for seed in seeds:
+        if len(out) == keep:
+            break
+        local = [seed[1]] + [  # one axis at a time: 2 d' + 1 rotations around the seed
+            tuple(float(a + (o if k == axis else 0.0)) for k, a in enumerate(seed[1]))
+            for axis in range(len(seed[1]))
+            for o in (-half, half)
+        ]
+        score, angles, matrix, overlap = max(refine(local), key=lambda r: r[0])
+        if any(np.allclose(matrix, r.matrix, atol=1e-6) for r in out):
+            continue  # two seeds refined to the same candidate: keep one
+        out.append(SearchResult(matrix, score, ident, overlap, angles))
+    return sorted(out, key=lambda r: -r.score)
+
+
+class _Pass:
+    """One resolution of the search: the fixed side (resampled, its FFTs) prepared once,
+    then ``self(rotations)`` -> [(score, angles, world matrix, overlap)], the best shift of each."""
+
+    def __init__(self, moving, fixed, c_f, c_m, extent, resolution, min_overlap, overlap_power):
+        d = fixed.n_dims
+        self.d, self.c_f, self.c_m, self.overlap_power = d, c_f, c_m, overlap_power
+        self.spacing = 2.0 * extent / resolution  # the grid spans twice the largest extent: no wrap-around
+        self.shape = (resolution,) * d
+        self.offsets = (grid_points(self.shape, dtype=torch.float64) - (resolution - 1) / 2) * self.spacing
+        self.moving = _smoothed(moving, self.spacing)
+        f, fm = _resample(_smoothed(fixed, self.spacing), self.offsets + torch.as_tensor(c_f), self.shape)
+        self.ncc = _MaskedNCC(_normalize(f, fm), fm)
+        self.fixed_voxels = float(fm.sum())
+        self.need = min_overlap * self.fixed_voxels
+
+    def __call__(self, rotations) -> list:
+        d, out = self.d, []
+        for angles in rotations:
+            rot = rotation_matrix(angles)
+            pts = self.offsets @ torch.as_tensor(rot).T + torch.as_tensor(self.c_m)
+            m, mm = _resample(self.moving, pts, self.shape)
+            score, n = self.ncc(_normalize(m, mm), mm, self.need, self.overlap_power)
+            k = int(torch.argmax(score))
+            shift = _shift_vector(k, self.shape) * self.spacing  # x_m = R (x - c_f + shift) + c_m
+            matrix = np.eye(d + 1)
+            matrix[:d, :d] = rot
+            matrix[:d, d] = self.c_m + rot @ (shift - self.c_f)
+            overlap = float(n.reshape(-1)[k]) / self.fixed_voxels
+            out.append((float(score.reshape(-1)[k]), tuple(float(a) for a in angles), matrix, overlap))
+        return out
+
+
+def _normalize(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Intensities scaled to [0, 1] over the field of view (robust to each image's own range)."""
+    inside = values[mask > 0]
+    if inside.numel() == 0:
+        return values
+    lo, hi = float(inside.min()), float(torch.quantile(inside.float()[:: max(1, inside.numel() // 100000)], 0.99))
+    return ((values - lo) / max(hi - lo, 1e-6)).clamp(0, 1) * mask
+
+
+def identity_score(moving: Image, fixed: Image, resolution: int = 48) -> float:
+    """Masked NCC of the two images under the identity map (world coordinates), NaN without overlap."""
+    d = fixed.n_dims
+    lo_f, hi_f = grid_world_box(fixed.shape, fixed.affine)
+    extent = float((hi_f - lo_f).max())
+    spacing = extent / resolution
+    shape = tuple(max(2, math.ceil((h - l) / spacing) + 1) for l, h in zip(lo_f, hi_f, strict=True))
+    pts = grid_points(shape, dtype=torch.float64) * spacing + torch.as_tensor(lo_f)
+    f, fm = _resample(_smoothed(fixed, spacing), pts, shape)
+    m, mm = _resample(_smoothed(moving, spacing), pts, shape)
+    both = (fm * mm) > 0
+    if int(both.sum()) < 10 * 2**d:
+        return math.nan
+    a, b = f[both].double(), m[both].double()
+    a, b = a - a.mean(), b - b.mean()
+    return float((a * b).sum() / torch.sqrt((a * a).sum() * (b * b).sum() + 1e-12))
+
+
+__all__ = ["SearchResult", "global_search", "identity_score", "rotation_matrix"]

@@ -1,0 +1,80 @@
+"""Summary figure of a registration: fixed, moving, warped, checkerboard, deformed grid, Jacobian."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from neuralreg.geometry.image import Image
+
+
+def _slice(volume: torch.Tensor, axis: int) -> np.ndarray:
+    if volume.dim() == 2:
+        return volume.numpy()
+    return volume.select(axis, volume.shape[axis] // 2).numpy()
+
+
+def _slice_map(map_world: torch.Tensor, axis: int) -> np.ndarray:
+    if map_world.dim() == 3:
+        return map_world.numpy()
+    return map_world.select(axis, map_world.shape[axis] // 2).numpy()
+
+
+def registration_figure(path, fixed: Image, moving_resampled: Image, warped: Image, map_fixed_vox, jacobian):
+    """Write a PNG of mid slices (one row per orientation in 3D).
+
+    Args:
+        fixed: fixed image; moving_resampled: the moving image on the fixed grid without
+            deformation (identity map); warped: moving image warped onto the fixed grid.
+        map_fixed_vox: (*shape, d) the forward map in fixed-grid voxel coordinates.
+        jacobian: (*shape) Jacobian determinant on the fixed grid.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from neuralreg.files import atomic_write
+
+    axes = [0] if fixed.n_dims == 2 else [0, 1, 2]
+    titles = ["fixed", "moving", "warped moving", "checkerboard fixed/warped", "deformed grid", "Jacobian det"]
+    fig, grid = plt.subplots(len(axes), 6, figsize=(18, 3.2 * len(axes)), squeeze=False)
+    spacing = fixed.spacing
+    for row, axis in enumerate(axes):
+        shown = [k for k in range(fixed.n_dims) if k != axis] if fixed.n_dims == 3 else [0, 1]
+        aspect = float(spacing[shown[1]] / spacing[shown[0]])  # physical proportions on screen
+        f = _slice(fixed.data.float(), axis)
+        m = _slice(moving_resampled.data.float(), axis)
+        w = _slice(warped.data.float(), axis)
+        vmax = float(np.percentile(f, 99.5)) or 1.0
+        tiles = max(2, min(f.shape) // 12)
+        yy, xx = np.meshgrid(np.arange(f.shape[0]) // tiles, np.arange(f.shape[1]) // tiles, indexing="ij")
+        checker = np.where((yy + xx) % 2 == 0, f, w)
+        for col, img in enumerate((f, m, w, checker)):
+            grid[row, col].imshow(img.T, origin="lower", cmap="gray", vmin=0, vmax=vmax, aspect=aspect)
+        phi = _slice_map(map_fixed_vox, axis)
+        p0, p1 = phi[..., shown[0]], phi[..., shown[1]]
+        ax = grid[row, 4]
+        step = max(1, min(f.shape) // 24)
+        for i in range(0, p0.shape[0], step):
+            ax.plot(p0[i, :], p1[i, :], "k-", lw=0.5)
+        for j in range(0, p0.shape[1], step):
+            ax.plot(p0[:, j], p1[:, j], "k-", lw=0.5)
+        ax.set_xlim(0, f.shape[0] - 1)
+        ax.set_ylim(0, f.shape[1] - 1)
+        ax.set_aspect(aspect)
+        jac = _slice(jacobian, axis)
+        im = grid[row, 5].imshow(jac.T, origin="lower", cmap="RdBu_r", vmin=0, vmax=2, aspect=aspect)
+        grid[row, 5].contour(jac.T, levels=[0], colors="k", linewidths=0.8)
+        fig.colorbar(im, ax=grid[row, 5], fraction=0.046)
+        for col in range(6):
+            grid[row, col].set_xticks([])
+            grid[row, col].set_yticks([])
+            if row == 0:
+                grid[row, col].set_title(titles[col])
+        if fixed.n_dims == 3:
+            grid[row, 0].set_ylabel(f"mid slice, axis {axis}")
+    fig.tight_layout()
+    with atomic_write(path) as tmp:
+        fig.savefig(tmp, dpi=80, format="png")
+    plt.close(fig)

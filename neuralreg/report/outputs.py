@@ -1,0 +1,199 @@
+"""The output folder of ``neuralreg register``, written whole or not at all.
+
+Files (``<fixed grid>`` = the fixed image's grid and affine):
+- ``warped.nii.gz``: moving image warped onto the fixed grid (linear);
+- ``warped_labels.nii.gz``: moving labels warped (nearest), when given;
+- ``displacement_forward.nii.gz``: Phi_AB - x on the fixed grid, ITK/ANTs convention
+  (apply it to any moving-space image with antsApplyTransforms or SimpleITK);
+- ``displacement_inverse.nii.gz``: Phi_BA - x on the moving grid, same convention;
+- ``jacobian.nii.gz``: det of d(Phi_AB)/dx on the fixed grid;
+- ``affine.tfm``: the global affine part of Phi_AB alone (ITK transform file, fixed ->
+  moving); the displacement fields already include it;
+- ``registration.pt``: both fitted fields (``neuralreg.Registration.load``), to
+  re-evaluate at any resolution;
+- ``report.json``: configuration, versions, timings, final loss terms, % folds, inverse
+  consistency error, Dice when label maps are given, the global search's result, and
+  ``quality``: the self-check's verdict (``good``, ``check`` or ``failed``), its reasons
+  and measures (see ``neuralreg.quality``);
+- ``figure.png``: mid slices of fixed, moving, warped, checkerboard, deformed grid, Jacobian.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from neuralreg.geometry.coordinates import apply_affine
+from neuralreg.geometry.image import Image
+from neuralreg.io import write_displacement_field, write_image, write_itk_affine
+from neuralreg.metrics import dice, percent_folds
+from neuralreg.quality import assess, judge
+from neuralreg.report.figures import registration_figure
+from neuralreg.result import Registration
+
+OUTPUT_FILES = (
+    "warped.nii.gz",
+    "displacement_forward.nii.gz",
+    "displacement_inverse.nii.gz",
+    "jacobian.nii.gz",
+    "affine.tfm",
+    "registration.pt",
+    "report.json",
+    "figure.png",
+)
+
+
+class OutputExists(FileExistsError):
+    pass
+
+
+def prepare_output(out, overwrite: bool) -> Path:
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise OutputExists(f"output folder {out} exists; pass --overwrite to replace it")
+    return out
+
+
+def evaluate(
+    reg: Registration, moving: Image, fixed: Image, moving_labels: Image | None, fixed_labels: Image | None
+) -> dict:
+    """Metrics of a fitted registration (forward map on the fixed grid)."""
+    jac = reg.jacobian_determinant("forward")
+    folds = percent_folds(jac.data)
+    metrics = {
+        "quality": _quality(reg, moving, fixed, folds).to_dict(),
+        "percent_folds_forward": folds,
+        "percent_folds_inverse": reg.percent_folds("inverse"),
+        "inverse_consistency_error_mm": reg.inverse_consistency_error(),
+        "jacobian_min": float(jac.data.min()),
+        "jacobian_max": float(jac.data.max()),
+    }
+    warped_labels = None
+    if moving_labels is not None:
+        warped_labels = reg.warp(moving_labels, mode="nearest")
+        if fixed_labels is not None:
+            ident = Registration.identity_warp(moving_labels, fixed_labels)
+            metrics["dice_before"] = dice(ident.data, fixed_labels.data)
+            metrics["dice_after"] = dice(warped_labels.data, fixed_labels.data)
+    return {"metrics": metrics, "jacobian": jac, "warped_labels": warped_labels}
+
+
+def _quality(reg: Registration, moving: Image, fixed: Image, folds: float):
+    """The self-check with the folds: ``register_pair``'s measures re-judged when they are of
+    these images' grids, else measured anew (e.g. a ``Registration.load``-ed 0.1.0 file)."""
+    done = reg.info.get("quality")
+    same = (
+        done is not None
+        and tuple(fixed.shape) == reg.fixed_grid[0]
+        and np.array_equal(fixed.affine, reg.fixed_grid[1])
+        and tuple(moving.shape) == reg.moving_grid[0]
+        and np.array_equal(moving.affine, reg.moving_grid[1])
+    )
+    if same:
+        return judge({**done["measures"], "percent_folds": folds})
+    return assess(reg, moving, fixed, percent_folds=folds)
+
+
+def write_outputs(
+    out,
+    reg: Registration,
+    moving: Image,
+    fixed: Image,
+    moving_labels: Image | None = None,
+    fixed_labels: Image | None = None,
+    extra_report: dict | None = None,
+    overwrite: bool = False,
+    extra_images: dict | None = None,
+) -> dict:
+    """Write every output file into ``out`` atomically (a hidden temporary folder renamed at the end).
+
+    Returns the report dictionary.
+    """
+    out = prepare_output(out, overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        t0 = time.perf_counter()
+        ev = evaluate(reg, moving, fixed, moving_labels, fixed_labels)
+        warped = reg.warp(moving, mode="linear")
+        write_image(warped, tmp / "warped.nii.gz", dtype=np.float32)
+        if ev["warped_labels"] is not None:
+            write_image(ev["warped_labels"], tmp / "warped_labels.nii.gz", dtype=np.int32)
+        write_displacement_field(
+            reg.displacement_on_grid(direction="forward"), fixed.affine, tmp / "displacement_forward.nii.gz"
+        )
+        write_displacement_field(
+            reg.displacement_on_grid(direction="inverse"), moving.affine, tmp / "displacement_inverse.nii.gz"
+        )
+        write_image(ev["jacobian"], tmp / "jacobian.nii.gz", dtype=np.float32)
+        write_itk_affine(reg.affine_world(), tmp / "affine.tfm")
+        reg.save(tmp / "registration.pt")
+        for name, img in (extra_images or {}).items():
+            write_image(img, tmp / name)
+        phi = reg.map_on_grid(direction="forward")
+        phi_vox = apply_affine(np.linalg.inv(fixed.affine), phi.reshape(-1, fixed.n_dims).double()).reshape(phi.shape)
+        registration_figure(
+            tmp / "figure.png",
+            fixed,
+            Registration.identity_warp(moving, fixed, mode="linear"),
+            warped,
+            phi_vox.float(),
+            ev["jacobian"].data,
+        )
+        report = {
+            "config": reg.config.to_dict(),
+            "versions": _versions(),
+            "timings": {"registration_seconds": reg.info.get("seconds"), "output_seconds": time.perf_counter() - t0},
+            "backend": reg.info.get("backend"),
+            "recoveries": reg.info.get("recoveries"),
+            "global_search": reg.info.get("search"),
+            "final_loss_terms": reg.info.get("final"),
+            "affine_world_fixed_to_moving": reg.affine_world().tolist(),
+            "fixed_grid": {"shape": list(fixed.shape), "affine": fixed.affine.tolist()},
+            "moving_grid": {"shape": list(moving.shape), "affine": moving.affine.tolist()},
+            **ev["metrics"],
+            **(extra_report or {}),
+        }
+        with open(tmp / "report.json", "w") as f:
+            json.dump(report, f, indent=2, default=_json_default)
+        from neuralreg.files import umask
+
+        os.chmod(tmp, 0o777 & ~umask())
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+        return report
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _json_default(obj):
+    if isinstance(obj, np.generic | torch.Tensor):
+        return obj.item() if obj.numel() == 1 else obj.tolist()
+    if isinstance(obj, tuple):
+        return list(obj)
+    return str(obj)
+
+
+def _versions() -> dict:
+    import nibabel
+
+    from neuralreg import __version__, backends
+
+    return {
+        "neuralreg": __version__,
+        "torch": torch.__version__,
+        "numpy": np.__version__,
+        "nibabel": nibabel.__version__,
+        "python": platform.python_version(),
+        "backends": backends(),
+    }

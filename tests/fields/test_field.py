@@ -1,0 +1,93 @@
+"""Neural field, coordinate conventions and image sampling."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from neuralreg import FieldConfig, HashGridConfig, Image, NeuralField
+from neuralreg.geometry.coordinates import NormalizedBox, apply_affine, grid_points
+from neuralreg.geometry.interpolation import sample_image
+
+SMALL_FIELD = FieldConfig(encoding=HashGridConfig(n_levels=4, log2_hashmap_size=10), hidden_width=16, backend="torch")
+
+
+@pytest.mark.parametrize("d", [2, 3])
+def test_new_field_is_identity_and_trainable(d):
+    f = NeuralField(d, SMALL_FIELD)
+    u = torch.rand(100, d)
+    assert torch.equal(f(u), u)
+    f(u).sum().backward()
+    assert f.mlp[-1].weight.grad.abs().sum() > 0
+
+
+def test_box_is_isotropic_and_contains_both_grids():
+    aff_a = np.diag([0.7, 0.365, 0.365, 1.0])
+    aff_b = np.diag([0.7, 0.365, 0.365, 1.0])
+    aff_b[:3, 3] = [5, -3, 2]
+    box = NormalizedBox.around([((160, 384, 384), aff_a), ((160, 384, 384), aff_b)], margin=0.1)
+    corners = torch.tensor([[0, 0, 0], [159, 383, 383]], dtype=torch.float64)
+    for aff in (aff_a, aff_b):
+        u = apply_affine(box.voxel_to_normalized_matrix(aff), corners)
+        assert (u >= 0).all() and (u <= 1).all()
+    m = box.voxel_to_normalized_matrix(aff_a)
+    # one mm is the same normalized length along every axis
+    np.testing.assert_allclose(np.diag(m)[:3] / np.array([0.7, 0.365, 0.365]), 1 / box.scale)
+    x = torch.randn(10, 3, dtype=torch.float64)
+    torch.testing.assert_close(box.to_world(box.to_normalized(x)), x)
+
+
+def test_oblique_affine_round_trip():
+    rot = np.array([[np.cos(0.3), -np.sin(0.3), 0], [np.sin(0.3), np.cos(0.3), 0], [0, 0, 1]])
+    aff = np.eye(4)
+    aff[:3, :3] = rot @ np.diag([1.0, 2.0, 0.5])
+    aff[:3, 3] = [10, 20, -5]
+    box = NormalizedBox.around([((10, 12, 14), aff)])
+    vox = grid_points((10, 12, 14), dtype=torch.float64)
+    m = box.voxel_to_normalized_matrix(aff)
+    back = apply_affine(np.linalg.inv(m), apply_affine(m, vox))
+    torch.testing.assert_close(back, vox)
+
+
+@pytest.mark.parametrize("d", [2, 3])
+def test_sampling_reproduces_voxels_and_linear_functions(d):
+    shape = (5, 6, 7)[:d]
+    vox = grid_points(shape, dtype=torch.float64)
+    coeff = torch.tensor([0.3, -1.2, 0.7][:d], dtype=torch.float64)
+    img = (vox @ coeff + 2.0).reshape(shape)
+    torch.testing.assert_close(sample_image(img, vox), img.reshape(-1))
+    g = torch.Generator().manual_seed(0)
+    pts = torch.rand(50, d, generator=g, dtype=torch.float64) * (torch.tensor(shape[:d], dtype=torch.float64) - 1)
+    pts.requires_grad_(True)
+    val = sample_image(img, pts)
+    torch.testing.assert_close(val, pts.detach() @ coeff + 2.0)
+    (grad,) = torch.autograd.grad(val.sum(), pts)
+    torch.testing.assert_close(grad, coeff.expand_as(grad))
+
+
+def test_sampling_outside_rule():
+    img = torch.ones(4, 4, dtype=torch.float64)
+    pts = torch.tensor([[-0.5, 1.0], [-1.0, 1.0], [-5.0, 2.0], [3.5, 1.0]], dtype=torch.float64)
+    torch.testing.assert_close(sample_image(img, pts), torch.tensor([0.5, 0.0, 0.0, 0.5], dtype=torch.float64))
+    torch.testing.assert_close(sample_image(img, pts, padding="border"), torch.ones(4, dtype=torch.float64))
+
+
+def test_sampling_matches_grid_sample_axis_order():
+    img = torch.rand(4, 5, 6)
+    pts = torch.tensor([[1.0, 2.0, 3.0]])
+    assert sample_image(img, pts).item() == pytest.approx(img[1, 2, 3].item())
+    grid = torch.tensor([[[[[3 / 5 * 2 - 1, 2 / 4 * 2 - 1, 1 / 3 * 2 - 1]]]]])
+    ref = F.grid_sample(img[None, None], grid, align_corners=True).item()
+    assert sample_image(img, pts).item() == pytest.approx(ref)
+
+
+def test_image_downsample_keeps_world_position():
+    aff = np.diag([2.0, 1.0, 1.0])
+    aff[:2, 2] = [10, -4]
+    img = Image(torch.arange(64.0).reshape(8, 8), aff)
+    small = img.downsample(2)
+    # the world position of a coarse voxel center is the mean of its fine voxels' centers
+    fine_centers = apply_affine(aff, torch.tensor([[0.0, 0.0], [1, 0], [0, 1], [1, 1]], dtype=torch.float64)).mean(0)
+    coarse_center = apply_affine(small.affine, torch.zeros(1, 2, dtype=torch.float64))[0]
+    torch.testing.assert_close(coarse_center, fine_centers)
+    assert small.data[0, 0].item() == pytest.approx(img.data[:2, :2].mean().item())

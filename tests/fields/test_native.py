@@ -1,0 +1,249 @@
+"""Native kernels against the PyTorch reference: values, first and second derivatives (float64).
+
+``device`` runs each check on the CPU twin, on the CUDA kernels emulated on the CPU
+(``native.emulate_cuda``: the real .cu sources, every launch run block by block) and,
+where there is a GPU, on the CUDA kernels themselves.
+"""
+
+import pytest
+import torch
+
+from neuralreg import FieldConfig, HashGridConfig, HashGridEncoding, NeuralField
+from neuralreg.fields import native
+from neuralreg.fields.reference import hashgrid_encode_torch
+from neuralreg.geometry.interpolation import sample_image
+from neuralreg.losses import regularizers
+from neuralreg.testing import check_derivatives
+
+pytestmark = pytest.mark.skipif(not native.hashgrid_available("cpu"), reason=f"native CPU kernels: {native.status()}")
+
+DEVICES = [
+    "cpu",
+    pytest.param(
+        "emulated",
+        marks=pytest.mark.skipif(
+            not native.hashgrid_available("cpu") or native._load("emulated") is None,
+            reason=f"emulated CUDA kernels: {native._errors.get('emulated')}",
+        ),
+    ),
+    pytest.param(
+        "cuda",
+        marks=pytest.mark.skipif(
+            not torch.cuda.is_available() or not native.hashgrid_available("cuda"),
+            reason="native CUDA kernels need a GPU and a CUDA build of torch",
+        ),
+    ),
+]
+
+
+@pytest.fixture(params=DEVICES)
+def device(request):
+    """The torch device of the kernels under test ("emulated": CPU tensors, CUDA sources)."""
+    if request.param == "emulated":
+        with native.emulate_cuda():
+            yield "cpu"
+    else:
+        yield request.param
+
+
+CFG = dict(n_levels=5, n_features_per_level=2, log2_hashmap_size=9, base_resolution=3, per_level_scale=1.8)
+
+
+def _encoding(d, interp, dtype=torch.float64):
+    enc = HashGridEncoding(d, HashGridConfig(**CFG, interpolation=interp)).to(dtype)
+    torch.nn.init.uniform_(enc.table, -1, 1)
+    assert any(enc.layout.hashed) and not all(enc.layout.hashed)
+    return enc
+
+
+def _points(d, n=64, seed=0, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(n, d, generator=g, dtype=dtype)
+    x[0] = 0.0
+    x[1] = 1.0
+    # exact cell corners of level 0 (scale 2): pos = 2x + 0.5 integer
+    x[2] = 0.25
+    x[3] = 0.75
+    return x
+
+
+@pytest.mark.parametrize("d", [2, 3])
+@pytest.mark.parametrize("interp", ["Linear", "Smoothstep"])
+def test_values_and_derivatives_match_reference(d, interp, device):
+    enc = _encoding(d, interp).to(device)
+    smooth = interp == "Smoothstep"
+    x = _points(d).to(device)
+
+    def run(fn):
+        xx = x.clone().requires_grad_(True)
+        table = enc.table.detach().clone().requires_grad_(True)
+        y = fn(xx, table)
+        w = torch.randn(y.shape, generator=torch.Generator().manual_seed(1), dtype=y.dtype).to(y.device)
+        gx, gt = torch.autograd.grad((y * w).sum(), (xx, table), create_graph=True)
+        second = (gx**2).sum() + (gx * y[:, :d]).sum()
+        g2x, g2t = torch.autograd.grad(second, (xx, table))
+        return y.detach(), gx.detach(), gt.detach(), g2x, g2t
+
+    ref = run(lambda xx, t: hashgrid_encode_torch(xx, t, enc.indexer(), smooth))
+    nat = run(lambda xx, t: native.hashgrid_encode(xx, t, enc.layout, smooth))
+    for a, b, name in zip(ref, nat, ["values", "d/dx", "d/dtable", "d2/dx2", "d2/dx dtable"]):
+        torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-11, msg=name)
+
+
+@pytest.mark.parametrize("d", [2, 3])
+@pytest.mark.parametrize("interp", ["Linear", "Smoothstep"])
+def test_gradcheck_and_gradgradcheck(d, interp, device):
+    enc = _encoding(d, interp).to(device)
+    x = torch.rand(5, d, generator=torch.Generator().manual_seed(2), dtype=torch.float64).to(device) * 0.8 + 0.1
+    x.requires_grad_(True)
+    table = enc.table.detach().clone().requires_grad_(True)
+
+    def f(x, table):
+        return native.hashgrid_encode(x, table, enc.layout, interp == "Smoothstep")
+
+    check_derivatives(f, (x, table))
+
+
+def test_float32_matches_reference():
+    enc = _encoding(3, "Linear", torch.float32)
+    x = _points(3, 4096, dtype=torch.float32)
+    ref = hashgrid_encode_torch(x, enc.table, enc.indexer(), False)
+    # the native build may fuse scale * x + 0.5 into one FMA (tcnn's own formula); at the
+    # finest level one ulp of the float32 position is ~8e-6 of a cell
+    torch.testing.assert_close(native.hashgrid_encode(x, enc.table, enc.layout, False), ref, rtol=1e-4, atol=1e-5)
+
+
+def test_gradicon_step_matches_reference(device):
+    cfg = FieldConfig(encoding=HashGridConfig(**CFG), hidden_width=16, backend="torch")
+    torch.manual_seed(0)
+    fa, fb = NeuralField(3, cfg).double().to(device), NeuralField(3, cfg).double().to(device)
+    for f in (fa, fb):
+        torch.nn.init.uniform_(f.encoding.table, -0.1, 0.1)
+        torch.nn.init.normal_(f.mlp[-1].weight, std=0.1)
+    u = _points(3, 200).to(device)
+
+    def grads(backend):
+        for f in (fa, fb):
+            f.encoding.backend = backend
+            f.zero_grad()
+        loss = regularizers.gradicon(fa, fb, u)
+        loss.backward()
+        params = list(fa.parameters()) + list(fb.parameters())
+        return loss.detach(), [torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in params]
+
+    loss_ref, g_ref = grads("torch")
+    loss_nat, g_nat = grads("native")
+    torch.testing.assert_close(loss_nat, loss_ref, rtol=1e-10, atol=0)
+    for a, b in zip(g_ref, g_nat):
+        torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("d", [2, 3])
+def test_fused_warp_matches_grid_sample(d, device):
+    shape = (7, 9, 8)[:d]
+    image = torch.rand(shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64).to(device)
+    g = torch.Generator().manual_seed(4)
+    upper = torch.tensor(shape, dtype=torch.float64) - 1
+    pts = torch.rand(300, d, generator=g, dtype=torch.float64) * (upper + 3) - 1.5  # some outside
+    pts[:20] = torch.randint(0, 6, (20, d), generator=g).double()  # voxel centers exactly
+    pts = pts.to(device)
+    a = pts.clone().requires_grad_(True)
+    b = pts.clone().requires_grad_(True)
+    va, vb = sample_image(image, a), native.warp(image, b)
+    torch.testing.assert_close(vb, va)
+    w = torch.randn(300, generator=g, dtype=torch.float64).to(device)
+    (ga,) = torch.autograd.grad((va * w).sum(), a)
+    (gb,) = torch.autograd.grad((vb * w).sum(), b)
+    inside_cells = ((pts - pts.floor()) > 1e-9).all(1)  # grid_sample's gradient at a vertex is one-sided
+    torch.testing.assert_close(gb[inside_cells], ga[inside_cells])
+    assert torch.autograd.gradcheck(lambda p: native.warp(image, p), (b[inside_cells][:20].detach().requires_grad_(),))
+
+
+@pytest.mark.parametrize("backend", ["torch", "native"])
+@pytest.mark.parametrize("activation", ["relu", "silu", "tanh", "softplus"])
+def test_analytic_gradicon_equals_autograd(backend, activation, device):
+    if backend == "torch" and device != "cpu":
+        pytest.skip("the reference has no device-specific kernels")
+    cfg = FieldConfig(
+        encoding=HashGridConfig(**CFG, interpolation="Smoothstep"),
+        hidden_width=16,
+        activation=activation,
+        backend="torch",
+    )
+    torch.manual_seed(0)
+    fa, fb = NeuralField(3, cfg).double().to(device), NeuralField(3, cfg).double().to(device)
+    for f in (fa, fb):
+        f.encoding.backend = backend
+        torch.nn.init.uniform_(f.encoding.table, -0.1, 0.1)
+        torch.nn.init.normal_(f.mlp[-1].weight, std=0.1)
+    fa.encoding.set_active_levels(4)  # masked levels must behave the same
+    u = _points(3, 150)
+    u[5] = torch.tensor([1.2, -0.1, 0.5], dtype=torch.float64)  # outside the unit cube: clamped
+    u = u.to(device)
+
+    def run(fn):
+        for f in (fa, fb):
+            f.zero_grad()
+        loss = fn(fa, fb, u)
+        loss.backward()
+        params = list(fa.parameters()) + list(fb.parameters())
+        return loss.detach(), [torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in params]
+
+    loss_a, grads_a = run(regularizers.gradicon)
+    loss_b, grads_b = run(regularizers.gradicon_analytic)
+    torch.testing.assert_close(loss_b, loss_a, rtol=1e-10, atol=0)
+    for a, b in zip(grads_a, grads_b):
+        torch.testing.assert_close(b, a, rtol=1e-8, atol=1e-12)
+
+
+def test_encoding_jacobian_kernel_gradcheck(device):
+    enc = _encoding(3, "Smoothstep").to(device)
+    x = torch.rand(4, 3, generator=torch.Generator().manual_seed(5), dtype=torch.float64).to(device) * 0.8 + 0.1
+    x.requires_grad_(True)
+    table = enc.table.detach().clone().requires_grad_(True)
+    check_derivatives(
+        lambda x, t: native.hashgrid_encode_with_jacobian(x, t, enc.layout, True), (x, table), second_atol=None
+    )
+
+
+@pytest.mark.parametrize("d", [2, 3])
+@pytest.mark.parametrize("interp", ["Linear", "Smoothstep"])
+def test_encoding_jacobian_kernels_match_reference(d, interp, device):
+    """Forward (y, dy/dx) and its backward to x and the table against autograd on the reference."""
+    enc = _encoding(d, interp).to(device)
+    smooth = interp == "Smoothstep"
+    x = _points(d, 48).to(device)
+    g = torch.Generator().manual_seed(6)
+    L = enc.table.new_empty(0)  # dtype/device template
+    w_y = torch.randn(48, enc.n_output_dims, generator=g, dtype=torch.float64).to(L.device)
+    w_j = torch.randn(48, enc.n_output_dims, d, generator=g, dtype=torch.float64).to(L.device)
+
+    def reference(xx, table):
+        y = hashgrid_encode_torch(xx, table, enc.indexer(), smooth)
+        jac = torch.stack(
+            [torch.autograd.grad(y[:, k].sum(), xx, create_graph=True)[0] for k in range(y.shape[1])], dim=1
+        )
+        return y, jac
+
+    def run(fn):
+        xx = x.clone().requires_grad_(True)
+        table = enc.table.detach().clone().requires_grad_(True)
+        y, jac = fn(xx, table)
+        gx, gt = torch.autograd.grad((y * w_y).sum() + (jac * w_j).sum(), (xx, table))
+        return y.detach(), jac.detach(), gx, gt
+
+    ref = run(reference)
+    nat = run(lambda xx, t: native.hashgrid_encode_with_jacobian(xx, t, enc.layout, smooth))
+    for a, b, name in zip(ref, nat, ["values", "jacobian", "d/dx", "d/dtable"]):
+        torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-11, msg=name)
+
+
+def test_every_build_exposes_the_same_ops():
+    """One op table (cuda_kernels/ops.h): CPU twin, CUDA sources compiled for emulation and, with a GPU, CUDA."""
+    cpu = native.ops("cpu")
+    assert "hashgrid_forward_jacobian" in cpu and "hashgrid_jacobian_backward" in cpu and "warp_forward" in cpu
+    if native._load("emulated") is None:
+        pytest.skip(f"emulated CUDA kernels: {native.status('emulated')}")
+    assert native.ops("emulated") == cpu
+    if torch.cuda.is_available() and native.hashgrid_available("cuda"):
+        assert native.ops("cuda") == cpu

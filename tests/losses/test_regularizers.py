@@ -1,0 +1,120 @@
+"""GradICON and friends on analytic maps, and against icon_registration's definition."""
+
+import math
+
+import pytest
+import torch
+
+from neuralreg.losses import regularizers
+
+
+def shear_pair(a=0.3, k=3.0):
+    """phi(x) = (x0, x1 + a sin(k x0)[, x2 + a x0 x1]) and its exact inverse."""
+
+    def fwd(x):
+        y1 = x[:, 1] + a * torch.sin(k * x[:, 0])
+        cols = [x[:, 0], y1]
+        if x.shape[1] == 3:
+            cols.append(x[:, 2] + a * x[:, 0] * y1)
+        return torch.stack(cols, 1)
+
+    def inv(y):
+        x1 = y[:, 1] - a * torch.sin(k * y[:, 0])
+        cols = [y[:, 0], x1]
+        if y.shape[1] == 3:
+            cols.append(y[:, 2] - a * y[:, 0] * y[:, 1])
+        return torch.stack(cols, 1)
+
+    return fwd, inv
+
+
+def points(d, n=500, seed=0):
+    return torch.rand(n, d, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+@pytest.mark.parametrize("d", [2, 3])
+def test_gradicon_zero_for_exact_inverses(d):
+    fwd, inv = shear_pair()
+    u = points(d)
+    assert regularizers.gradicon(fwd, inv, u).item() < 1e-20
+    assert regularizers.gradicon_fd(fwd, inv, u, 1e-4).item() < 1e-12
+    assert regularizers.icon(fwd, inv, u).item() < 1e-25
+
+
+@pytest.mark.parametrize("d", [2, 3])
+def test_gradicon_closed_form_and_fd_agree(d):
+    # phi_ab o phi_ba = shear o shear: Jacobian known in closed form in 2D
+    fwd, _ = shear_pair(0.2, 2.0)
+    u = points(d)
+    auto = regularizers.gradicon(fwd, fwd, u)
+    fd = regularizers.gradicon_fd(fwd, fwd, u, 1e-5)
+    assert auto.item() > 1e-3
+    torch.testing.assert_close(auto, fd, rtol=1e-4, atol=0)
+    if d == 2:
+        # composition: y1 = x1 + a sin(k x0) + a sin(k x0) -> dy1/dx0 = 2 a k cos(k x0)
+        want = ((2 * 0.2 * 2.0 * torch.cos(2.0 * u[:, 0])) ** 2).mean()
+        torch.testing.assert_close(auto, want, rtol=1e-12, atol=0)
+
+
+def test_gradicon_affine_closed_form():
+    a = torch.tensor([[1.1, 0.2], [-0.1, 0.9]], dtype=torch.float64)
+
+    def f(x):
+        return x @ a.T + 0.1
+
+    u = points(2)
+    want = ((a @ a - torch.eye(2, dtype=torch.float64)) ** 2).sum()
+    torch.testing.assert_close(regularizers.gradicon(f, f, u), want)
+
+
+def test_gradicon_is_differentiable_wrt_parameters():
+    w = torch.tensor(0.3, dtype=torch.float64, requires_grad=True)
+
+    def f(x):
+        return torch.stack([x[:, 0], x[:, 1] + w * torch.sin(3 * x[:, 0])], 1)
+
+    loss = regularizers.gradicon(f, f, points(2))
+    (g,) = torch.autograd.grad(loss, w)
+    # d/dw mean (6 w cos 3x0)^2 = 72 w mean cos^2
+    want = 72 * w.detach() * (torch.cos(3 * points(2)[:, 0]) ** 2).mean()
+    torch.testing.assert_close(g, want)
+
+
+def test_diffusion_and_bending_closed_form():
+    def f(x):  # displacement 0.1 * x0^2 along axis 1
+        return torch.stack([x[:, 0], x[:, 1] + 0.1 * x[:, 0] ** 2], 1)
+
+    u = points(2)
+    torch.testing.assert_close(regularizers.diffusion(f, f, u), 2 * ((0.2 * u[:, 0]) ** 2).mean())
+    torch.testing.assert_close(regularizers.bending(f, f, u), torch.tensor(2 * 0.04, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("d", [2, 3])
+def test_relation_to_icon_registration_gradient_icon(d):
+    """Ours == d * icon_registration.losses.GradientICON on the same maps (it averages over channels)."""
+    losses = pytest.importorskip("icon_registration.losses", reason="pip install --no-deps icon_registration")
+    torch.set_default_dtype(torch.float64)
+    try:
+        shape = (1, d) + (12,) * d
+        axes = [torch.linspace(0, 1, 12) for _ in range(d)]
+        identity = torch.stack(torch.meshgrid(*axes, indexing="ij"))[None]
+        a = torch.tensor([[1.05, 0.1, 0.0], [-0.05, 0.95, 0.02], [0.03, 0.0, 1.1]], dtype=torch.float64)[:d, :d]
+
+        def as_channels(f):
+            return lambda t: f(t.movedim(1, -1).reshape(-1, d)).reshape(t.shape[0], *t.shape[2:], d).movedim(-1, 1)
+
+        def phi_ab(x):
+            return x @ a.T
+
+        def phi_ba(x):
+            return x @ a.T + 0.02 * torch.sin(math.pi * x)
+
+        holder = type("H", (), {"identity_map": identity})()
+        torch.manual_seed(0)
+        theirs = losses.GradientICON.compute_gradient_icon_loss(holder, as_channels(phi_ab), as_channels(phi_ba))
+        torch.manual_seed(0)
+        eps_points = identity + torch.randn(*shape) / shape[-1]
+        ours = regularizers.gradicon(phi_ab, phi_ba, eps_points.movedim(1, -1).reshape(-1, d))
+        torch.testing.assert_close(theirs * d, ours, rtol=2e-3, atol=0)  # their FD step is 1e-3
+    finally:
+        torch.set_default_dtype(torch.float32)

@@ -1,0 +1,84 @@
+"""Point sampling: uniform, inside masks, and edge-weighted."""
+
+import pytest
+import torch
+
+from neuralreg.optim.points import VoxelSampler, edge_weights
+
+
+def test_uniform_points_fill_the_grid():
+    s = VoxelSampler((5, 7, 9), generator=torch.Generator().manual_seed(0))
+    p = s.sample(20000)
+    assert p.shape == (20000, 3)
+    assert (p.min(0).values >= 0).all() and (p.max(0).values <= torch.tensor([4.0, 6.0, 8.0])).all()
+    assert p.mean(0) == pytest.approx(torch.tensor([2.0, 3.0, 4.0]), abs=0.1)
+
+
+def test_weighted_points_follow_the_weights_within_their_voxels():
+    w = torch.zeros(10, 10)
+    w[2, 3], w[7, 8] = 1.0, 3.0
+    s = VoxelSampler(w.shape, generator=torch.Generator().manual_seed(0), weights=w, weighted_fraction=1.0)
+    p = s.sample(40000)
+    near_a = ((p - torch.tensor([2.0, 3.0])).abs() <= 0.5).all(1)
+    near_b = ((p - torch.tensor([7.0, 8.0])).abs() <= 0.5).all(1)
+    assert bool((near_a | near_b).all())
+    assert near_b.float().mean() == pytest.approx(0.75, abs=0.01)
+    # the regularizer asks for uniform points from the same sampler
+    u = s.sample(40000, weighted=False)
+    assert near_a.float().mean() > 0.2 and ((u - torch.tensor([2.0, 3.0])).abs() <= 0.5).all(1).float().mean() < 0.03
+
+
+def test_weighted_fraction_mixes_and_mask_limits_the_weights():
+    w = torch.ones(20, 20)
+    mask = torch.zeros(20, 20, dtype=torch.bool)
+    mask[:10] = True
+    w[15, 15] = 1e6  # outside the mask: never drawn
+    s = VoxelSampler(w.shape, mask, torch.Generator().manual_seed(1), weights=w, weighted_fraction=0.5)
+    p = s.sample(10000)
+    assert (p[:, 0] <= 9.5).all()
+    w[4, 4] = 1e6  # inside the mask: the weighted half lands on it, the uniform half spreads
+    s = VoxelSampler(w.shape, mask, torch.Generator().manual_seed(1), weights=w, weighted_fraction=0.5)
+    on_peak = ((s.sample(10000) - torch.tensor([4.0, 4.0])).abs() <= 0.5).all(1).float().mean()
+    assert float(on_peak) == pytest.approx(0.5 + 0.5 / 200, abs=0.02)
+    bad = VoxelSampler(w.shape, weights=torch.zeros(20, 20), weighted_fraction=0.5)
+    assert bad.weighted_fraction == 0.0 and bad.sample(10).shape == (10, 2)  # nothing to weight by
+    with pytest.raises(ValueError):
+        VoxelSampler(w.shape, weights=w, weighted_fraction=1.5)
+
+
+def test_weighted_windows_centre_on_edges():
+    img = torch.zeros(32, 32, 32)
+    img[:, :, 16:] = 1.0  # one edge plane between x = 15 and 16
+    w = edge_weights(img)
+    assert float(w[5, 5, 15]) == pytest.approx(0.5) and float(w[5, 5, 5]) == 0.0
+    s = VoxelSampler(img.shape, generator=torch.Generator().manual_seed(2), weights=w, weighted_fraction=1.0)
+    centres = s.sample_windows(500, 4, 0.0).reshape(500, 4, 3)[:, 0]
+    assert bool(((centres[:, 2] >= 14.5) & (centres[:, 2] <= 16.5)).all())
+
+
+def test_config_rejects_a_bad_edge_fraction():
+    from neuralreg.config import RegistrationConfig
+
+    assert RegistrationConfig().edge_fraction == 1.0
+    with pytest.raises(ValueError, match="edge_fraction"):
+        RegistrationConfig(edge_fraction=-0.1)
+
+
+def test_edge_power_flattens_the_weights_toward_weak_edges():
+    img = torch.zeros(8, 40)
+    img[:, 10:] = 0.1  # a weak edge between columns 9 and 10
+    img[:, 30:] = 1.1  # a ten times stronger one between 29 and 30
+    for power, weak_share in ((1.0, 1 / 11), (0.5, 1 / (1 + 10**0.5))):
+        w = edge_weights(img, power)
+        assert float(w[3, 29] / w[3, 9]) == pytest.approx(10.0**power, rel=1e-5)
+        s = VoxelSampler(img.shape, generator=torch.Generator().manual_seed(3), weights=w, weighted_fraction=1.0)
+        cols = s.sample(40000)[:, 1]
+        assert float((cols < 20).float().mean()) == pytest.approx(weak_share, abs=0.01)
+    assert torch.equal(edge_weights(img), edge_weights(img, 1.0))
+
+
+def test_config_rejects_a_bad_edge_power():
+    from neuralreg.config import RegistrationConfig
+
+    with pytest.raises(ValueError, match="edge_power"):
+        RegistrationConfig(edge_power=0.0)

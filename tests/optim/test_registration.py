@@ -1,0 +1,153 @@
+"""End-to-end registration quality on generated pairs, determinism, divergence handling, save/load."""
+
+import numpy as np
+import pytest
+import torch
+
+from neuralreg import RegistrationConfig, RegistrationDiverged, losses, register_pair
+from neuralreg.metrics import dice
+from neuralreg.phantoms import knee_phantom_pair, triangles_pair
+from neuralreg.result import Registration
+
+
+def quick_config(**kw):
+    base = dict(steps=30, points=1024, regularizer_points=256, progress=False, similarity="mse")
+    base.update(kw)
+    return RegistrationConfig(**base)
+
+
+@pytest.fixture(scope="module")
+def triangles_result():
+    pair = triangles_pair(0)
+    cfg = RegistrationConfig(
+        steps=800,
+        points=4096,
+        regularizer_points=1024,
+        similarity="lncc",
+        regularizer_weight=2.0,
+        progress=False,
+        affine_init="centroid",  # shapes of one frame: no rotation to search (see examples/triangles_2d.py)
+    )
+    return pair, register_pair(pair["moving"], pair["fixed"], cfg)
+
+
+@pytest.mark.slow
+def test_triangles_circles_pair_dice_and_no_folds(triangles_result):
+    pair, reg = triangles_result
+    before = dice(pair["moving_labels"].data, pair["fixed_labels"].data)["mean"]
+    warped = reg.warp(pair["moving_labels"], mode="nearest")
+    after = dice(warped.data, pair["fixed_labels"].data)["mean"]
+    assert before < 0.5
+    assert after >= 0.90
+    assert reg.percent_folds("forward") == 0.0
+    assert reg.percent_folds("inverse") == 0.0
+    # inside the shape, where the images constrain the maps (pixels, 1 mm spacing)
+    assert reg.inverse_consistency_error(mask=pair["moving_labels"].data) < 2.0
+
+
+@pytest.mark.slow
+def test_phantom_3d_improves_dice_without_folds():
+    pair = knee_phantom_pair(0)
+    cfg = RegistrationConfig(steps=250, points=4096, regularizer_points=1024, progress=False)
+    reg = register_pair(pair["moving"], pair["fixed"], cfg)
+    before = dice(pair["moving_labels"].data, pair["fixed_labels"].data, labels=[2, 4])["mean"]
+    after = dice(reg.warp(pair["moving_labels"], mode="nearest").data, pair["fixed_labels"].data, labels=[2, 4])
+    assert after["mean"] > before + 0.2, (before, after)
+    assert reg.percent_folds() < 0.05
+    assert reg.percent_folds("inverse") < 0.05
+
+
+def test_deterministic_under_seed():
+    pair = triangles_pair(3, size=48)
+    a = register_pair(pair["moving"], pair["fixed"], quick_config(seed=7))
+    b = register_pair(pair["moving"], pair["fixed"], quick_config(seed=7))
+    c = register_pair(pair["moving"], pair["fixed"], quick_config(seed=8))
+    assert [h["loss"] for h in a.history] == [h["loss"] for h in b.history]
+    torch.testing.assert_close(a.map_on_grid(), b.map_on_grid(), rtol=0, atol=0)
+    assert [h["loss"] for h in a.history] != [h["loss"] for h in c.history]
+
+
+def _nan_once(monkeypatch, call: int) -> None:
+    """The ``call``-th evaluation of the mse similarity returns NaN."""
+    calls = {"n": 0}
+    real = losses.SIMILARITIES["mse"]
+
+    def flaky(w, f):
+        calls["n"] += 1
+        out = real(w, f)
+        return out * float("nan") if calls["n"] == call else out
+
+    monkeypatch.setitem(losses.SIMILARITIES, "mse", flaky)
+
+
+def test_nan_loss_is_recovered(monkeypatch):
+    _nan_once(monkeypatch, call=21)
+    pair = triangles_pair(3, size=48)
+    reg = register_pair(pair["moving"], pair["fixed"], quick_config())
+    assert reg.info["recoveries"] == 1
+    assert len([h for h in reg.history if h["part"] == "fields"]) == 30
+    assert reg.info["final_learning_rate"] == pytest.approx(reg.config.learning_rate / 2)
+
+
+def test_nan_is_recovered_when_the_host_reads_every_10_steps(monkeypatch):
+    """The GPU schedule (check_every=10, no per-step synchronisation), run on the CPU."""
+    _nan_once(monkeypatch, call=21)
+    pair = triangles_pair(3, size=48)
+    reg = register_pair(pair["moving"], pair["fixed"], quick_config(check_every=10))
+    affine = [h["step"] for h in reg.history if h["part"] == "affine"]
+    assert affine == list(range(reg.config.affine_steps))  # the affine stage's delayed reads keep every step
+    fields = [h for h in reg.history if h["part"] == "fields"]
+    assert reg.info["recoveries"] == 1
+    assert reg.info["final_learning_rate"] == pytest.approx(reg.config.learning_rate / 2)
+    assert all(np.isfinite(h["loss"]) for h in fields) and [h["step"] for h in fields] == sorted(
+        {h["step"] for h in fields}
+    )
+    assert all(torch.isfinite(p).all() for p in reg.phi_ab.parameters())
+
+
+@pytest.mark.parametrize("check_every", [1, 10])
+def test_nan_in_the_affine_stage_reports_divergence(monkeypatch, check_every):
+    monkeypatch.setitem(losses.SIMILARITIES, "lncc", lambda w, f: (w - f).mean() * float("nan"))
+    pair = triangles_pair(3, size=48)
+    with pytest.raises(RegistrationDiverged, match="affine loss became non-finite at step 0"):
+        register_pair(pair["moving"], pair["fixed"], quick_config(check_every=check_every, affine_init="centroid"))
+
+
+def test_persistent_nan_reports_divergence(monkeypatch):
+    monkeypatch.setitem(losses.SIMILARITIES, "mse", lambda w, f: (w - f).mean() * float("nan"))
+    pair = triangles_pair(3, size=48)
+    with pytest.raises(RegistrationDiverged, match="non-finite"):
+        register_pair(pair["moving"], pair["fixed"], quick_config())
+
+
+@pytest.mark.parametrize("regularizer", ["gradicon_fd", "icon", "diffusion", "bending", "none"])
+@pytest.mark.parametrize("similarity", ["ncc", "lncc"])
+def test_every_loss_option_runs(regularizer, similarity):
+    pair = triangles_pair(1, size=32)
+    cfg = quick_config(steps=4, regularizer=regularizer, similarity=similarity, pyramid=(1,), stage_fractions=(1,))
+    reg = register_pair(pair["moving"], pair["fixed"], cfg)
+    assert all(torch.isfinite(torch.tensor(h["loss"])) for h in reg.history)
+
+
+def test_save_load_round_trip(tmp_path):
+    pair = triangles_pair(2, size=40)
+    reg = register_pair(pair["moving"], pair["fixed"], quick_config(steps=20))
+    reg.save(tmp_path / "fields.pt")
+    back = Registration.load(tmp_path / "fields.pt")
+    torch.testing.assert_close(back.map_on_grid(), reg.map_on_grid())
+    torch.testing.assert_close(back.map_on_grid(direction="inverse"), reg.map_on_grid(direction="inverse"))
+    # re-evaluated on a finer grid than either image
+    fine = back.map_on_grid((80, 80), reg.fixed_grid[1] @ torch.diag(torch.tensor([0.5, 0.5, 1.0])).double().numpy())
+    assert fine.shape == (80, 80, 2)
+
+
+def test_masks_restrict_sampling_and_empty_mask_rejected():
+    from neuralreg import Image, InputError
+
+    pair = triangles_pair(2, size=40)
+    empty = Image(torch.zeros(40, 40), pair["fixed"].affine)
+    with pytest.raises(InputError, match="empty"):
+        register_pair(pair["moving"], pair["fixed"], quick_config(), fixed_mask=empty)
+    mask = Image((pair["fixed_labels"].data > 0).float(), pair["fixed"].affine)
+    reg = register_pair(pair["moving"], pair["fixed"], quick_config(steps=5), fixed_mask=mask)
+    assert len([h for h in reg.history if h["part"] == "fields"]) == 5

@@ -1,0 +1,227 @@
+"""Robust global alignment (the search) and the self-check's verdict (issue 11)."""
+
+import json
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from neuralreg_eval import knee
+
+from neuralreg import Image, RegistrationConfig, RegistrationWarning, register_pair
+from neuralreg.cli import main
+from neuralreg.geometry.coordinates import grid_corners_world
+from neuralreg.io import write_image
+from neuralreg.metrics import dice
+from neuralreg.optim.search import global_search, rotation_matrix
+from neuralreg.phantoms import knee_phantom_pair
+from neuralreg.quality import judge
+
+CONFIG = dict(steps=150, points=4096, regularizer_points=1024, affine_steps=100, progress=False)
+
+
+@pytest.fixture(scope="module")
+def phantom():
+    return knee_phantom_pair(0, shape=(32, 48, 48))
+
+
+def _moved(image: Image, world: np.ndarray) -> Image:
+    """The same voxels under a new pose: world coordinates x -> world @ x."""
+    return Image(image.data, world @ image.affine)
+
+
+def _tilt(angle_deg=20.0, axis=(1.0, 0.3, 0.2), offset=(40.0, -25.0, 15.0)) -> np.ndarray:
+    m = np.eye(4)
+    m[:3, :3] = knee._rotation(np.asarray(axis), np.deg2rad(angle_deg))
+    m[:3, 3] = offset
+    return m
+
+
+def _bone_dice(reg, moving_labels, fixed_labels):
+    return dice(reg.warp(moving_labels, mode="nearest").data, fixed_labels.data, [1, 3])["mean"]
+
+
+def test_rotation_matrix_conventions():
+    np.testing.assert_allclose(rotation_matrix([90.0]), [[0, -1], [1, 0]], atol=1e-12)
+    r = rotation_matrix([10.0, -20.0, 30.0])
+    np.testing.assert_allclose(r @ r.T, np.eye(3), atol=1e-12)
+    assert np.linalg.det(r) == pytest.approx(1.0)
+
+
+def test_search_recovers_a_large_rigid_motion(phantom):
+    """30 deg about one axis and 60 mm: the best candidate maps fixed points within a few mm of the truth."""
+    truth = _tilt(30.0, (0.0, 0.0, 1.0), (60.0, -45.0, 30.0))
+    moving = _moved(phantom["fixed"], truth)
+    best = global_search(moving, phantom["fixed"])[0]
+    corners = grid_corners_world(phantom["fixed"].shape, phantom["fixed"].affine) * 0.5
+    # the search's map takes fixed points to where the moved image has them: truth @ x
+    err = np.linalg.norm(
+        (best.matrix[:3, :3] @ corners.T).T + best.matrix[:3, 3] - (corners @ truth[:3, :3].T + truth[:3, 3]), axis=1
+    )
+    assert err.max() < 8.0, err
+    assert best.score > 0.8 and best.overlap > 0.9
+
+
+@pytest.fixture(scope="module")
+def oblique_registration(phantom):
+    world = _tilt()
+    moving = _moved(phantom["moving"], world)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RegistrationWarning)  # a good result raises no warning
+        reg = register_pair(moving, phantom["fixed"], RegistrationConfig(**CONFIG))
+    return reg, _moved(phantom["moving_labels"], world)
+
+
+def test_oblique_tilt_and_offset_register(oblique_registration, phantom):
+    """A 20 deg oblique tilt and a 40 mm offset (the moving scan's own pose): bone Dice > 0.9."""
+    reg, moving_labels = oblique_registration
+    assert knee.physical_bone_dice(moving_labels, phantom["fixed_labels"]) < 0.3  # far apart to start with
+    assert _bone_dice(reg, moving_labels, phantom["fixed_labels"]) > 0.9
+    q = reg.info["quality"]
+    assert q["verdict"] == "good" and q["reasons"] == []
+    assert q["measures"]["lncc_final"] > q["measures"]["lncc_affine"] > q["measures"]["lncc_identity"]
+    assert reg.info["search"]["overlap"] > 0.5
+
+
+def test_far_origins_register_with_a_warning(phantom, tmp_path, capsys):
+    """Scanner origins 1000 mm apart: aligned all the same, and the headers' disagreement is reported."""
+    far = np.eye(4)
+    far[:3, 3] = [1000.0, -300.0, 150.0]
+    moving, moving_labels = _moved(phantom["moving"], far), _moved(phantom["moving_labels"], far)
+    for key, img in (("fixed", phantom["fixed"]), ("moving", moving)):
+        write_image(img, tmp_path / f"{key}.nii.gz")
+    write_image(phantom["fixed_labels"], tmp_path / "fixed_labels.nii.gz")
+    write_image(moving_labels, tmp_path / "moving_labels.nii.gz")
+    out = tmp_path / "out"
+    code = main(
+        ["register", "--fixed", str(tmp_path / "fixed.nii.gz"), "--moving", str(tmp_path / "moving.nii.gz")]
+        + ["--fixed-labels", str(tmp_path / "fixed_labels.nii.gz")]
+        + ["--moving-labels", str(tmp_path / "moving_labels.nii.gz"), "--out", str(out), "--quiet"]
+        + ["--steps", "150", "--points", "4096", "--affine-steps", "100"]
+    )
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 0
+    assert len(err) == 1 and err[0].startswith("neuralreg: warning: check this registration:"), err
+    assert "do not overlap in world space (centres 1" in err[0]
+    report = json.loads((out / "report.json").read_text())
+    assert report["quality"]["verdict"] == "check"
+    assert report["dice_after"]["per_label"]["1"] > 0.9  # registered all the same: the warped image is not empty
+    import nibabel as nib
+
+    assert np.abs(nib.load(out / "warped.nii.gz").get_fdata()).mean() > 0.1
+
+
+def test_hopeless_pair_is_flagged(phantom):
+    """Two unrelated images: the fit runs, but the verdict says it failed, and a warning is raised."""
+    g = torch.Generator().manual_seed(3)
+    noise = torch.nn.functional.interpolate(
+        torch.rand(1, 1, 8, 12, 12, generator=g), size=(32, 48, 48), mode="trilinear"
+    )
+    unrelated = Image(noise[0, 0], phantom["moving"].affine)
+    with pytest.warns(RegistrationWarning, match="registration quality failed"):
+        reg = register_pair(unrelated, phantom["fixed"], RegistrationConfig(**CONFIG))
+    q = reg.info["quality"]
+    assert q["verdict"] == "failed"
+    assert any("hardly correlate" in r for r in q["reasons"])
+
+
+def _measures(**changes) -> dict:
+    """Measures of canonical knee pair 9005132-9006723 with the defaults (bone Dice 0.970)."""
+    m = {
+        "ncc_identity": 0.41,
+        "ncc_affine": 0.78,
+        "ncc_final": 0.90,
+        "lncc_identity": 0.02,
+        "lncc_affine": 0.049,
+        "lncc_final": 0.227,
+        "overlap_identity": 1.0,
+        "overlap_final": 1.0,
+        "inverse_consistency_error_mm": 0.45,
+        "inverse_consistency_limit_mm": 2.0,
+        "world_boxes_overlap": True,
+        "centre_distance_mm": 3.0,
+        "percent_folds": 0.0,
+    }
+    return {**m, **changes}
+
+
+def test_low_affine_local_ncc_is_overruled_by_a_good_final_similarity():
+    """A right affine part on non-corresponding soft tissue can score local NCC 0.049: not a failure
+    when the fields bring the global NCC to 0.90; it is one when the final NCC stays low."""
+    assert judge(_measures()).verdict == "good"
+    q = judge(_measures(ncc_final=0.80))
+    assert q.verdict == "failed"
+    assert q.reasons[0] == "after the global (affine) alignment the images hardly correlate (local NCC 0.049)"
+
+
+def test_gross_failure_rule():
+    assert knee.gross_failure(0.84)
+    assert not knee.gross_failure(0.9)
+    assert knee.gross_failure(0.9, affine_bone=0.92)  # the fields undid a better affine start
+    assert not knee.gross_failure(0.93, affine_bone=0.92)
+    assert not knee.gross_failure(0.93, affine_bone=float("nan"))
+
+
+def test_realistic_pairs_keep_scanner_geometry(shared_data):
+    files = sorted((shared_data / "oai_zib_labels").glob("*_labels.nii.gz"))
+    pair = knee.realistic_pair(files[0], files[1], seed=0, shape=(40, 96, 96))
+    fl, ml = pair["fixed_labels"], pair["moving_labels"]
+    assert fl.shape != ml.shape  # fields of view differ
+    assert not np.allclose(fl.affine, ml.affine)
+    # oblique: the grid axes are not the world axes
+    for lab in (fl, ml):
+        cosines = np.abs(lab.affine[:3, :3] / np.linalg.norm(lab.affine[:3, :3], axis=0))
+        assert cosines.max(0).min() < 0.999
+    assert knee.physical_bone_dice(ml, fl) < 0.5  # the scanners' positions disagree
+    # tissue intensities are the subject's own: the same tissue differs between the two images
+    for key in ("fixed", "moving"):
+        assert 0 <= float(pair[key].data.min()) and float(pair[key].data.max()) <= 1
+    femur = [float(pair[k].data[pair[f"{k}_labels"].data == 1].mean()) for k in ("fixed", "moving")]
+    background = [float(pair[k].data[pair[f"{k}_labels"].data == 0].mean()) for k in ("fixed", "moving")]
+    assert abs(femur[0] - femur[1]) > 0.01 or abs(background[0] - background[1]) > 0.01
+    assert set(torch.unique(ml.data).tolist()) >= {0, 1, 2, 3, 4}
+
+
+def test_watchdog_flags_a_jump_not_noise():
+    from neuralreg.optim.pair import _Watchdog
+
+    rng = np.random.default_rng(0)
+    calm = _Watchdog(0.25, relative=False)
+    assert not any(calm.update(0.4 + 0.03 * rng.standard_normal(), 0.4) for _ in range(300))
+    jump = _Watchdog(0.25, relative=False)
+    series = [0.42] * 5 + [0.47, 0.73, 0.92, 0.99, 0.98, 0.96]  # the real knee pair's sim_ba
+    fired = [jump.update(0.4, v) for v in series]
+    assert fired.index(True) == 8 and jump.healthy()  # fired, then the window restarts
+    mse = _Watchdog(0.5, relative=True)  # relative to its best: 1e-3 -> 1.6e-3 is a jump, +0.2 of nothing
+    assert [mse.update(v) for v in [1e-3] * 5 + [1.6e-3] * 5].index(True) == 9
+
+
+def test_a_field_that_jumps_away_is_rolled_back(phantom):
+    """A constant 30 % shift of Phi_BA injected mid-run (GradICON cannot see it): rolled back, maps consistent."""
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+
+    def run(tolerance):
+        calls = {"n": 0}
+
+        def kick(optimizer, args, kwargs):
+            params = optimizer.param_groups[0]["params"]
+            if len(params) > 2:  # the fields' optimizer, not the affine one
+                calls["n"] += 1
+                if calls["n"] == 100:
+                    with torch.no_grad():
+                        params[-1].add_(0.3)  # last bias of Phi_BA: a constant displacement
+
+        handle = register_optimizer_step_post_hook(kick)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RegistrationWarning)
+                cfg = RegistrationConfig(**{**CONFIG, "divergence_tolerance": tolerance, "affine_init": "centroid"})
+                return register_pair(phantom["moving"], phantom["fixed"], cfg)
+        finally:
+            handle.remove()
+
+    guarded, unguarded = run(0.25), run(0.0)
+    assert guarded.info["rollbacks"] >= 1 and unguarded.info["rollbacks"] == 0
+    assert guarded.info["quality"]["verdict"] == "good"
+    assert unguarded.info["quality"]["verdict"] == "failed"  # the self-check sees what the watchdog prevents
+    assert guarded.inverse_consistency_error() < 2.0 < unguarded.inverse_consistency_error()
