@@ -121,6 +121,7 @@ FIELDS = (
     "quality",
     "percent_folds_forward",
     "inverse_consistency_error_mm",
+    "field_correction_mm",
     "seconds",
     "cpu_seconds",
     "peak_memory_mb",

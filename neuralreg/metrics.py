@@ -17,6 +17,7 @@ SCORES = {
     "percent_folds_forward": "% of fixed-grid voxels where det J of Phi_AB < 0 (backward differences)",
     "percent_folds_inverse": "% of moving-grid voxels where det J of Phi_BA < 0",
     "inverse_consistency_error_mm": "mean |Phi_AB(Phi_BA(y)) - y| in mm over moving-grid voxels y",
+    "field_correction_mm": "mean |Phi_AB(x) - A(x)| in mm over fixed-grid voxels x, A its affine part",
     "seconds": "wall seconds of the registration",
     "quality": "the self-check's verdict: good, check or failed",
 }
@@ -84,16 +85,9 @@ def percent_folds(det: torch.Tensor, mask: torch.Tensor | None = None) -> float:
     return 100.0 * float((interior < 0).double().mean()) if interior.numel() else 0.0
 
 
-@torch.no_grad()
-def inverse_consistency_error(
-    there, back, grid, max_points: int = 200000, mask: torch.Tensor | None = None, dtype=torch.float32
-) -> float:
-    """Mean ||back(there(x)) - x|| in mm over the voxels x of ``grid`` = (shape, affine).
-
-    ``there``, ``back``: transforms (``map_points``, world mm), e.g. Phi_BA and Phi_AB for
-    x in the moving space. ``mask`` (the grid's shape) keeps its non-zero voxels; above
-    ``max_points`` voxels a fixed-seed random subset is used. Voxel points are made in ``dtype``.
-    """
+def grid_points_world(grid, max_points: int = 200000, mask: torch.Tensor | None = None, dtype=torch.float32):
+    """World points (N, d) of the voxels of ``grid`` = (shape, affine): those where ``mask``
+    (the grid's shape) is non-zero, a fixed-seed random subset of ``max_points`` above that."""
     shape, affine = grid
     vox = grid_points(shape, dtype=dtype)
     if mask is not None:
@@ -101,8 +95,29 @@ def inverse_consistency_error(
     if vox.shape[0] > max_points:
         g = torch.Generator().manual_seed(0)
         vox = vox[torch.randperm(vox.shape[0], generator=g)[:max_points]]
-    x = apply_affine(affine, vox)
+    return apply_affine(affine, vox)
+
+
+@torch.no_grad()
+def inverse_consistency_error(
+    there, back, grid, max_points: int = 200000, mask: torch.Tensor | None = None, dtype=torch.float32
+) -> float:
+    """Mean ||back(there(x)) - x|| in mm over the voxels x of ``grid`` = (shape, affine).
+
+    ``there``, ``back``: transforms (``map_points``, world mm), e.g. Phi_BA and Phi_AB for
+    x in the moving space. Points as ``grid_points_world`` (``mask``, ``max_points``, ``dtype``).
+    """
+    x = grid_points_world(grid, max_points, mask, dtype)
     return float(torch.linalg.norm(back.map_points(there.map_points(x)) - x, dim=1).mean())
+
+
+@torch.no_grad()
+def field_correction(transform, affine_part, grid, max_points: int = 200000, dtype=torch.float32) -> float:
+    """Mean ||transform(x) - affine_part(x)|| in mm over the voxels x of ``grid``: how far the
+    deformable part moves points beyond the global affine one. Knees of two subjects need a
+    few mm; tens of mm mean the deformable part had to repair the global alignment."""
+    x = grid_points_world(grid, max_points, None, dtype)
+    return float(torch.linalg.norm(transform.map_points(x).double() - affine_part.map_points(x).double(), dim=1).mean())
 
 
 def landmark_error(mapped_fixed_points: torch.Tensor, moving_points: torch.Tensor) -> dict:

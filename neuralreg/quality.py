@@ -22,6 +22,10 @@ unrelated images (a brain and a knee, smooth noise and a knee) 0.55-0.67.
 soft tissue does not correspond can score 0.049 after a right affine part and reach a
 global NCC of 0.90 after the fields: a good final similarity overrules this check.
 
+``measures`` also hold ``field_correction_mm``, how far the fields move points beyond the
+affine part (mean, mm): no rule reads it yet; it is recorded to calibrate one against the
+hard benchmark (a poor affine start that the fields half repair).
+
 ``verdict`` is ``"good"`` when every check passes, ``"check"`` when only the milder ones
 fail (look at the result), ``"failed"`` when the result is probably wrong.
 """
@@ -95,9 +99,11 @@ def assess(
         return float(1.0 - lncc(vals, fixed_vals)), float(inside.double().mean()), float(1.0 - ncc(vals, fixed_vals))
 
     affine_world = reg.affine_world()
+    affine_points = apply_affine(affine_world, x)
     lncc_identity, overlap_identity, ncc_identity = score(x)
-    lncc_affine, _, ncc_affine = score(apply_affine(affine_world, x))
+    lncc_affine, _, ncc_affine = score(affine_points)
     forward = reg.map_points(x.float(), "forward")
+    correction = float(torch.linalg.norm(forward.double() - affine_points, dim=1).mean())
     lncc_final, overlap_final, ncc_final = score(forward)
     # inverse consistency on the same points: Phi_BA(Phi_AB(x)) ~ x
     ice = float(torch.linalg.norm(reg.map_points(forward, "inverse").double() - x, dim=1).mean())
@@ -117,6 +123,7 @@ def assess(
         "overlap_identity": overlap_identity,
         "overlap_final": overlap_final,
         "inverse_consistency_error_mm": ice,
+        "field_correction_mm": correction,
         "inverse_consistency_limit_mm": ice_limit,
         "world_boxes_overlap": overlap_world,
         "centre_distance_mm": centres_mm,

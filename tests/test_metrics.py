@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 import torch
 
 from neuralreg.geometry.coordinates import apply_affine, grid_points
@@ -36,3 +37,14 @@ def test_folds_detected_and_orientation_independent():
 def test_landmark_error():
     r = landmark_error(torch.tensor([[0.0, 0.0], [3.0, 4.0]]), torch.tensor([[0.0, 0.0], [0.0, 0.0]]))
     assert r["mean"] == 2.5 and r["max"] == 5.0
+
+
+def test_field_correction_is_the_distance_beyond_the_affine_part():
+    from neuralreg.geometry.transforms import AffineTransform
+    from neuralreg.metrics import field_correction
+
+    shift = np.eye(4)
+    shift[:3, 3] = (3.0, 0.0, 4.0)
+    grid = ((6, 7, 8), np.diag([1.5, 1.0, 2.0, 1.0]))
+    assert field_correction(AffineTransform(shift), AffineTransform(np.eye(4)), grid) == pytest.approx(5.0)
+    assert field_correction(AffineTransform(shift), AffineTransform(shift), grid) == 0.0

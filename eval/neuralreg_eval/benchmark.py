@@ -27,6 +27,7 @@ SCORE_KEYS = (
     "affine_bone",
     "percent_folds_forward",
     "inverse_consistency_error_mm",
+    "field_correction_mm",
 )
 
 
@@ -34,6 +35,7 @@ def _register(method: str, pair_dir: Path, config: dict, threads: int):
     from neuralreg.config import RegistrationConfig
     from neuralreg.geometry.transforms import AffineTransform
     from neuralreg.io import read_image, read_labels
+    from neuralreg.metrics import field_correction
     from neuralreg_eval import baselines, knee
 
     moving, fixed = pair_dir / "moving.nii.gz", pair_dir / "fixed.nii.gz"
@@ -62,6 +64,11 @@ def _register(method: str, pair_dir: Path, config: dict, threads: int):
     scores = knee.score_maps(forward, inverse, moving_labels, fixed_labels)
     scores["affine_bone"] = (
         knee.score_maps(affine_only, None, moving_labels, fixed_labels)["bone"] if affine_only is not None else math.nan
+    )
+    scores["field_correction_mm"] = (
+        field_correction(forward, affine_only, (fixed_labels.shape, fixed_labels.affine))
+        if affine_only is not None
+        else math.nan
     )
     scores["gross_failure"] = knee.gross_failure(scores["bone"], scores["affine_bone"])
     return {**scores, "seconds": seconds, "cpu_seconds": cpu, "quality": quality}
@@ -135,7 +142,7 @@ def summarize(rows: list[dict], methods) -> list[dict]:
             continue
         s = {"method": m, "pairs": len(ok), "gross_failures": sum(_truthy(r.get("gross_failure")) for r in ok)}
         for k in (*SCORE_KEYS, "seconds", "cpu_seconds", "peak_memory_mb"):
-            v = np.array([float(r[k]) for r in ok], dtype=float)
+            v = np.array([_number(r.get(k)) for r in ok], dtype=float)
             s[k] = float(np.nanmean(v)) if np.isfinite(v).any() else math.nan
             s[k + "_std"] = float(np.nanstd(v)) if np.isfinite(v).any() else math.nan
         out.append(s)
@@ -151,8 +158,8 @@ def markdown_table(rows: list[dict], summary: list[dict]) -> str:
     """
     lines = [
         "| pair | method | initial bone Dice | femoral | tibial | cartilage | bone | affine bone | gross "
-        "| verdict | % neg. Jacobian | ICE mm | s | CPU s | peak MB |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| verdict | % neg. Jacobian | ICE mm | field corr. mm | s | CPU s | peak MB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in sorted(rows, key=lambda r: (float(r.get("initial_bone", 0)), r["pair"], r["method"])):
         if r.get("error"):
@@ -164,7 +171,7 @@ def markdown_table(rows: list[dict], summary: list[dict]) -> str:
             f"{_fmt(r.get('affine_bone', 'nan'), 3)} | {'**yes**' if _truthy(r.get('gross_failure')) else 'no'} | "
             f"{r.get('quality') or '-'} | "
             f"{float(r['percent_folds_forward']):.4f} | {_fmt(r['inverse_consistency_error_mm'], 2)} | "
-            f"{float(r['seconds']):.1f} | "
+            f"{_fmt(_number(r.get('field_correction_mm')), 1)} | {float(r['seconds']):.1f} | "
             f"{_fmt(r['cpu_seconds'], 1)} | {_fmt(r['peak_memory_mb'], 0)} |"
         )
     lines += [
@@ -182,6 +189,11 @@ def markdown_table(rows: list[dict], summary: list[dict]) -> str:
             f"{_fmt(s['peak_memory_mb'], 0)} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def _number(v) -> float:
+    """A table cell as a float; absent or empty (a column older rows lack) is NaN."""
+    return math.nan if v is None or str(v).strip() == "" else float(v)
 
 
 def _truthy(v) -> bool:

@@ -225,3 +225,22 @@ def test_a_field_that_jumps_away_is_rolled_back(phantom):
     assert guarded.info["quality"]["verdict"] == "good"
     assert unguarded.info["quality"]["verdict"] == "failed"  # the self-check sees what the watchdog prevents
     assert guarded.inverse_consistency_error() < 2.0 < unguarded.inverse_consistency_error()
+
+
+def test_the_self_check_measures_how_far_the_fields_move_beyond_the_affine_part(phantom):
+    """New fields are the identity: Phi = A and the correction is 0; a constant field
+    displacement b (normalized units) moves every point by |b| * box.scale mm."""
+    from neuralreg import NeuralField
+    from neuralreg.geometry.coordinates import NormalizedBox
+    from neuralreg.quality import assess
+    from neuralreg.result import Registration
+
+    moving, fixed = phantom["moving"], phantom["fixed"]
+    box = NormalizedBox.around([(moving.shape, moving.affine), (fixed.shape, fixed.affine)])
+    fields = [NeuralField(3) for _ in range(2)]
+    reg = Registration(*fields, box, (fixed.shape, fixed.affine), (moving.shape, moving.affine), RegistrationConfig())
+    assert assess(reg, moving, fixed).measures["field_correction_mm"] == pytest.approx(0.0, abs=1e-4)
+    with torch.no_grad():
+        fields[0].mlp[-1].bias.copy_(torch.tensor([0.003, 0.0, 0.004]))
+    moved = assess(reg, moving, fixed).measures["field_correction_mm"]
+    assert moved == pytest.approx(0.005 * box.scale, rel=1e-3)
