@@ -25,6 +25,11 @@ import sys
 import time
 from pathlib import Path
 
+try:
+    import neuralreg_eval  # noqa: F401  (the knee protocol and the baselines live there)
+except ImportError:
+    sys.exit("error: this example needs the evaluation package: pip install -e ./eval (in a neuralreg checkout)")
+
 WEIGHTS_URL = (
     "https://github.com/uncbiag/ICON/releases/download/pretrained_models_v1.0.0/knee_model_weights_step_2.trch"
 )

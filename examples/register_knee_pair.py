@@ -15,6 +15,11 @@ import argparse
 import sys
 from pathlib import Path
 
+try:
+    import neuralreg_eval  # noqa: F401  (the knee protocol and the baselines live there)
+except ImportError:
+    sys.exit("error: this example needs the evaluation package: pip install -e ./eval (in a neuralreg checkout)")
+
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
