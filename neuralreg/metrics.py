@@ -1,9 +1,11 @@
 """Evaluation: Dice, Jacobian determinant and folds, inverse consistency, landmark error,
 and the one schema of a registered pair's scores.
 
-``SCORES``: the names and meanings of the scores that ``report.json``, the batch's
-``summary.csv`` and the benchmark tables share (each adds its own: Dice per label,
-cartilage Dice, timings).
+``SCORES``: the names and meanings of the scores of a registered pair. Wherever
+``report.json``, the batch's ``summary.csv`` or the benchmark tables report one of them,
+it has this name and meaning (each reports a subset and adds its own: Dice per label,
+cartilage Dice, timings); ``field_correction_mm`` is in the benchmark's columns and in
+``report.json``'s ``quality.measures``.
 """
 
 from __future__ import annotations

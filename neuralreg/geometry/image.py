@@ -66,7 +66,7 @@ class Image:
         return Image(data, self.affine)
 
     def sample(self, voxel_points: torch.Tensor, mode: str = "linear", padding: str = "zeros") -> torch.Tensor:
-        """Values at voxel-index points (N, d); see ``sampling.sample_image``."""
+        """Values at voxel-index points (N, d); see ``interpolation.sample_image``."""
         return sample_image(self.data.float(), voxel_points, mode=mode, padding=padding)
 
     def downsample(self, factor: int) -> Image:

@@ -128,9 +128,18 @@ class _Pair:
 
     def stage(self, factor: int, generator) -> _Stage:
         """The pyramid level ``factor`` (edge-weighted samplers as the config says)."""
-        m, f, cfg = self.moving, self.fixed, self.cfg
-        return _Stage(m, f, self.moving_mask, self.fixed_mask, factor, self.box, generator, self.device,
-                      cfg.edge_fraction, cfg.edge_power)  # fmt: skip
+        return _Stage(
+            self.moving,
+            self.fixed,
+            self.moving_mask,
+            self.fixed_mask,
+            factor,
+            self.box,
+            generator,
+            self.device,
+            self.cfg.edge_fraction,
+            self.cfg.edge_power,
+        )
 
     @property
     def check_every(self) -> int:
