@@ -37,9 +37,9 @@ from neuralreg.report import outputs
 PHASES = (
     (cli, "cmd_register", "neuralreg register (after start-up)"),
     (io, "read_image", "read images"),
-    (registration, "_choose_start", "global search + candidate affine fits"),
+    (registration, "_choose_start", "global search + an affine fit per start"),
     (search, "global_search", "exhaustive rotation/FFT search"),
-    (registration, "_fit_affine", "affine stage"),
+    (registration._AffineFit, "run", "affine fits (every start)"),
     (registration._Stage, "__init__", "stage set-up (down-sampling, edge weights)"),
     (registration, "_similarity_term", "similarity terms (forward)"),
     (registration, "_regularizer_term", "GradICON term (forward)"),

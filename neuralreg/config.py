@@ -134,12 +134,15 @@ class RegistrationConfig:
             hard knee benchmark it lifted the worst pair's bone Dice from 0.81 to 0.95)
             or ``"ncc"`` (global, as before 0.2).
         affine_init: how the global alignment starts: ``"search"`` (exhaustive search over
-            rotations and, by FFT, translations, at a coarse resolution; the best
-            ``search_starts`` candidates are each refined briefly and the best kept: robust
-            to oblique scans, table offsets and different fields of view, see ``search.py``),
-            ``"centroid"`` (translation between intensity centroids) or ``"identity"``.
+            rotations and, by FFT, translations, at a coarse resolution; each of the best
+            ``search_starts`` rigid candidates is fitted as an affine, and the one with the
+            lowest similarity at the finest affine level is kept: robust to oblique scans,
+            table offsets and different fields of view, see ``search.py``), ``"centroid"``
+            (translation between intensity centroids) or ``"identity"``.
         search_max_angle: rotations searched per axis, -max..max degrees (``"search"``).
-        search_starts: candidates of the search refined before one is chosen.
+        search_starts: rigid candidates of the search fitted as affines before one is
+            chosen (starts that converge onto the same map are fitted on the coarsest
+            affine level only).
         margin: margin added to each side of the pair's world box, as a fraction of its extent.
         seed: seeds initialization and point sampling (deterministic on CPU).
         device: ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.

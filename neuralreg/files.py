@@ -1,7 +1,8 @@
 """Files appear whole or not at all: write to a temporary name beside the target, then rename.
 
 The one home of atomic writing, used by the core (``Registration.save``), ``io``, the
-report and the CLI; it imports nothing of the package.
+report and the CLI, and of JSON that stays valid (``json_safe``: no NaN); it imports
+nothing of the package.
 """
 
 from __future__ import annotations
@@ -33,3 +34,19 @@ def umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def json_safe(obj):
+    """``obj`` with NaN and Inf floats as None (valid JSON); dicts, lists and tuples are walked,
+    arrays and tensors (anything with ``tolist``) become lists or numbers first."""
+    import math
+
+    if hasattr(obj, "tolist") and not isinstance(obj, str | bytes):
+        obj = obj.tolist()
+    if isinstance(obj, dict):
+        return {str(k): json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [json_safe(v) for v in obj]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj

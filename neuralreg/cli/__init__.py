@@ -11,6 +11,7 @@ import warnings
 from pathlib import Path
 
 from neuralreg.config import REGULARIZERS, SIMILARITIES, RegistrationConfig
+from neuralreg.files import json_safe
 
 _DEFAULTS = RegistrationConfig()
 
@@ -315,21 +316,8 @@ def cmd_evaluate(args) -> int:
             print(f"neuralreg: warning: label(s) {', '.join(map(str, absent))} in neither map", file=sys.stderr)
     if args.jacobian is not None:
         result["percent_folds"] = percent_folds(read_image(args.jacobian, "Jacobian map").data)
-    print(json.dumps(_json_safe(result), indent=2, allow_nan=False))
+    print(json.dumps(json_safe(result), indent=2, allow_nan=False))
     return 0
-
-
-def _json_safe(obj):
-    """NaN and Inf become null (valid JSON); containers are walked."""
-    import math
-
-    if isinstance(obj, dict):
-        return {str(k): _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_json_safe(v) for v in obj]
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    return obj
 
 
 def cmd_demo(args) -> int:

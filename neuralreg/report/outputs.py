@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from neuralreg.files import json_safe
 from neuralreg.geometry.coordinates import apply_affine
 from neuralreg.geometry.image import Image
 from neuralreg.io import write_displacement_field, write_image, write_itk_affine
@@ -163,7 +164,7 @@ def write_outputs(
             **(extra_report or {}),
         }
         with open(tmp / "report.json", "w") as f:
-            json.dump(report, f, indent=2, default=_json_default)
+            json.dump(json_safe(report), f, indent=2, default=_json_default, allow_nan=False)
         from neuralreg.files import umask
 
         os.chmod(tmp, 0o777 & ~umask())

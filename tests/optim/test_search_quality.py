@@ -83,6 +83,60 @@ def test_oblique_tilt_and_offset_register(oblique_registration, phantom):
     assert reg.info["search"]["overlap"] > 0.5
 
 
+def test_starts_are_judged_by_their_fitted_similarity_not_the_search_order(phantom, monkeypatch):
+    """The search ranks a wrong start first (60 deg off); fitted as affines and judged at the
+    finest affine level, the right start wins, and the registration keeps the winner's frame."""
+    from neuralreg.optim import search
+
+    truth = _tilt()
+    moving, moving_labels = _moved(phantom["moving"], truth), _moved(phantom["moving_labels"], truth)
+    centre = np.eye(4)
+    centre[:3, 3] = grid_corners_world(phantom["fixed"].shape, phantom["fixed"].affine).mean(0)
+    off = np.eye(4)
+    off[:3, :3] = rotation_matrix([60.0, 0.0, 0.0])
+    wrong = truth @ centre @ off @ np.linalg.inv(centre)
+    starts = [
+        search.SearchResult(wrong, 0.9, np.nan, 1.0, (60.0, 0.0, 0.0)),
+        search.SearchResult(truth, 0.5, np.nan, 1.0, (0.0,) * 3),
+    ]
+    monkeypatch.setattr(search, "global_search", lambda *args, **kwargs: starts)
+    config = RegistrationConfig(**{**CONFIG, "steps": 30})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RegistrationWarning)
+        reg = register_pair(moving, phantom["fixed"], config)
+    facts = reg.info["search"]
+    assert facts["chosen"] == 1 and facts["distinct_starts"] == 2
+    losses = facts["candidate_losses"]
+    assert losses[1] < losses[0] and facts["runner_up_loss_gap"] == pytest.approx(losses[0] - losses[1])
+    assert facts["runner_up_distance_mm"] > 10.0
+    assert len([h for h in reg.history if h["part"] == "affine"]) == config.affine_steps  # the winner's fit only
+    np.testing.assert_allclose(reg.prealign, truth)
+    assert _bone_dice(reg, moving_labels, phantom["fixed_labels"]) > 0.85
+
+
+def test_starts_that_converge_to_one_map_are_fitted_once(phantom, monkeypatch):
+    """Two starts 1 deg apart end on the same map: only the first is fitted beyond the coarsest level."""
+    from neuralreg.optim import search
+
+    truth = _tilt()
+    moving = _moved(phantom["moving"], truth)
+    nudge = np.eye(4)
+    nudge[:3, :3] = rotation_matrix([1.0, 0.0, 0.0])
+    starts = [
+        search.SearchResult(truth, 0.9, np.nan, 1.0, (0.0,) * 3),
+        search.SearchResult(truth @ nudge, 0.8, np.nan, 1.0, (1.0, 0.0, 0.0)),
+    ]
+    monkeypatch.setattr(search, "global_search", lambda *args, **kwargs: starts)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RegistrationWarning)
+        reg = register_pair(moving, phantom["fixed"], RegistrationConfig(**{**CONFIG, "steps": 10}))
+    facts = reg.info["search"]
+    assert facts["distinct_starts"] == 1 and facts["chosen"] == 0
+    assert np.isfinite(facts["candidate_losses"][0]) and facts["candidate_losses"][1] is None
+    assert all(np.isfinite(facts["candidate_coarse_losses"]))
+    assert facts["runner_up_loss_gap"] is None
+
+
 def test_far_origins_register_with_a_warning(phantom, tmp_path, capsys):
     """Scanner origins 1000 mm apart: aligned all the same, and the headers' disagreement is reported."""
     far = np.eye(4)
