@@ -278,13 +278,14 @@ def register_pair(
     pair = _Pair(cfg, moving, fixed, moving_mask, fixed_mask, box, device, fused_warp)
     history: list[dict] = []
     if cfg.affine_steps > 0 and cfg.affine_init == "search":
-        pair, fit, search_info = _choose_start(pair)
-        prealign = search_info["prealign"]
+        fit, search_info = _choose_start(pair)
     elif cfg.affine_steps > 0:
         fit = _AffineFit(pair)
         fit.run(range(len(cfg.affine_pyramid)), cfg.progress)
     if cfg.affine_steps > 0:
-        # the fields draw their points on from the affine fit's stream (seeded by config.seed)
+        # the fields live in the frame of the chosen start and draw their points on from
+        # its fit's stream (seeded by config.seed)
+        pair, prealign = fit.pair, fit.prealign
         history, affine, generator = list(fit.history), fit.affine, fit.generator
     else:
         affine, generator = AffineMap(d).to(device), torch.Generator(device=device).manual_seed(cfg.seed)
@@ -298,7 +299,7 @@ def register_pair(
         "backend": phi_ab.encoding.backend,
         "final": history[-1] if history else {},
         "affine_steps": cfg.affine_steps,
-        "search": None if search_info is None else {k: v for k, v in search_info.items() if k != "prealign"},
+        "search": search_info,
     }
     reg = Registration(
         phi_ab,
@@ -454,15 +455,14 @@ def _choose_start(pair: _Pair):
     is lowest wins.
 
     The search's candidates are all fitted on the coarsest affine level; those that end
-    on the same map as a better one (within ``_SAME_MAP_MM``) are dropped; the rest are
-    fitted on every level and judged at the finest (same points for all). On hard knee
+    on the same map as one the search ranked higher (within ``_SAME_MAP_MM``) are dropped;
+    the rest are fitted on every level and judged at the finest (same points for all). On hard knee
     pairs the coarsest level's similarity alone chose a wrong start (bone Dice 0.58 after
     the affine part, against 0.76 for the start chosen at the finest level).
 
     Returns:
-        (the pair with the moving image pre-aligned by the winner's rigid map S, the
-        winner's fit, facts: ``prealign`` S (fixed -> moving world) and what the choice
-        rested on).
+        (the winner's fit: its ``pair`` has the moving image pre-aligned by its rigid map
+        ``prealign`` S, fixed -> moving world; facts: what the choice rested on).
     """
     from neuralreg.optim.search import global_search
 
@@ -479,11 +479,11 @@ def _choose_start(pair: _Pair):
     for fit in fits:
         fit.run([0], bar=bar)
         coarse.append(fit.loss(0))
-    # drop starts that converged onto the map of a better one
+    # drop starts that converged onto the map of one the search ranked higher
     distinct: list[int] = []
-    for k in np.argsort(coarse, kind="stable"):
+    for k in range(len(fits)):
         if all(fits[k].distance_mm(fits[j]) > _SAME_MAP_MM for j in distinct):
-            distinct.append(int(k))
+            distinct.append(k)
     bar.total = cfg.affine_steps * len(distinct) + sum(f.steps_done for k, f in enumerate(fits) if k not in distinct)
     final = [math.nan] * len(fits)
     for k in distinct:
@@ -494,7 +494,6 @@ def _choose_start(pair: _Pair):
     others = [k for k in distinct if k != best]
     runner_up = min(others, key=lambda k: final[k]) if others else None
     facts = {
-        "prealign": candidates[best].matrix,
         "matrix_world_fixed_to_moving": candidates[best].matrix.tolist(),
         "angles_deg": list(candidates[best].angles_deg),
         "score": candidates[best].score,
@@ -509,7 +508,7 @@ def _choose_start(pair: _Pair):
         "runner_up_loss_gap": None if runner_up is None else float(final[runner_up] - final[best]),
         "runner_up_distance_mm": None if runner_up is None else float(fits[runner_up].distance_mm(fits[best])),
     }
-    return fits[best].pair, fits[best], facts
+    return fits[best], facts
 
 
 _SAME_MAP_MM = 2.0  # two fitted starts whose world maps differ by less (mean over the fixed box) are one

@@ -115,7 +115,7 @@ def test_starts_are_judged_by_their_fitted_similarity_not_the_search_order(phant
 
 
 def test_starts_that_converge_to_one_map_are_fitted_once(phantom, monkeypatch):
-    """Two starts 1 deg apart end on the same map: only the first is fitted beyond the coarsest level."""
+    """Two starts 1 deg apart end on the same map: only the one the search ranked first is fitted on."""
     from neuralreg.optim import search
 
     truth = _tilt()
