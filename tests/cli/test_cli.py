@@ -59,9 +59,16 @@ def test_register_writes_every_output(registered):
         "figure.png",
     }
     assert names == expected
-    report = json.loads((registered / "report.json").read_text())
+
+    def no_nan(token):
+        raise AssertionError(f"report.json holds {token}, which is not JSON")
+
+    report = json.loads((registered / "report.json").read_text(), parse_constant=no_nan)
     for key in ("config", "versions", "timings", "final_loss_terms", "percent_folds_forward"):
         assert key in report
+    search = report["global_search"]
+    assert 1 <= search["distinct_starts"] <= len(search["candidate_losses"])
+    assert search["candidate_losses"][search["chosen"]] == min(v for v in search["candidate_losses"] if v is not None)
     assert 0 <= report["dice_after"]["mean"] <= 1
     assert report["inverse_consistency_error_mm"] >= 0
     warped = nib.load(registered / "warped.nii.gz")
