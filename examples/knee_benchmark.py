@@ -52,7 +52,13 @@ def parse_args(argv=None):
         default="neuralreg,ants,elastix",
         help="comma-separated methods; baselines not installed are skipped with a note (default: all)",
     )
-    p.add_argument("--threads", type=int, default=2, help="CPU threads per registration (default: 2)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=2,
+        help="CPU threads per registration (default: 2); with two runners at once on 2 cores use 1 each "
+        "(a 2-thread neuralreg beside a 1-thread ANTs ran 6x slower)",
+    )
     p.add_argument("--steps", type=int, help="neuralreg steps (default: the package default)")
     p.add_argument("--config", type=Path, help="JSON of RegistrationConfig keys for neuralreg")
     p.add_argument("--shape", type=int, nargs=3, default=(80, 192, 192), help="registration grid (default: 80 192 192)")
