@@ -9,18 +9,22 @@ affine part alone and the full maps) and the maps are checked against each other
 | share of fixed points that the map sends inside the moving image >= 50 % | failed |
 | inverse-consistency error <= max(2 mm, 2 x the largest voxel side) | failed |
 | local NCC of the full maps not below the affine part's (margin 0.02) | failed |
-| global NCC of the registered images >= 0.75 (a) | failed |
-| local NCC after the affine part alone >= 0.05, unless the final global NCC >= 0.85 (b) | failed |
+| global NCC of the registered images >= 0.70 (a) | failed |
 | global NCC of the registered images >= 0.85 | check |
+| local NCC after the affine part alone >= 0.05, unless the final global NCC >= 0.85 (b) | check |
 | local NCC improved over the physical alignment, where the images overlap | check |
 | the images overlap in world space before registration (else: headers disagree) | check |
 | % folds <= 1 | check |
 
-(a) registered same-contrast pairs reach 0.95 (knees of two subjects, two brains);
-unrelated images (a brain and a knee, smooth noise and a knee) 0.55-0.67.
+(a) registered same-contrast pairs reach 0.95 (knees of two subjects, two brains); the
+canonical 10-pair knee benchmark, whose textured soft tissue does not correspond,
+0.739-0.929 (bone Dice >= 0.946 on all ten); unrelated images (a brain and a knee, smooth
+noise and a knee) 0.51-0.67. Between 0.70 and 0.85 the verdict is ``check``, with a warning.
 (b) unrelated images score 0.03; knees of two subjects 0.11, two brains 0.26. Knees whose
 soft tissue does not correspond can score 0.049 after a right affine part and reach a
-global NCC of 0.90 after the fields: a good final similarity overrules this check.
+global NCC of 0.90 after the fields: a good final similarity overrules this check. It
+no longer fails a pair (it did until 2026-12-02): unrelated images score 0.08-0.12 on the
+knee phantom, so it does not separate them; the global NCC does.
 
 ``measures`` also hold ``field_correction_mm``, how far the fields move points beyond the
 affine part (mean, mm): no rule reads it yet; it is recorded to calibrate one against the
@@ -43,7 +47,7 @@ from neuralreg.geometry.image import Image
 from neuralreg.losses.similarity import lncc, ncc
 
 MIN_OVERLAP = 0.5
-MIN_NCC = 0.75
+MIN_NCC = 0.70
 GOOD_NCC = 0.85
 MIN_LNCC_AFFINE = 0.05
 AFFINE_MARGIN = 0.02
@@ -158,7 +162,7 @@ def judge(measures: dict) -> Quality:
     elif ncc_final < GOOD_NCC:
         check.append(f"the registered images correlate only moderately (NCC {ncc_final:.3f} < {GOOD_NCC})")
     if lncc_affine < MIN_LNCC_AFFINE and not ncc_final >= GOOD_NCC:
-        failed.append(f"after the global (affine) alignment the images hardly correlate (local NCC {lncc_affine:.3f})")
+        check.append(f"after the global (affine) alignment the images hardly correlate (local NCC {lncc_affine:.3f})")
     if m["overlap_identity"] >= MIN_OVERLAP and lncc_final <= lncc_identity:
         check.append(
             f"no better than the images' physical alignment (local NCC {lncc_final:.3f} vs {lncc_identity:.3f})"
