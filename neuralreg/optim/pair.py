@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import itertools
 import math
 import time
 import warnings
@@ -25,7 +24,7 @@ from neuralreg.config import RegistrationConfig
 from neuralreg.errors import InputError, RegistrationDiverged, RegistrationWarning
 from neuralreg.fields.affine import AffineMap, ComposedMap, intensity_centroid, world_matrix
 from neuralreg.fields.field import NeuralField
-from neuralreg.geometry.coordinates import NormalizedBox, apply_affine
+from neuralreg.geometry.coordinates import NormalizedBox, apply_affine, grid_corners_world
 from neuralreg.geometry.image import Image
 from neuralreg.losses import REGULARIZERS, SIMILARITIES
 from neuralreg.optim.points import VoxelSampler, edge_weights
@@ -501,7 +500,8 @@ def _choose_start(pair: _Pair):
         "overlap": candidates[best].overlap,
         "candidate_scores": [c.score for c in candidates],
         "candidate_coarse_losses": [float(v) for v in coarse],
-        "candidate_losses": [None if math.isnan(v) else float(v) for v in final],  # None: same map as a better start
+        # None: the same map as a start the search ranked higher
+        "candidate_losses": [None if math.isnan(v) else float(v) for v in final],
         "distinct_starts": len(distinct),
         "chosen": best,
         # how clearly the winner beat the best start that ended on another map
@@ -551,16 +551,13 @@ class _AffineFit:
     def run(self, levels, progress: bool = False, bar=None) -> None:
         """Fit the levels ``levels`` (indices into ``config.affine_pyramid``), in order."""
         cfg, pair = self.pair.cfg, self.pair
-        device, fused_warp = pair.device, pair.fused_warp
         total = cfg.affine_steps
         own = bar is None
         if own:
             bar = tqdm(
                 total=sum(self.per_level[s] for s in levels), disable=not progress, desc="affine", dynamic_ncols=True
             )
-        affine, optimizer = self.affine, self.optimizer
-        fwd = lambda u: affine.apply(u)  # noqa: E731
-        inv = lambda u: affine.apply(u, inverse=True)  # noqa: E731
+        optimizer = self.optimizer
         for s in levels:
             stage = pair.stage(cfg.affine_pyramid[s], self.generator)
             pending: list[tuple[int, torch.Tensor]] = []  # (step, [loss, sim_ab, sim_ba]) not yet read
@@ -569,8 +566,7 @@ class _AffineFit:
                 for g in optimizer.param_groups:
                     g["lr"] = cfg.affine_learning_rate * (0.05 + 0.95 * frac)
                 optimizer.zero_grad(set_to_none=True)
-                sim_ab = _similarity_term(cfg, stage, fwd, "moving", "fixed", device, fused_warp, cfg.affine_similarity)
-                sim_ba = _similarity_term(cfg, stage, inv, "fixed", "moving", device, fused_warp, cfg.affine_similarity)
+                sim_ab, sim_ba = self._terms(stage, pair.fused_warp)
                 loss = sim_ab + sim_ba
                 loss.backward()
                 optimizer.step()
@@ -582,6 +578,14 @@ class _AffineFit:
                     pending = []
         if own:
             bar.close()
+
+    def _terms(self, stage: _Stage, fused_warp: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """sim(A o T, B) at fixed points and sim(B o T^-1, A) at moving points (``config.affine_similarity``)."""
+        cfg, affine = self.pair.cfg, self.affine
+        args = (self.pair.device, fused_warp, cfg.affine_similarity)
+        sim_ab = _similarity_term(cfg, stage, lambda u: affine.apply(u), "moving", "fixed", *args)
+        sim_ba = _similarity_term(cfg, stage, lambda u: affine.apply(u, inverse=True), "fixed", "moving", *args)
+        return sim_ab, sim_ba
 
     def _read(self, pending, level: int, bar) -> None:
         for (j, _), (v_loss, v_ab, v_ba) in zip(pending, torch.stack([t for _, t in pending]).tolist(), strict=True):
@@ -604,17 +608,13 @@ class _AffineFit:
     @torch.no_grad()
     def loss(self, level: int, draws: int = 4) -> float:
         """Symmetric similarity at affine level ``level``, on points of a fixed seed (the same for every start)."""
-        pair, affine = self.pair, self.affine
-        cfg, device = pair.cfg, pair.device
-        gen = torch.Generator(device=device).manual_seed(cfg.seed + 7919)
-        stage = pair.stage(cfg.affine_pyramid[level], gen)
+        pair = self.pair
+        gen = torch.Generator(device=pair.device).manual_seed(pair.cfg.seed + 7919)
+        stage = pair.stage(pair.cfg.affine_pyramid[level], gen)
         total = 0.0
         for _ in range(draws):
-            for fn, src, dst in (
-                (lambda u: affine.apply(u), "moving", "fixed"),
-                (lambda u: affine.apply(u, inverse=True), "fixed", "moving"),
-            ):
-                total += float(_similarity_term(cfg, stage, fn, src, dst, device, False, cfg.affine_similarity))
+            for term in self._terms(stage, False):
+                total += float(term)
         return total / draws
 
     def world(self) -> np.ndarray:
@@ -625,10 +625,8 @@ class _AffineFit:
         """Mean distance (mm) between the two fits' images of the fixed grid's corners and centre."""
         fixed = self.pair.fixed
         d = fixed.n_dims
-        corners = np.array(
-            list(itertools.product(*[(0.0, n - 1.0) for n in fixed.shape])) + [[(n - 1) / 2 for n in fixed.shape]]
-        )
-        x = corners @ fixed.affine[:d, :d].T + fixed.affine[:d, d]
+        corners = grid_corners_world(fixed.shape, fixed.affine)
+        x = np.vstack([corners, corners.mean(0)])
         a, b = self.world(), other.world()
         return float(np.linalg.norm((x @ a[:d, :d].T + a[:d, d]) - (x @ b[:d, :d].T + b[:d, d]), axis=1).mean())
 

@@ -164,7 +164,7 @@ def write_outputs(
             **(extra_report or {}),
         }
         with open(tmp / "report.json", "w") as f:
-            json.dump(json_safe(report), f, indent=2, default=_json_default, allow_nan=False)
+            json.dump(json_safe(report), f, indent=2, default=str, allow_nan=False)  # json_safe made arrays lists
         from neuralreg.files import umask
 
         os.chmod(tmp, 0o777 & ~umask())
@@ -175,14 +175,6 @@ def write_outputs(
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _json_default(obj):
-    if isinstance(obj, np.generic | torch.Tensor):
-        return obj.item() if obj.numel() == 1 else obj.tolist()
-    if isinstance(obj, tuple):
-        return list(obj)
-    return str(obj)
 
 
 def _versions() -> dict:
