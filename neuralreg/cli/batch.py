@@ -308,6 +308,13 @@ def register_pairs(
         interrupted = True
     finally:
         _shutdown(client, cluster, futures if interrupted else [])
+    if interrupted:  # a pair can finish on disk before its result reaches this process: the folder decides
+        reported = {r["pair_id"] for r in results}
+        results += [
+            {**_summary_from_report(out_dir / spec.pair_id), "pair_id": spec.pair_id, "status": "done"}
+            for spec in specs
+            if spec.pair_id not in reported and is_complete(out_dir / spec.pair_id)
+        ]
     results.sort(key=lambda r: r["pair_id"])
     write_summary(results, out_dir)
     if interrupted:
