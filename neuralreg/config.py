@@ -124,11 +124,18 @@ class RegistrationConfig:
         fd_step_mm: finite-difference step of ``gradicon_fd`` (mm).
         pyramid: image down-sampling factor of each stage, coarse to fine.
         stage_fractions: share of ``steps`` per stage (same length as ``pyramid``).
+        stage_points: share of ``points`` drawn per step in each stage (same length as
+            ``pyramid``); fewer points make a coarse stage's steps cheaper. Not the
+            default: (0.25, 0.5, 1) cost the canonical knee benchmark 0.010 cartilage Dice
+            (3 pairs; 0.011 on 7 pairs with ``affine_points=4096`` as well): the coarse
+            stages decide the capture and need their points.
         affine_steps: Adam steps of the global affine part, fitted before the fields
             (0: no affine part, the fields alone).
         affine_learning_rate: Adam learning rate of the affine part (cosine-decayed).
         affine_pyramid: down-sampling factors of the affine fit, coarse to fine (steps
             split evenly).
+        affine_points: similarity points per direction and step of the affine fit;
+            None: ``points``. The starts are judged with ``points`` whatever this is.
         affine_similarity: similarity of the affine fit: ``"lncc"`` (local windows on edges:
             the soft tissue of two subjects does not correspond, their bones do; on the
             hard knee benchmark it lifted the worst pair's bone Dice from 0.81 to 0.95)
@@ -176,9 +183,11 @@ class RegistrationConfig:
     fd_step_mm: float = 0.5
     pyramid: tuple = (4, 2, 1)
     stage_fractions: tuple = (0.25, 0.25, 0.5)
+    stage_points: tuple = (1.0, 1.0, 1.0)
     affine_steps: int = 200
     affine_learning_rate: float = 5e-3
     affine_pyramid: tuple = (4, 2)
+    affine_points: int | None = None
     affine_similarity: str = "lncc"
     affine_init: str = "search"
     search_max_angle: float = 40.0
@@ -197,6 +206,7 @@ class RegistrationConfig:
             self.field = FieldConfig(**self.field)
         self.pyramid = tuple(int(f) for f in self.pyramid)
         self.stage_fractions = tuple(float(f) for f in self.stage_fractions)
+        self.stage_points = tuple(float(f) for f in self.stage_points)
         self.affine_pyramid = tuple(int(f) for f in self.affine_pyramid)
         if self.affine_similarity not in SIMILARITIES:
             raise ValueError(f"affine_similarity must be one of {SIMILARITIES}, not {self.affine_similarity!r}")
@@ -214,6 +224,10 @@ class RegistrationConfig:
             raise ValueError(f"jacobian must be 'autograd' or 'analytic', not {self.jacobian!r}")
         if len(self.pyramid) != len(self.stage_fractions) or not self.pyramid:
             raise ValueError("pyramid and stage_fractions must have the same, non-zero length")
+        if len(self.stage_points) != len(self.pyramid) or not all(0 < f <= 1 for f in self.stage_points):
+            raise ValueError("stage_points must have one share in (0, 1] per pyramid stage")
+        if self.affine_points is not None and self.affine_points < 8:
+            raise ValueError("affine_points must be >= 8 or None")
         if any(f < 1 for f in self.pyramid):
             raise ValueError("pyramid factors must be >= 1")
         if self.steps < 1 or self.points < 8 or self.regularizer_points < 1:

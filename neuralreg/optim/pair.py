@@ -91,8 +91,20 @@ class _Stage:
     """One pyramid level: down-sampled images, their voxel<->normalized maps and samplers."""
 
     def __init__(
-        self, moving, fixed, moving_mask, fixed_mask, factor, box, generator, device, edge_fraction=0.0, edge_power=1.0
+        self,
+        moving,
+        fixed,
+        moving_mask,
+        fixed_mask,
+        factor,
+        box,
+        generator,
+        device,
+        points,
+        edge_fraction=0.0,
+        edge_power=1.0,
     ):
+        self.points = points  # similarity points per direction and step
         self.moving = moving.to(device).downsample(factor)
         self.fixed = fixed.to(device).downsample(factor)
         self.moving_sampler, self.fixed_sampler = (
@@ -127,8 +139,8 @@ class _Pair:
     device: torch.device
     fused_warp: bool
 
-    def stage(self, factor: int, generator) -> _Stage:
-        """The pyramid level ``factor`` (edge-weighted samplers as the config says)."""
+    def stage(self, factor: int, generator, points: int) -> _Stage:
+        """The pyramid level ``factor``, ``points`` similarity points per step, edge weights as configured."""
         return _Stage(
             self.moving,
             self.fixed,
@@ -138,6 +150,7 @@ class _Pair:
             self.box,
             generator,
             self.device,
+            points,
             self.cfg.edge_fraction,
             self.cfg.edge_power,
         )
@@ -162,9 +175,9 @@ def _similarity_term(cfg, stage, mapping, source: str, target: str, device, fuse
     source_img = stage.moving if source == "moving" else stage.fixed
     if similarity == "lncc":
         k = cfg.lncc_patch_points
-        vox = sampler.sample_windows(max(1, cfg.points // k), k, cfg.lncc_window).to(device)
+        vox = sampler.sample_windows(max(1, stage.points // k), k, cfg.lncc_window).to(device)
     else:
-        vox = sampler.sample(cfg.points).to(device)
+        vox = sampler.sample(stage.points).to(device)
     u = apply_affine(stage.vox_to_u[target], vox)
     warped_vox = apply_affine(stage.u_to_vox[source], mapping(u))
     if fused_warp:  # native fused value + gradient kernel
@@ -340,7 +353,7 @@ def _fit_fields(pair: _Pair, phi_ab, phi_ba, affine, generator, history: list) -
     bar = tqdm(total=cfg.steps, disable=not cfg.progress, desc="register", dynamic_ncols=True)
     step = 0
     for s, (factor, n_steps) in enumerate(zip(cfg.pyramid, steps, strict=False)):
-        stage = pair.stage(factor, generator)
+        stage = pair.stage(factor, generator, max(8, round(cfg.points * cfg.stage_points[s])))
         active = math.ceil(n_levels * (s + 1) / len(cfg.pyramid))
         for f in (phi_ab, phi_ba):
             f.encoding.set_active_levels(active)
@@ -559,7 +572,7 @@ class _AffineFit:
             )
         optimizer = self.optimizer
         for s in levels:
-            stage = pair.stage(cfg.affine_pyramid[s], self.generator)
+            stage = pair.stage(cfg.affine_pyramid[s], self.generator, cfg.affine_points or cfg.points)
             pending: list[tuple[int, torch.Tensor]] = []  # (step, [loss, sim_ab, sim_ba]) not yet read
             for k in range(self.per_level[s]):
                 frac = 0.5 * (1 + math.cos(math.pi * self.steps_done / max(total, 1)))
@@ -610,7 +623,7 @@ class _AffineFit:
         """Symmetric similarity at affine level ``level``, on points of a fixed seed (the same for every start)."""
         pair = self.pair
         gen = torch.Generator(device=pair.device).manual_seed(pair.cfg.seed + 7919)
-        stage = pair.stage(pair.cfg.affine_pyramid[level], gen)
+        stage = pair.stage(pair.cfg.affine_pyramid[level], gen, pair.cfg.points)
         total = 0.0
         for _ in range(draws):
             for term in self._terms(stage, False):

@@ -1,5 +1,7 @@
 """Point sampling: uniform, inside masks, and edge-weighted."""
 
+import warnings
+
 import pytest
 import torch
 
@@ -82,3 +84,47 @@ def test_config_rejects_a_bad_edge_power():
 
     with pytest.raises(ValueError, match="edge_power"):
         RegistrationConfig(edge_power=0.0)
+
+
+def test_each_stage_and_the_affine_fit_draw_their_configured_points(monkeypatch):
+    from neuralreg import RegistrationConfig, register_pair
+    from neuralreg.optim import pair as registration
+    from neuralreg.phantoms import triangles_pair
+
+    drawn = []
+    inner = registration._similarity_term
+
+    def spy(cfg, stage, *args, **kwargs):
+        drawn.append(stage.points)
+        return inner(cfg, stage, *args, **kwargs)
+
+    monkeypatch.setattr(registration, "_similarity_term", spy)
+    pair = triangles_pair(size=32)
+    cfg = RegistrationConfig(
+        steps=8,
+        points=1024,
+        stage_points=(0.25, 0.5, 1.0),
+        stage_fractions=(1, 1, 2),
+        affine_steps=4,
+        affine_points=256,
+        affine_init="centroid",
+        progress=False,
+        threads=1,
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # 8 steps: the self-check's verdict is not the point here
+        register_pair(pair["moving"], pair["fixed"], cfg)
+    # affine steps (2 terms each) first, then the fields' stages: 2 + 2 + 4 steps, 2 terms each
+    assert drawn == [256] * 8 + [256] * 4 + [512] * 4 + [1024] * 8
+
+
+def test_config_rejects_bad_point_shares():
+    from neuralreg.config import RegistrationConfig
+
+    assert RegistrationConfig().stage_points == (1.0, 1.0, 1.0) and RegistrationConfig().affine_points is None
+    with pytest.raises(ValueError, match="stage_points"):
+        RegistrationConfig(stage_points=(0.5, 1.0))  # three stages
+    with pytest.raises(ValueError, match="stage_points"):
+        RegistrationConfig(stage_points=(0.0, 0.5, 1.0))
+    with pytest.raises(ValueError, match="affine_points"):
+        RegistrationConfig(affine_points=4)
