@@ -74,9 +74,18 @@ def jacobian_determinant(map_world: torch.Tensor, affine: np.ndarray) -> torch.T
         diff = m.narrow(k, 1, m.shape[k] - 1) - m.narrow(k, 0, m.shape[k] - 1)
         diff = torch.cat([diff.narrow(k, 0, 1), diff], k)
         cols.append(diff)
-    jac_index = torch.stack(cols, -1)  # (*shape, d_out, d_index)
-    det = torch.linalg.det(jac_index) / float(np.linalg.det(affine[:d, :d]))
-    return det
+    return _det(cols) / float(np.linalg.det(affine[:d, :d]))
+
+
+def _det(cols: list[torch.Tensor]) -> torch.Tensor:
+    """det of the (*shape, d, d) matrices whose column k is ``cols[k]`` (*shape, d), by
+    cofactors: element-wise, several times faster than ``torch.linalg.det`` on a batch of
+    millions of 3x3 matrices (the same value to float64 rounding)."""
+    if len(cols) == 2:
+        (a, c), (b, d) = cols[0].unbind(-1), cols[1].unbind(-1)
+        return a * d - b * c
+    (a, d, g), (b, e, h), (c, f, i) = (col.unbind(-1) for col in cols)
+    return a * (e * i - f * h) - b * (d * i - f * g) + c * (d * h - e * g)
 
 
 def percent_folds(det: torch.Tensor, mask: torch.Tensor | None = None) -> float:
