@@ -2,22 +2,25 @@
 
 A prepared pair is a folder with ``moving.nii.gz``, ``fixed.nii.gz``,
 ``moving_labels.nii.gz`` and ``fixed_labels.nii.gz`` (see ``examples/knee_benchmark.py``).
-Running each registration in its own spawned process makes the peak memory (the child's
-maximum resident set) and the CPU time (user + system of the child, all threads) that
-method's alone (see ``run_method``).
+Each method runs as the whole command a user starts (``neuralreg register``, or a
+baseline's runner: Python start-up, imports, reading, registration, writing its maps) in
+its own process, so that its wall time, CPU time (user + system, all threads) and peak
+memory are that command's alone; its maps are then read back and scored alike (see ``run_method``).
 """
 
 from __future__ import annotations
 
 import json
 import math
-import multiprocessing as mp
+import os
 import resource
+import subprocess
+import sys
+import tempfile
 import time
-import traceback
 from pathlib import Path
 
-METHODS = ("neuralreg", "ants", "elastix")
+METHODS = ("neuralreg", "ants", "elastix", "fireants")
 # the pair scores of ``neuralreg.metrics.SCORES`` that a map read back from any method gives, and the knee's own
 SCORE_KEYS = (
     "femoral",
@@ -31,11 +34,97 @@ SCORE_KEYS = (
 )
 
 
-def _register(method: str, pair_dir: Path, config: dict, threads: int):
+TIME_KEYS = ("seconds", "cpu_seconds", "command_seconds", "command_cpu_seconds", "peak_memory_mb")
+
+
+def _maps(method: str, out: Path):
+    """(forward, inverse, affine-only maps, neuralreg's verdict, call seconds, call CPU seconds)
+    from a finished command's output folder."""
+    from neuralreg.io import read_displacement_field
+
+    if method == "neuralreg":
+        from neuralreg.geometry.transforms import AffineTransform
+        from neuralreg.result import Registration
+        from neuralreg_eval import knee
+
+        reg = Registration.load(out / "registration.pt")
+        report = json.loads((out / "report.json").read_text())
+        forward, inverse = knee.registration_maps(reg)
+        call = (report["timings"]["registration_seconds"], report["timings"].get("registration_cpu_seconds", math.nan))
+        return forward, inverse, AffineTransform(reg.affine_world()), report["quality"]["verdict"], *call
+    fields = {
+        k: read_displacement_field(out / f"{k}.nii.gz") if (out / f"{k}.nii.gz").exists() else None
+        for k in ("forward", "inverse", "affine")
+    }
+    call = json.loads((out / "call.json").read_text())
+    return fields["forward"], fields["inverse"], fields["affine"], "", call["seconds"], call["cpu_seconds"]
+
+
+def command(method: str, pair_dir: Path, out: Path, config: dict, threads: int) -> list[str]:
+    """The whole run a user starts, as argv: ``neuralreg register`` (every output written),
+    or a baseline's runner (``python -m neuralreg_eval.baselines``: read, register, write its maps)."""
+    moving, fixed = str(pair_dir / "moving.nii.gz"), str(pair_dir / "fixed.nii.gz")
+    if method == "neuralreg":
+        argv = [sys.executable, "-m", "neuralreg", "register", "--fixed", fixed, "--moving", moving]
+        argv += ["--out", str(out), "--threads", str(threads), "--quiet"]
+        if config:
+            path = out.parent / "config.json"
+            path.write_text(json.dumps(config))
+            argv += ["--config", str(path)]
+        return argv
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
+    runner = [sys.executable, "-m", "neuralreg_eval.baselines", method]
+    return [*runner, moving, fixed, str(out), "--threads", str(threads)]
+
+
+def run_method(method: str, pair_dir, config: dict | None = None, threads: int = 2, isolate: bool = True) -> dict:
+    """Register one prepared pair with ``method`` by its whole command, in its own process,
+    and score it (``knee.score_maps`` keys).
+
+    Adds ``command_seconds``, ``command_cpu_seconds`` and ``peak_memory_mb`` (wall, user +
+    system time of all threads, and maximum resident memory of the command's process:
+    Python start-up, imports, reading, registration and writing its outputs), and
+    ``seconds``, ``cpu_seconds``: the registration call alone. ``isolate=False`` runs the
+    call in this process instead (no command figures, no peak memory). Raises RuntimeError
+    if the method failed.
+    """
+    config = config or {}
+    pair_dir = Path(pair_dir)
+    if not isolate:
+        return {**_register_here(method, pair_dir, config, threads), "peak_memory_mb": math.nan}
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "out"
+        log = Path(tmp) / "stderr.txt"
+        argv = command(method, pair_dir, out, config, threads)
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS": str(threads)}
+        with open(log, "wb") as err:
+            t0 = time.perf_counter()
+            proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=err, env=env)
+            _, status, usage = os.wait4(proc.pid, 0)
+            wall = time.perf_counter() - t0
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        if proc.returncode != 0:
+            lines = [ln for ln in log.read_text(errors="replace").splitlines() if ln.strip()]
+            raise RuntimeError(f"{method} failed (exit {proc.returncode}): {lines[-1] if lines else 'no message'}")
+        forward, inverse, affine_only, quality, seconds, cpu = _maps(method, out)
+        scores = _score(forward, inverse, affine_only, pair_dir)
+    return {
+        **scores,
+        "quality": quality,
+        "seconds": seconds,
+        "cpu_seconds": cpu,
+        "command_seconds": wall,
+        "command_cpu_seconds": usage.ru_utime + usage.ru_stime,
+        "peak_memory_mb": usage.ru_maxrss / 1024.0,
+    }
+
+
+def _register_here(method: str, pair_dir: Path, config: dict, threads: int) -> dict:
+    """The registration call in this process (``run_method(isolate=False)``)."""
     from neuralreg.config import RegistrationConfig
     from neuralreg.geometry.transforms import AffineTransform
-    from neuralreg.io import read_image, read_labels
-    from neuralreg.metrics import field_correction
+    from neuralreg.io import read_image
     from neuralreg_eval import baselines, knee
 
     moving, fixed = pair_dir / "moving.nii.gz", pair_dir / "fixed.nii.gz"
@@ -60,6 +149,17 @@ def _register(method: str, pair_dir: Path, config: dict, threads: int):
         forward, inverse, affine_only, quality = res.forward, res.inverse, res.affine, ""
     else:
         raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
+    scores = _score(forward, inverse, affine_only, pair_dir)
+    return {**scores, "quality": quality, "seconds": seconds, "cpu_seconds": cpu}
+
+
+def _score(forward, inverse, affine_only, pair_dir: Path) -> dict:
+    """``knee.score_maps`` of the maps, the affine stage's bone Dice, the field's correction
+    beyond it, and the gross-failure flag."""
+    from neuralreg.io import read_labels
+    from neuralreg.metrics import field_correction
+    from neuralreg_eval import knee
+
     moving_labels, fixed_labels = (read_labels(pair_dir / f"{k}_labels.nii.gz") for k in ("moving", "fixed"))
     scores = knee.score_maps(forward, inverse, moving_labels, fixed_labels)
     scores["affine_bone"] = (
@@ -71,64 +171,12 @@ def _register(method: str, pair_dir: Path, config: dict, threads: int):
         else math.nan
     )
     scores["gross_failure"] = knee.gross_failure(scores["bone"], scores["affine_bone"])
-    return {**scores, "seconds": seconds, "cpu_seconds": cpu, "quality": quality}
-
-
-def _child(method, pair_dir, config, threads, queue):
-    try:
-        out = _register(method, Path(pair_dir), config, threads)
-        out["peak_memory_mb"] = _peak_memory_mb()
-        queue.put(("ok", out))
-    except BaseException as exc:  # reported to the parent as one line
-        queue.put(("error", f"{type(exc).__name__}: {exc}".splitlines()[0], traceback.format_exc()))
-
-
-def _peak_memory_mb() -> float:
-    """This process's peak resident memory: VmHWM (reset by exec, unlike ru_maxrss, which a
-    spawned child inherits from its parent)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return float(line.split()[1]) / 1024.0
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    return scores
 
 
 def _cpu_seconds() -> float:
     r = resource.getrusage(resource.RUSAGE_SELF)
     return r.ru_utime + r.ru_stime
-
-
-def run_method(method: str, pair_dir, config: dict | None = None, threads: int = 2, isolate: bool = True) -> dict:
-    """Register one prepared pair with ``method`` and score it (``knee.score_maps`` keys).
-
-    Adds ``seconds`` and ``cpu_seconds`` (wall and user + system time of the
-    registration call alone, reading and scoring excluded) and ``peak_memory_mb`` (of the
-    child process, everything included; NaN with ``isolate=False``). Raises RuntimeError if it failed.
-    """
-    config = config or {}
-    if not isolate:
-        out = _register(method, Path(pair_dir), config, threads)
-        return {**out, "peak_memory_mb": math.nan}
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    proc = ctx.Process(target=_child, args=(method, str(pair_dir), config, threads, queue))
-    proc.start()
-    result = None
-    while result is None:
-        try:
-            result = queue.get(timeout=1.0)
-        except Exception:
-            if not proc.is_alive():
-                break
-    proc.join()
-    if result is None:
-        raise RuntimeError(f"{method} crashed (exit code {proc.exitcode})")
-    if result[0] == "error":
-        raise RuntimeError(f"{method} failed: {result[1]}")
-    return result[1]
 
 
 def summarize(rows: list[dict], methods) -> list[dict]:
@@ -141,7 +189,7 @@ def summarize(rows: list[dict], methods) -> list[dict]:
         if not ok:
             continue
         s = {"method": m, "pairs": len(ok), "gross_failures": sum(_truthy(r.get("gross_failure")) for r in ok)}
-        for k in (*SCORE_KEYS, "seconds", "cpu_seconds", "peak_memory_mb"):
+        for k in (*SCORE_KEYS, *TIME_KEYS):
             v = np.array([_number(r.get(k)) for r in ok], dtype=float)
             s[k] = float(np.nanmean(v)) if np.isfinite(v).any() else math.nan
             s[k + "_std"] = float(np.nanstd(v)) if np.isfinite(v).any() else math.nan
@@ -158,8 +206,9 @@ def markdown_table(rows: list[dict], summary: list[dict]) -> str:
     """
     lines = [
         "| pair | method | initial bone Dice | femoral | tibial | cartilage | bone | affine bone | gross "
-        "| verdict | % neg. Jacobian | ICE mm | field corr. mm | s | CPU s | peak MB |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| verdict | % neg. Jacobian | ICE mm | field corr. mm | command s | command CPU s | registration s "
+        "| peak MB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in sorted(rows, key=lambda r: (float(r.get("initial_bone", 0)), r["pair"], r["method"])):
         if r.get("error"):
@@ -171,21 +220,22 @@ def markdown_table(rows: list[dict], summary: list[dict]) -> str:
             f"{_fmt(r.get('affine_bone', 'nan'), 3)} | {'**yes**' if _truthy(r.get('gross_failure')) else 'no'} | "
             f"{r.get('quality') or '-'} | "
             f"{float(r['percent_folds_forward']):.4f} | {_fmt(r['inverse_consistency_error_mm'], 2)} | "
-            f"{_fmt(_number(r.get('field_correction_mm')), 1)} | {float(r['seconds']):.1f} | "
-            f"{_fmt(r['cpu_seconds'], 1)} | {_fmt(r['peak_memory_mb'], 0)} |"
+            f"{_fmt(_number(r.get('field_correction_mm')), 1)} | {_fmt(_number(r.get('command_seconds')), 1)} | "
+            f"{_fmt(_number(r.get('command_cpu_seconds')), 1)} | {float(r['seconds']):.1f} | "
+            f"{_fmt(r['peak_memory_mb'], 0)} |"
         )
     lines += [
         "",
         "| method | pairs | gross failures | femoral | tibial | cartilage | bone "
-        "| % neg. Jacobian | ICE mm | s / pair | CPU s / pair | peak MB |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| % neg. Jacobian | ICE mm | command s / pair | command CPU s / pair | registration s / pair | peak MB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for s in summary:
         cells = [f"{s[k]:.3f} ± {s[k + '_std']:.3f}" for k in ("femoral", "tibial", "cartilage", "bone")]
         lines.append(
             f"| {s['method']} | {s['pairs']} | {s['gross_failures']} | {' | '.join(cells)} | "
-            f"{s['percent_folds_forward']:.4f} | {_fmt(s['inverse_consistency_error_mm'], 2)} | {s['seconds']:.1f} | "
-            f"{_fmt(s['cpu_seconds'], 1)} | "
+            f"{s['percent_folds_forward']:.4f} | {_fmt(s['inverse_consistency_error_mm'], 2)} | "
+            f"{_fmt(s['command_seconds'], 1)} | {_fmt(s['command_cpu_seconds'], 1)} | {s['seconds']:.1f} | "
             f"{_fmt(s['peak_memory_mb'], 0)} |"
         )
     return "\n".join(lines) + "\n"

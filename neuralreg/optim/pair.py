@@ -276,7 +276,7 @@ def register_pair(
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     d = fixed.n_dims
-    t_start = time.perf_counter()
+    t_start, cpu_start = time.perf_counter(), time.process_time()
 
     torch.manual_seed(cfg.seed)
     phi_ab = NeuralField(d, cfg.field).to(device)
@@ -306,6 +306,7 @@ def register_pair(
     elapsed = time.perf_counter() - t_start
     info = {
         "seconds": elapsed,
+        "cpu_seconds": time.process_time() - cpu_start,  # all threads of this process
         "seconds_per_step": elapsed / max(cfg.steps, 1),
         **facts,
         "backend": phi_ab.encoding.backend,

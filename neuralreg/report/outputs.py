@@ -152,7 +152,11 @@ def write_outputs(
         report = {
             "config": reg.config.to_dict(),
             "versions": _versions(),
-            "timings": {"registration_seconds": reg.info.get("seconds"), "output_seconds": time.perf_counter() - t0},
+            "timings": {
+                "registration_seconds": reg.info.get("seconds"),
+                "registration_cpu_seconds": reg.info.get("cpu_seconds"),
+                "output_seconds": time.perf_counter() - t0,
+            },
             "backend": reg.info.get("backend"),
             "recoveries": reg.info.get("recoveries"),
             "global_search": reg.info.get("search"),

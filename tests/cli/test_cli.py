@@ -66,6 +66,8 @@ def test_register_writes_every_output(registered):
     report = json.loads((registered / "report.json").read_text(), parse_constant=no_nan)
     for key in ("config", "versions", "timings", "final_loss_terms", "percent_folds_forward"):
         assert key in report
+    timings = report["timings"]  # the call's CPU time counts every thread: more than nothing, at most threads x wall
+    assert 0 < timings["registration_cpu_seconds"] <= 4 * timings["registration_seconds"] + 1
     search = report["global_search"]
     assert 1 <= search["distinct_starts"] <= len(search["candidate_losses"])
     assert search["candidate_losses"][search["chosen"]] == min(v for v in search["candidate_losses"] if v is not None)
