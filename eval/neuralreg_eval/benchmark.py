@@ -78,7 +78,9 @@ def command(method: str, pair_dir: Path, out: Path, config: dict, threads: int) 
     return [*runner, moving, fixed, str(out), "--threads", str(threads)]
 
 
-def run_method(method: str, pair_dir, config: dict | None = None, threads: int = 2, isolate: bool = True) -> dict:
+def run_method(
+    method: str, pair_dir, config: dict | None = None, threads: int = 2, isolate: bool = True, scorer=None
+) -> dict:
     """Register one prepared pair with ``method`` by its whole command, in its own process,
     and score it (``knee.score_maps`` keys).
 
@@ -86,13 +88,15 @@ def run_method(method: str, pair_dir, config: dict | None = None, threads: int =
     system time of all threads, and maximum resident memory of the command's process:
     Python start-up, imports, reading, registration and writing its outputs), and
     ``seconds``, ``cpu_seconds``: the registration call alone. ``isolate=False`` runs the
-    call in this process instead (no command figures, no peak memory). Raises RuntimeError
-    if the method failed.
+    call in this process instead (no command figures, no peak memory). ``scorer(forward,
+    inverse, affine_only, pair_dir) -> dict`` scores the maps (default: the knee protocol).
+    Raises RuntimeError if the method failed.
     """
     config = config or {}
+    scorer = scorer or _score
     pair_dir = Path(pair_dir)
     if not isolate:
-        return {**_register_here(method, pair_dir, config, threads), "peak_memory_mb": math.nan}
+        return {**_register_here(method, pair_dir, config, threads, scorer), "peak_memory_mb": math.nan}
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "out"
         log = Path(tmp) / "stderr.txt"
@@ -108,7 +112,7 @@ def run_method(method: str, pair_dir, config: dict | None = None, threads: int =
             lines = [ln for ln in log.read_text(errors="replace").splitlines() if ln.strip()]
             raise RuntimeError(f"{method} failed (exit {proc.returncode}): {lines[-1] if lines else 'no message'}")
         forward, inverse, affine_only, quality, seconds, cpu = _maps(method, out)
-        scores = _score(forward, inverse, affine_only, pair_dir)
+        scores = scorer(forward, inverse, affine_only, pair_dir)
     return {
         **scores,
         "quality": quality,
@@ -120,7 +124,7 @@ def run_method(method: str, pair_dir, config: dict | None = None, threads: int =
     }
 
 
-def _register_here(method: str, pair_dir: Path, config: dict, threads: int) -> dict:
+def _register_here(method: str, pair_dir: Path, config: dict, threads: int, scorer) -> dict:
     """The registration call in this process (``run_method(isolate=False)``)."""
     from neuralreg.config import RegistrationConfig
     from neuralreg.geometry.transforms import AffineTransform
@@ -149,7 +153,7 @@ def _register_here(method: str, pair_dir: Path, config: dict, threads: int) -> d
         forward, inverse, affine_only, quality = res.forward, res.inverse, res.affine, ""
     else:
         raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
-    scores = _score(forward, inverse, affine_only, pair_dir)
+    scores = scorer(forward, inverse, affine_only, pair_dir)
     return {**scores, "quality": quality, "seconds": seconds, "cpu_seconds": cpu}
 
 

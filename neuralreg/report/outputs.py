@@ -26,6 +26,7 @@ import platform
 import shutil
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -123,32 +124,40 @@ def write_outputs(
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         t0 = time.perf_counter()
-        ev = evaluate(reg, moving, fixed, moving_labels, fixed_labels)
-        warped = reg.warp(moving, mode="linear")
-        write_image(warped, tmp / "warped.nii.gz", dtype=np.float32)
-        if ev["warped_labels"] is not None:
-            write_image(ev["warped_labels"], tmp / "warped_labels.nii.gz", dtype=np.int32)
-        write_displacement_field(
-            reg.displacement_on_grid(direction="forward"), fixed.affine, tmp / "displacement_forward.nii.gz"
-        )
-        write_displacement_field(
-            reg.displacement_on_grid(direction="inverse"), moving.affine, tmp / "displacement_inverse.nii.gz"
-        )
-        write_image(ev["jacobian"], tmp / "jacobian.nii.gz", dtype=np.float32)
-        write_itk_affine(reg.affine_world(), tmp / "affine.tfm")
-        reg.save(tmp / "registration.pt")
-        for name, img in (extra_images or {}).items():
-            write_image(img, tmp / name)
-        phi = reg.map_on_grid(direction="forward")
-        phi_vox = apply_affine(np.linalg.inv(fixed.affine), phi.reshape(-1, fixed.n_dims).double()).reshape(phi.shape)
-        registration_figure(
-            tmp / "figure.png",
-            fixed,
-            Registration.identity_warp(moving, fixed, mode="linear"),
-            warped,
-            phi_vox.float(),
-            ev["jacobian"].data,
-        )
+        # NIfTI files are gzip-compressed in background threads (zlib releases the GIL)
+        # while the next arrays and the figure are computed; .result() re-raises errors
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            writes = []
+            ev = evaluate(reg, moving, fixed, moving_labels, fixed_labels)
+            writes.append(pool.submit(write_image, ev["jacobian"], tmp / "jacobian.nii.gz", dtype=np.float32))
+            warped = reg.warp(moving, mode="linear")
+            writes.append(pool.submit(write_image, warped, tmp / "warped.nii.gz", dtype=np.float32))
+            if ev["warped_labels"] is not None:
+                writes.append(
+                    pool.submit(write_image, ev["warped_labels"], tmp / "warped_labels.nii.gz", dtype=np.int32)
+                )
+            for direction, grid, name in (
+                ("forward", fixed, "displacement_forward.nii.gz"),
+                ("inverse", moving, "displacement_inverse.nii.gz"),
+            ):
+                disp = reg.displacement_on_grid(direction=direction)
+                writes.append(pool.submit(write_displacement_field, disp, grid.affine, tmp / name))
+            write_itk_affine(reg.affine_world(), tmp / "affine.tfm")
+            reg.save(tmp / "registration.pt")
+            for name, img in (extra_images or {}).items():
+                writes.append(pool.submit(write_image, img, tmp / name))
+            phi = reg.map_on_grid(direction="forward")
+            phi_vox = apply_affine(np.linalg.inv(fixed.affine), phi.reshape(-1, fixed.n_dims).double())
+            registration_figure(
+                tmp / "figure.png",
+                fixed,
+                Registration.identity_warp(moving, fixed, mode="linear"),
+                warped,
+                phi_vox.reshape(phi.shape).float(),
+                ev["jacobian"].data,
+            )
+            for w in writes:
+                w.result()
         report = {
             "config": reg.config.to_dict(),
             "versions": _versions(),
