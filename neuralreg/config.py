@@ -64,7 +64,10 @@ class FieldConfig:
     Attributes:
         encoding: the hash-grid encoding.
         hidden_width: neurons per hidden layer.
-        hidden_layers: number of hidden layers.
+        hidden_layers: number of hidden layers. One (two before): on the canonical
+            knee benchmark one layer gave +0.018 cartilage Dice (higher on 10 of 10 pairs)
+            and cheaper steps; the hash grid holds the detail, the MLP decodes it. 0 is
+            a linear read-out of the features (no decoding of hash collisions).
         activation: ``"relu"``, ``"silu"``, ``"softplus"`` or ``"tanh"``.
         backend: hash-grid implementation: ``"torch"`` (reference), ``"native"``,
             ``"tcnn"`` or ``"auto"`` (fastest available).
@@ -72,7 +75,7 @@ class FieldConfig:
 
     encoding: HashGridConfig = field(default_factory=HashGridConfig)
     hidden_width: int = 64
-    hidden_layers: int = 2
+    hidden_layers: int = 1
     activation: str = "relu"
     backend: str = "auto"
 

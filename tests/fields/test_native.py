@@ -160,13 +160,16 @@ def test_fused_warp_matches_grid_sample(d, device):
 
 
 @pytest.mark.parametrize("backend", ["torch", "native"])
-@pytest.mark.parametrize("activation", ["relu", "silu", "tanh", "softplus"])
-def test_analytic_gradicon_equals_autograd(backend, activation, device):
+@pytest.mark.parametrize(
+    "activation, layers", [("relu", 2), ("silu", 2), ("tanh", 2), ("softplus", 2), ("relu", 1), ("relu", 0)]
+)
+def test_analytic_gradicon_equals_autograd(backend, activation, layers, device):
     if backend == "torch" and device != "cpu":
         pytest.skip("the reference has no device-specific kernels")
     cfg = FieldConfig(
         encoding=HashGridConfig(**CFG, interpolation="Smoothstep"),
         hidden_width=16,
+        hidden_layers=layers,  # the push-forward through 0, 1 and several hidden layers
         activation=activation,
         backend="torch",
     )
