@@ -412,7 +412,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--modality",
         choices=("mri", "ct", "none"),
         default="mri",
-        help="intensity normalization: mri clips to [min, 99th percentile] -> [0, 1]; ct windows",
+        help="intensity normalization: mri clips to [min, 99.9th percentile] -> [0, 1]; ct windows",
     )
     r.add_argument(
         "--ct-window",

@@ -111,7 +111,7 @@ def read_mask(path, what: str = "mask") -> Image:
     return img.with_data(mask)
 
 
-def preprocess(image: Image, modality: str = "mri", ct_window=(40.0, 400.0), percentile: float = 99.0) -> Image:
+def preprocess(image: Image, modality: str = "mri", ct_window=(40.0, 400.0), percentile: float = 99.9) -> Image:
     """Intensity normalization to [0, 1].
 
     - ``mri``: clip to [min, ``percentile``-th percentile], then scale to [0, 1];
