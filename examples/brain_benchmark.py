@@ -57,28 +57,17 @@ def main(argv=None) -> int:
     data = args.data or (Path(os.environ["NEURALREG_DATA"]) / "ixi_brains" if "NEURALREG_DATA" in os.environ else None)
     if data is None:
         return _fail("no data folder: pass --data or set NEURALREG_DATA")
-    from neuralreg_eval import baselines, benchmark, brain
+    from neuralreg_eval import benchmark, brain
 
     files = brain.image_files(data)
     if len(files) < 2:
         return _fail(f"{data} has fewer than two images with DLMUSE labels")
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    unknown = [m for m in methods if m not in METHOD_NAMES]
-    if unknown:
-        return _fail(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHOD_NAMES)}")
     if not 1 <= args.pairs <= len(files) // 2:
         return _fail(f"--pairs must be between 1 and {len(files) // 2}")
-    config = {}
-    if args.config:
-        import json
-
-        try:
-            config = json.loads(args.config.read_text())
-        except (OSError, ValueError) as exc:
-            return _fail(f"cannot read --config {args.config}: {exc}")
-    for m in [m for m in methods if m in baselines.BASELINES and not baselines.available(m)]:
-        print(f"note: {m} is not installed; skipped", file=sys.stderr)
-        methods.remove(m)
+    try:
+        methods, config = benchmark.methods_and_config(args.methods, args.config, METHOD_NAMES)
+    except ValueError as exc:
+        return _fail(str(exc))
     from tqdm.auto import tqdm
 
     args.out.mkdir(parents=True, exist_ok=True)

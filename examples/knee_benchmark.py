@@ -156,30 +156,17 @@ def main(argv=None) -> int:
     files = sorted(Path(data).glob("*_labels.nii.gz")) if Path(data).is_dir() else []
     if len(files) < 2:
         return _fail(f"{data} has fewer than two *_labels.nii.gz files")
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    unknown = [m for m in methods if m not in METHOD_NAMES]
-    if unknown:
-        return _fail(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHOD_NAMES)}")
     if args.pairs < 1:
         return _fail("--pairs must be at least 1")
-    config = {}
-    if args.config:
-        import json
-
-        try:
-            config = json.loads(args.config.read_text())
-        except (OSError, ValueError) as exc:
-            return _fail(f"cannot read --config {args.config}: {exc}")
-    if args.steps:
-        config["steps"] = args.steps
-
-    from neuralreg_eval import baselines, benchmark
+    from neuralreg_eval import benchmark
     from tqdm.auto import tqdm
 
-    for m in [m for m in methods if m in baselines.BASELINES and not baselines.available(m)]:
-        how = "pip install fireants" if m == "fireants" else "pip install -e './eval[baselines]'"
-        print(f"note: {m} is not installed ({how}); skipped", file=sys.stderr)
-        methods.remove(m)
+    try:
+        methods, config = benchmark.methods_and_config(args.methods, args.config, METHOD_NAMES)
+    except ValueError as exc:
+        return _fail(str(exc))
+    if args.steps:
+        config["steps"] = args.steps
 
     args.out.mkdir(parents=True, exist_ok=True)
     results_path = args.out / "results.csv"

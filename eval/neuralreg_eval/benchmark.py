@@ -34,6 +34,16 @@ SCORE_KEYS = (
 )
 
 
+# runs argv[2:], writes its CPU seconds and peak resident memory to argv[1], exits with its code
+_USAGE_WRAPPER = """
+import json, os, subprocess, sys
+proc = subprocess.Popen(sys.argv[2:])
+_, status, ru = os.wait4(proc.pid, 0)
+usage = {"cpu_seconds": ru.ru_utime + ru.ru_stime, "peak_memory_mb": ru.ru_maxrss / 1024.0}
+open(sys.argv[1], "w").write(json.dumps(usage))
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+
 TIME_KEYS = ("seconds", "cpu_seconds", "command_seconds", "command_cpu_seconds", "peak_memory_mb")
 
 
@@ -58,6 +68,29 @@ def _maps(method: str, out: Path):
     }
     call = json.loads((out / "call.json").read_text())
     return fields["forward"], fields["inverse"], fields["affine"], "", call["seconds"], call["cpu_seconds"]
+
+
+def methods_and_config(methods_text: str, config_path=None, known=METHODS) -> tuple[list[str], dict]:
+    """A benchmark script's ``--methods`` and ``--config``: (methods to run, RegistrationConfig
+    keys). Raises ValueError (one line) for an unknown method or an unreadable config;
+    baselines that are not installed are dropped with a note on stderr."""
+    from neuralreg_eval import baselines
+
+    methods = [m.strip() for m in methods_text.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in known]
+    if unknown:
+        raise ValueError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(known)}")
+    config = {}
+    if config_path:
+        try:
+            config = json.loads(Path(config_path).read_text())
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"cannot read --config {config_path}: {exc}") from None
+    for m in [m for m in methods if m in baselines.BASELINES and not baselines.available(m)]:
+        how = "pip install fireants" if m == "fireants" else "pip install -e './eval[baselines]'"
+        print(f"note: {m} is not installed ({how}); skipped", file=sys.stderr)
+        methods.remove(m)
+    return methods, config
 
 
 def command(method: str, pair_dir: Path, out: Path, config: dict, threads: int) -> list[str]:
@@ -102,15 +135,18 @@ def run_method(
         log = Path(tmp) / "stderr.txt"
         argv = command(method, pair_dir, out, config, threads)
         env = {**os.environ, "OMP_NUM_THREADS": str(threads), "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS": str(threads)}
+        usage_file = Path(tmp) / "usage.json"
         with open(log, "wb") as err:
             t0 = time.perf_counter()
-            proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=err, env=env)
-            _, status, usage = os.wait4(proc.pid, 0)
+            # a small Python in between starts the command: a forked child's maximum
+            # resident size starts at its parent's, and this process holds the scoring's arrays
+            wrapper = [sys.executable, "-c", _USAGE_WRAPPER, str(usage_file), *argv]
+            code = subprocess.run(wrapper, stdout=subprocess.DEVNULL, stderr=err, env=env).returncode
             wall = time.perf_counter() - t0
-        proc.returncode = os.waitstatus_to_exitcode(status)
-        if proc.returncode != 0:
+        if code != 0:
             lines = [ln for ln in log.read_text(errors="replace").splitlines() if ln.strip()]
-            raise RuntimeError(f"{method} failed (exit {proc.returncode}): {lines[-1] if lines else 'no message'}")
+            raise RuntimeError(f"{method} failed (exit {code}): {lines[-1] if lines else 'no message'}")
+        usage = json.loads(usage_file.read_text())
         forward, inverse, affine_only, quality, seconds, cpu = _maps(method, out)
         scores = scorer(forward, inverse, affine_only, pair_dir)
     return {
@@ -119,8 +155,8 @@ def run_method(
         "seconds": seconds,
         "cpu_seconds": cpu,
         "command_seconds": wall,
-        "command_cpu_seconds": usage.ru_utime + usage.ru_stime,
-        "peak_memory_mb": usage.ru_maxrss / 1024.0,
+        "command_cpu_seconds": usage["cpu_seconds"],
+        "peak_memory_mb": usage["peak_memory_mb"],
     }
 
 
