@@ -354,7 +354,8 @@ def _fit_fields(pair: _Pair, phi_ab, phi_ba, affine, generator, history: list) -
     bar = tqdm(total=cfg.steps, disable=not cfg.progress, desc="register", dynamic_ncols=True)
     step = 0
     for s, (factor, n_steps) in enumerate(zip(cfg.pyramid, steps, strict=False)):
-        stage = pair.stage(factor, generator, max(8, round(cfg.points * cfg.stage_points[s])))
+        share = 1.0 if cfg.stage_points is None else cfg.stage_points[s]
+        stage = pair.stage(factor, generator, max(8, round(cfg.points * share)))
         active = math.ceil(n_levels * (s + 1) / len(cfg.pyramid))
         for f in (phi_ab, phi_ba):
             f.encoding.set_active_levels(active)

@@ -121,7 +121,8 @@ def test_each_stage_and_the_affine_fit_draw_their_configured_points(monkeypatch)
 def test_config_rejects_bad_point_shares():
     from neuralreg.config import RegistrationConfig
 
-    assert RegistrationConfig().stage_points == (1.0, 1.0, 1.0) and RegistrationConfig().affine_points is None
+    assert RegistrationConfig().stage_points is None and RegistrationConfig().affine_points is None
+    assert RegistrationConfig(pyramid=(1,), stage_fractions=(1,)).stage_points is None  # any pyramid by default
     with pytest.raises(ValueError, match="stage_points"):
         RegistrationConfig(stage_points=(0.5, 1.0))  # three stages
     with pytest.raises(ValueError, match="stage_points"):
