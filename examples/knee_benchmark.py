@@ -75,7 +75,12 @@ def parse_args(argv=None):
         "world offset (up to 50 mm per axis), size and field of view, and subject-specific soft tissue "
         "(default: canonical)",
     )
-    p.add_argument("--no-isolate", action="store_true", help="run in this process (no peak memory or CPU time)")
+    p.add_argument(
+        "--no-isolate",
+        action="store_true",
+        help="run the registration calls in this process (the Python API on the images as read: no whole-command "
+        "time, no peak memory)",
+    )
     return p.parse_args(argv)
 
 

@@ -121,7 +121,8 @@ def run_method(
     system time of all threads, and maximum resident memory of the command's process:
     Python start-up, imports, reading, registration and writing its outputs), and
     ``seconds``, ``cpu_seconds``: the registration call alone. ``isolate=False`` runs the
-    call in this process instead (no command figures, no peak memory). ``scorer(forward,
+    call in this process instead, on the images as read (neuralreg through the Python API:
+    no ``--modality`` normalization; no command figures, no peak memory). ``scorer(forward,
     inverse, affine_only, pair_dir) -> dict`` scores the maps (default: the knee protocol).
     Raises RuntimeError if the method failed.
     """
