@@ -129,10 +129,10 @@ class RegistrationConfig:
         stage_fractions: share of ``steps`` per stage (same length as ``pyramid``).
         stage_points: share of ``points`` drawn per step in each stage (same length as
             ``pyramid``; None: all of them in every stage); fewer points make a coarse
-            stage's steps cheaper. Not the
-            default: (0.25, 0.5, 1) cost the canonical knee benchmark 0.010 cartilage Dice
-            (3 pairs; 0.011 on 7 pairs with ``affine_points=4096`` as well): the coarse
-            stages decide the capture and need their points.
+            stage's steps cheaper. Not the default: (0.25, 0.5, 1) cost the canonical
+            knee benchmark 0.010 cartilage Dice (3 pairs; 0.011 on 7 pairs with
+            ``affine_points=4096`` as well): the coarse stages decide the capture and
+            need their points.
         affine_steps: Adam steps of the global affine part, fitted before the fields
             (0: no affine part, the fields alone).
         affine_learning_rate: Adam learning rate of the affine part (cosine-decayed).

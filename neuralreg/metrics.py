@@ -79,8 +79,8 @@ def jacobian_determinant(map_world: torch.Tensor, affine: np.ndarray) -> torch.T
 
 def _det(cols: list[torch.Tensor]) -> torch.Tensor:
     """det of the (*shape, d, d) matrices whose column k is ``cols[k]`` (*shape, d), by
-    cofactors: element-wise, several times faster than ``torch.linalg.det`` on a batch of
-    millions of 3x3 matrices (the same value to float64 rounding)."""
+    cofactors: element-wise, no stacked copy and no batched LU as ``torch.linalg.det``
+    (the same value to float64 rounding, ~10 % faster on 2.9 million 3x3 matrices)."""
     if len(cols) == 2:
         (a, c), (b, d) = cols[0].unbind(-1), cols[1].unbind(-1)
         return a * d - b * c
