@@ -199,10 +199,10 @@ def main(argv=None) -> int:
     OUT/call.json (seconds and CPU seconds of the registration call)."""
     import argparse
     import json
-    import resource
     import time
 
     from neuralreg.io import write_displacement_field
+    from neuralreg_eval.benchmark import cpu_seconds
 
     p = argparse.ArgumentParser(prog="python -m neuralreg_eval.baselines", description=main.__doc__)
     p.add_argument("method", choices=sorted(RUNNERS))
@@ -212,19 +212,15 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int)
     args = p.parse_args(argv)
 
-    def cpu() -> float:
-        r = resource.getrusage(resource.RUSAGE_SELF)
-        return r.ru_utime + r.ru_stime
-
-    t0, c0 = time.perf_counter(), cpu()
+    t0, c0 = time.perf_counter(), cpu_seconds()
     res = RUNNERS[args.method](args.moving, args.fixed, threads=args.threads)
-    seconds, cpu_seconds = time.perf_counter() - t0, cpu() - c0
+    seconds, cpu = time.perf_counter() - t0, cpu_seconds() - c0
     args.out.mkdir(parents=True, exist_ok=True)
     for name in ("forward", "inverse", "affine"):
         field = getattr(res, name)
         if field is not None:
             write_displacement_field(field.data, field.affine, args.out / f"{name}.nii.gz")
-    (args.out / "call.json").write_text(json.dumps({"seconds": seconds, "cpu_seconds": cpu_seconds}))
+    (args.out / "call.json").write_text(json.dumps({"seconds": seconds, "cpu_seconds": cpu}))
     return 0
 
 

@@ -53,15 +53,11 @@ def _maps(method: str, out: Path):
     from neuralreg.io import read_displacement_field
 
     if method == "neuralreg":
-        from neuralreg.geometry.transforms import AffineTransform
         from neuralreg.result import Registration
-        from neuralreg_eval import knee
 
-        reg = Registration.load(out / "registration.pt")
-        report = json.loads((out / "report.json").read_text())
-        forward, inverse = knee.registration_maps(reg)
-        call = (report["timings"]["registration_seconds"], report["timings"].get("registration_cpu_seconds", math.nan))
-        return forward, inverse, AffineTransform(reg.affine_world()), report["quality"]["verdict"], *call
+        timings = json.loads((out / "report.json").read_text())["timings"]
+        call = (timings["registration_seconds"], timings.get("registration_cpu_seconds", math.nan))
+        return *_neuralreg_maps(Registration.load(out / "registration.pt")), *call
     fields = {
         k: read_displacement_field(out / f"{k}.nii.gz") if (out / f"{k}.nii.gz").exists() else None
         for k in ("forward", "inverse", "affine")
@@ -161,12 +157,20 @@ def run_method(
     }
 
 
+def _neuralreg_maps(reg):
+    """(forward, inverse, affine-only maps, the self-check's verdict) of a ``Registration``."""
+    from neuralreg.geometry.transforms import AffineTransform
+    from neuralreg_eval import knee
+
+    verdict = reg.info.get("quality", {}).get("verdict", "")
+    return *knee.registration_maps(reg), AffineTransform(reg.affine_world()), verdict
+
+
 def _register_here(method: str, pair_dir: Path, config: dict, threads: int, scorer) -> dict:
     """The registration call in this process (``run_method(isolate=False)``)."""
     from neuralreg.config import RegistrationConfig
-    from neuralreg.geometry.transforms import AffineTransform
     from neuralreg.io import read_image
-    from neuralreg_eval import baselines, knee
+    from neuralreg_eval import baselines
 
     moving, fixed = pair_dir / "moving.nii.gz", pair_dir / "fixed.nii.gz"
     if method == "neuralreg":
@@ -177,16 +181,14 @@ def _register_here(method: str, pair_dir: Path, config: dict, threads: int, scor
         torch.set_num_threads(threads)
         cfg = RegistrationConfig.from_dict({**config, "threads": threads, "progress": False})
         moving_img, fixed_img = read_image(moving), read_image(fixed)
-        t0, c0 = time.perf_counter(), _cpu_seconds()
+        t0, c0 = time.perf_counter(), cpu_seconds()
         reg = register_pair(moving_img, fixed_img, cfg)
-        seconds, cpu = time.perf_counter() - t0, _cpu_seconds() - c0
-        forward, inverse = knee.registration_maps(reg)
-        affine_only = AffineTransform(reg.affine_world())
-        quality = reg.info.get("quality", {}).get("verdict", "")
+        seconds, cpu = time.perf_counter() - t0, cpu_seconds() - c0
+        forward, inverse, affine_only, quality = _neuralreg_maps(reg)
     elif method in baselines.RUNNERS:
-        t0, c0 = time.perf_counter(), _cpu_seconds()
+        t0, c0 = time.perf_counter(), cpu_seconds()
         res = baselines.RUNNERS[method](moving, fixed, threads=threads)
-        seconds, cpu = time.perf_counter() - t0, _cpu_seconds() - c0
+        seconds, cpu = time.perf_counter() - t0, cpu_seconds() - c0
         forward, inverse, affine_only, quality = res.forward, res.inverse, res.affine, ""
     else:
         raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
@@ -197,11 +199,11 @@ def _register_here(method: str, pair_dir: Path, config: dict, threads: int, scor
 def _score(forward, inverse, affine_only, pair_dir: Path) -> dict:
     """``knee.score_maps`` of the maps, the affine stage's bone Dice, the field's correction
     beyond it, and the gross-failure flag."""
-    from neuralreg.io import read_labels
     from neuralreg.metrics import field_correction
     from neuralreg_eval import knee
+    from neuralreg_eval.scoring import read_pair_labels
 
-    moving_labels, fixed_labels = (read_labels(pair_dir / f"{k}_labels.nii.gz") for k in ("moving", "fixed"))
+    moving_labels, fixed_labels = read_pair_labels(pair_dir)
     scores = knee.score_maps(forward, inverse, moving_labels, fixed_labels)
     scores["affine_bone"] = (
         knee.score_maps(affine_only, None, moving_labels, fixed_labels)["bone"] if affine_only is not None else math.nan
@@ -215,7 +217,8 @@ def _score(forward, inverse, affine_only, pair_dir: Path) -> dict:
     return scores
 
 
-def _cpu_seconds() -> float:
+def cpu_seconds() -> float:
+    """User + system CPU seconds of this process so far (all threads)."""
     r = resource.getrusage(resource.RUSAGE_SELF)
     return r.ru_utime + r.ru_stime
 

@@ -14,9 +14,10 @@ import torch
 import torch.nn.functional as F
 
 from neuralreg.geometry.image import Image
-from neuralreg.geometry.transforms import DisplacementField, map_grid, sample_world
-from neuralreg.metrics import dice, inverse_consistency_error, jacobian_determinant, percent_folds
+from neuralreg.geometry.transforms import DisplacementField
+from neuralreg.metrics import dice
 from neuralreg.phantoms import synthesize_mr
+from neuralreg_eval.scoring import warp_labels_and_regularity
 
 OAI_SHAPE = (80, 192, 192)
 OAI_SPACING = (1.4, 0.729, 0.729)
@@ -137,24 +138,15 @@ def score_maps(forward, inverse, moving_labels: Image, fixed_labels: Image, max_
         cartilage Dice (femoral, tibial, mean), bone Dice, % negative Jacobian determinant
         of Phi_AB on the fixed grid, and mean inverse-consistency error (mm, moving grid).
     """
-    shape, affine = fixed_labels.shape, fixed_labels.affine
-    phi = map_grid(forward, shape, affine, chunk=int(np.prod(shape)), dtype=torch.float64)
-    warped = sample_world(moving_labels, phi, "nearest").round().long()
+    warped, regularity = warp_labels_and_regularity(forward, inverse, moving_labels, fixed_labels, max_points)
     cart = cartilage_dice(warped, fixed_labels.data)
-    out = {
+    return {
         "femoral": cart["femoral"],
         "tibial": cart["tibial"],
         "cartilage": cart["mean"],
         "bone": dice(warped, fixed_labels.data, BONES)["mean"],
-        "percent_folds_forward": percent_folds(jacobian_determinant(phi, affine)),
-        "inverse_consistency_error_mm": float("nan"),
+        **regularity,
     }
-    if inverse is not None:
-        grid = (moving_labels.shape, moving_labels.affine)
-        out["inverse_consistency_error_mm"] = inverse_consistency_error(
-            inverse, forward, grid, max_points, dtype=torch.float64
-        )
-    return out
 
 
 GROSS_FAILURE_BONE_DICE = 0.85
