@@ -77,6 +77,8 @@ class HashGridEncoding(nn.Module):
         nn.init.uniform_(table, -1e-4, 1e-4)
         self.table = nn.Parameter(table)
         self.register_buffer("level_mask", torch.ones(self.config.n_levels))
+        self.n_active = self.config.n_levels  # the mask's leading ones, kept on the host
+        self.register_load_state_dict_post_hook(_recount_active_levels)
         self._indexer = None
         self.backend = backend
         self._tcnn = None
@@ -87,8 +89,21 @@ class HashGridEncoding(nn.Module):
     def set_active_levels(self, n_active: int) -> None:
         """Enable the ``n_active`` coarsest levels; finer ones output zero and receive no gradient."""
         mask = torch.zeros_like(self.level_mask)
-        mask[: max(1, min(n_active, self.config.n_levels))] = 1
+        self.n_active = max(1, min(n_active, self.config.n_levels))
+        mask[: self.n_active] = 1
         self.level_mask.copy_(mask)
+
+    def _native_levels(self, x: torch.Tensor):
+        """Table rows and layout of the active levels (the native kernels skip the others)."""
+        layout = self.layout.first(self.n_active)
+        return self.table[: layout.n_params_rows].to(x.dtype), layout
+
+    def _pad_levels(self, t: torch.Tensor) -> torch.Tensor:
+        """(N, n_active*F, ...) -> (N, L*F, ...), zeros for the switched-off levels."""
+        missing = self.n_output_dims - t.shape[1]
+        if missing == 0:
+            return t
+        return torch.cat([t, t.new_zeros(t.shape[0], missing, *t.shape[2:])], 1)
 
     def indexer(self) -> TorchHashGridIndexer:
         dev = self.table.device
@@ -108,8 +123,9 @@ class HashGridEncoding(nn.Module):
 
             xc = x.clamp(0.0, 1.0)
             feats, jac = native.hashgrid_encode_with_jacobian(
-                xc, self.table.to(x.dtype), self.layout, self.config.interpolation == "Smoothstep"
+                xc, *self._native_levels(x), self.config.interpolation == "Smoothstep"
             )
+            feats, jac = self._pad_levels(feats), self._pad_levels(jac)
             mask = self.level_mask.to(feats.dtype).repeat_interleave(self.config.n_features_per_level)
             return feats * mask, jac * mask[:, None] * inside[:, None, :]
         xg = x if x.requires_grad else x.detach().requires_grad_(True)
@@ -128,7 +144,7 @@ class HashGridEncoding(nn.Module):
         elif self.backend == "native":
             from neuralreg.fields import native
 
-            out = native.hashgrid_encode(x, self.table.to(x.dtype), self.layout, smooth)
+            out = self._pad_levels(native.hashgrid_encode(x, *self._native_levels(x), smooth))
         elif self.backend == "tcnn":
             from neuralreg.fields import tcnn as tcnn_backend
 
@@ -137,3 +153,9 @@ class HashGridEncoding(nn.Module):
             raise RuntimeError(f"backend {self.backend!r} not resolved; call set_backend")
         mask = self.level_mask.to(out.dtype).repeat_interleave(self.config.n_features_per_level)
         return out * mask
+
+
+def _recount_active_levels(module: HashGridEncoding, incompatible_keys) -> None:
+    """After ``load_state_dict``: the host's count of active levels from the loaded mask."""
+    mask = module.level_mask.detach().cpu()
+    module.n_active = max(1, int((mask > 0).long().cumprod(0).sum()))

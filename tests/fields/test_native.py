@@ -91,6 +91,34 @@ def test_values_and_derivatives_match_reference(d, interp, device):
 
 
 @pytest.mark.parametrize("d", [2, 3])
+def test_switched_off_levels_are_skipped_with_the_same_result(d, device):
+    """With 3 of 5 levels active the native kernels see the 3 coarsest levels' rows only;
+    features, encoding Jacobian and their first and second derivatives equal the torch
+    reference's masked levels (zeros and no table gradient above level 3)."""
+    enc = _encoding(d, "Smoothstep").to(device)
+    enc.set_active_levels(3)
+    assert enc.layout.first(3).n_params_rows < enc.layout.n_params_rows
+    x = _points(d).to(device)
+
+    def run(backend):
+        enc.backend = backend
+        enc.table.grad = None
+        xx = x.clone().requires_grad_(True)
+        y = enc(xx)
+        feats, jac = enc.forward_with_jacobian(xx)
+        w = torch.randn(y.shape, generator=torch.Generator().manual_seed(1), dtype=y.dtype).to(y.device)
+        (gx,) = torch.autograd.grad((y * w).sum(), xx, create_graph=True)
+        ((gx**2).sum() + (feats * w).sum() + jac.square().sum()).backward()
+        return y.detach(), feats.detach(), jac.detach(), gx.detach(), xx.grad, enc.table.grad.clone()
+
+    ref, nat = run("torch"), run("native")
+    for a, b, name in zip(ref, nat, ["values", "features", "Jacobian", "d/dx", "d2/dx2", "d/dtable"]):
+        torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-11, msg=name)
+    off = enc.config.n_features_per_level * 3
+    assert nat[0][:, off:].abs().max() == 0 and nat[5][enc.layout.first(3).n_params_rows :].abs().max() == 0
+
+
+@pytest.mark.parametrize("d", [2, 3])
 @pytest.mark.parametrize("interp", ["Linear", "Smoothstep"])
 def test_gradcheck_and_gradgradcheck(d, interp, device):
     enc = _encoding(d, interp).to(device)
