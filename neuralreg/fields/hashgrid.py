@@ -37,7 +37,9 @@ class LevelLayout:
         """The ``n`` coarsest levels alone (their rows lead the table: ``table[:n_params_rows]``)."""
         n = max(1, min(n, len(self.scales)))
         rows = self.offsets[n - 1] + self.sizes[n - 1]
-        return LevelLayout(self.scales[:n], self.resolutions[:n], self.sizes[:n], self.offsets[:n], self.hashed[:n], rows)
+        return LevelLayout(
+            self.scales[:n], self.resolutions[:n], self.sizes[:n], self.offsets[:n], self.hashed[:n], rows
+        )
 
 
 def level_layout(config: HashGridConfig, n_dims: int) -> LevelLayout:
