@@ -180,13 +180,15 @@ def _similarity_term(cfg, stage, mapping, source: str, target: str, device, fuse
         vox = sampler.sample(stage.points).to(device)
     u = apply_affine(stage.vox_to_u[target], vox)
     warped_vox = apply_affine(stage.u_to_vox[source], mapping(u))
-    if fused_warp:  # native fused value + gradient kernel
+    if fused_warp:  # native fused value + gradient kernel; the target's values by the same kernel
         from neuralreg.fields import native
 
         warped = native.warp(source_img.data.float(), warped_vox)
+        with torch.no_grad():
+            fixed_vals = native.warp(target_img.data.float(), vox.float())
     else:
         warped = source_img.sample(warped_vox)
-    fixed_vals = target_img.sample(vox)
+        fixed_vals = target_img.sample(vox)
     if similarity == "lncc":
         warped = warped.reshape(-1, cfg.lncc_patch_points)
         fixed_vals = fixed_vals.reshape(-1, cfg.lncc_patch_points)
