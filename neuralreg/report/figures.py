@@ -6,6 +6,7 @@ import numpy as np
 import torch
 
 from neuralreg.geometry.image import Image
+from neuralreg.geometry.transforms import resample
 
 
 def _slice(volume: torch.Tensor, axis: int) -> np.ndarray:
@@ -20,31 +21,43 @@ def _slice_map(map_world: torch.Tensor, axis: int) -> np.ndarray:
     return map_world.select(axis, map_world.shape[axis] // 2).numpy()
 
 
-def registration_figure(path, fixed: Image, moving_resampled: Image, warped: Image, map_fixed_vox, jacobian):
+def _moving_slice(moving: Image, fixed: Image, axis: int) -> np.ndarray:
+    """The moving image on the fixed grid's mid slice across ``axis`` (identity map, linear):
+    one plane resampled, not the whole volume."""
+    if fixed.n_dims == 2:
+        return resample(moving, None, (fixed.shape, fixed.affine)).data.float().numpy()
+    mid = fixed.shape[axis] // 2
+    shape = list(fixed.shape)
+    shape[axis] = 1
+    shift = np.eye(4)
+    shift[axis, 3] = mid  # the plane's voxel index 0 is the fixed grid's index ``mid``
+    plane = resample(moving, None, (tuple(shape), fixed.affine @ shift)).data.float()
+    return plane.select(axis, 0).numpy()
+
+
+def registration_figure(path, fixed: Image, moving: Image, warped: Image, map_fixed_vox, jacobian):
     """Write a PNG of mid slices (one row per orientation in 3D).
 
     Args:
-        fixed: fixed image; moving_resampled: the moving image on the fixed grid without
-            deformation (identity map); warped: moving image warped onto the fixed grid.
+        fixed: fixed image; moving: the moving image on its own grid (shown on the fixed
+            grid's slices without deformation); warped: moving image warped onto the fixed grid.
         map_fixed_vox: (*shape, d) the forward map in fixed-grid voxel coordinates.
         jacobian: (*shape) Jacobian determinant on the fixed grid.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: no backend machinery, nothing global
 
     from neuralreg.files import atomic_write
 
     axes = [0] if fixed.n_dims == 2 else [0, 1, 2]
     titles = ["fixed", "moving", "warped moving", "checkerboard fixed/warped", "deformed grid", "Jacobian det"]
-    fig, grid = plt.subplots(len(axes), 6, figsize=(18, 3.2 * len(axes)), squeeze=False)
+    fig = Figure(figsize=(18, 3.2 * len(axes)))
+    grid = fig.subplots(len(axes), 6, squeeze=False)
     spacing = fixed.spacing
     for row, axis in enumerate(axes):
         shown = [k for k in range(fixed.n_dims) if k != axis] if fixed.n_dims == 3 else [0, 1]
         aspect = float(spacing[shown[1]] / spacing[shown[0]])  # physical proportions on screen
         f = _slice(fixed.data.float(), axis)
-        m = _slice(moving_resampled.data.float(), axis)
+        m = _moving_slice(moving, fixed, axis)
         w = _slice(warped.data.float(), axis)
         vmax = float(np.percentile(f, 99.5)) or 1.0
         tiles = max(2, min(f.shape) // 12)
@@ -77,4 +90,3 @@ def registration_figure(path, fixed: Image, moving_resampled: Image, warped: Ima
     fig.tight_layout()
     with atomic_write(path) as tmp:
         fig.savefig(tmp, dpi=80, format="png")
-    plt.close(fig)

@@ -151,7 +151,7 @@ def write_outputs(
             registration_figure(
                 tmp / "figure.png",
                 fixed,
-                Registration.identity_warp(moving, fixed, mode="linear"),
+                moving,
                 warped,
                 phi_vox.reshape(phi.shape).float(),
                 ev["jacobian"].data,
