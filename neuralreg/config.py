@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -88,6 +89,18 @@ class FieldConfig:
             raise ValueError(f"backend must be torch, native, tcnn or auto, not {self.backend!r}")
 
 
+AUTO_POINTS = (4096, 16384)  # the range of ``points=None``
+
+
+def similarity_points(config: RegistrationConfig, fixed_shape) -> int:
+    """Similarity points per field and step: ``config.points``, or when None one per
+    ``config.voxels_per_point`` voxels of the fixed grid, clipped to ``AUTO_POINTS``."""
+    if config.points is not None:
+        return config.points
+    low, high = AUTO_POINTS
+    return int(min(high, max(low, round(math.prod(fixed_shape) / config.voxels_per_point))))
+
+
 SIMILARITIES = tuple(_SIMILARITY_TABLE)
 REGULARIZERS = tuple(_REGULARIZER_TABLE)
 
@@ -110,7 +123,11 @@ class RegistrationConfig:
         learning_rate: Adam learning rate (tables and MLP alike).
         final_lr_fraction: the learning rate decays (cosine) over the last pyramid stage to
             this fraction of ``learning_rate``; 1 keeps it constant.
-        points: similarity points per field and step.
+        points: similarity points per field and step; None (the default): they follow the
+            fixed image's size, one per ``voxels_per_point`` of its voxels, between 4096 and
+            16384 (the 80x192x192 OAI knee grid: 16384; a 120x120x90 IXI head: 7200, which
+            cost its mean Dice 0.008 and saved a quarter of the command's time).
+        voxels_per_point: fixed-image voxels per similarity point when ``points`` is None.
         regularizer_points: points per step for the regularizer (always uniform).
         edge_fraction: share of the similarity points (window centres for ``lncc``) drawn
             with probability proportional to the target image's gradient magnitude at the
@@ -180,7 +197,8 @@ class RegistrationConfig:
     steps: int = 500
     learning_rate: float = 2e-3
     final_lr_fraction: float = 0.1
-    points: int = 16384
+    points: int | None = None
+    voxels_per_point: float = 180.0
     regularizer_points: int = 2048
     edge_fraction: float = 1.0
     edge_power: float = 1.0
@@ -239,7 +257,9 @@ class RegistrationConfig:
             raise ValueError("affine_points must be >= 8 or None")
         if any(f < 1 for f in self.pyramid):
             raise ValueError("pyramid factors must be >= 1")
-        if self.steps < 1 or self.points < 8 or self.regularizer_points < 1:
+        if self.voxels_per_point <= 0:
+            raise ValueError("voxels_per_point must be positive")
+        if self.steps < 1 or (self.points is not None and self.points < 8) or self.regularizer_points < 1:
             raise ValueError("steps, points and regularizer_points must be positive (points >= 8)")
         if not 0.0 <= self.edge_fraction <= 1.0:
             raise ValueError("edge_fraction must be in [0, 1]")

@@ -38,7 +38,11 @@ def _add_register_options(p: argparse.ArgumentParser) -> None:
         "--lambda", dest="regularizer_weight", type=float, help=f"regularizer weight (default: {d.regularizer_weight})"
     )
     p.add_argument("--steps", type=int, help=f"optimization steps (default: {d.steps})")
-    p.add_argument("--points", type=int, help=f"similarity points per field and step (default: {d.points})")
+    p.add_argument(
+        "--points",
+        type=int,
+        help=f"similarity points per field and step (default: one per {d.voxels_per_point:g} fixed voxels, 4096-16384)",
+    )
     p.add_argument("--learning-rate", type=float, help=f"Adam learning rate (default: {d.learning_rate})")
     p.add_argument(
         "--edge-fraction",

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from neuralreg.config import RegistrationConfig
+from neuralreg.config import RegistrationConfig, similarity_points
 from neuralreg.errors import InputError, RegistrationDiverged, RegistrationWarning
 from neuralreg.fields.affine import AffineMap, ComposedMap, intensity_centroid, world_matrix
 from neuralreg.fields.field import NeuralField
@@ -138,6 +138,7 @@ class _Pair:
     box: NormalizedBox
     device: torch.device
     fused_warp: bool
+    points: int  # similarity points per direction and step (``similarity_points``)
 
     def stage(self, factor: int, generator, points: int, edge_power: float | None = None) -> _Stage:
         """The pyramid level ``factor``, ``points`` similarity points per step, edge weights as
@@ -290,7 +291,9 @@ def register_pair(
     original_moving = moving
     prealign, search_info = np.eye(d + 1), None
     box = NormalizedBox.around([(moving.shape, moving.affine), (fixed.shape, fixed.affine)], cfg.margin)
-    pair = _Pair(cfg, moving, fixed, moving_mask, fixed_mask, box, device, fused_warp)
+    pair = _Pair(
+        cfg, moving, fixed, moving_mask, fixed_mask, box, device, fused_warp, similarity_points(cfg, fixed.shape)
+    )
     history: list[dict] = []
     if cfg.affine_steps > 0 and cfg.affine_init == "search":
         fit, search_info = _choose_start(pair)
@@ -313,6 +316,7 @@ def register_pair(
         "seconds_per_step": elapsed / max(cfg.steps, 1),
         **facts,
         "backend": phi_ab.encoding.backend,
+        "points": pair.points,
         "final": history[-1] if history else {},
         "affine_steps": cfg.affine_steps,
         "search": search_info,
@@ -358,7 +362,7 @@ def _fit_fields(pair: _Pair, phi_ab, phi_ba, affine, generator, history: list) -
     step = 0
     for s, (factor, n_steps) in enumerate(zip(cfg.pyramid, steps, strict=False)):
         share = 1.0 if cfg.stage_points is None else cfg.stage_points[s]
-        stage = pair.stage(factor, generator, max(8, round(cfg.points * share)))
+        stage = pair.stage(factor, generator, max(8, round(pair.points * share)))
         active = math.ceil(n_levels * (s + 1) / len(cfg.pyramid))
         for f in (phi_ab, phi_ba):
             f.encoding.set_active_levels(active)
@@ -577,7 +581,9 @@ class _AffineFit:
             )
         optimizer = self.optimizer
         for s in levels:
-            stage = pair.stage(cfg.affine_pyramid[s], self.generator, cfg.affine_points or cfg.points, _affine_power(cfg))
+            stage = pair.stage(
+                cfg.affine_pyramid[s], self.generator, cfg.affine_points or pair.points, _affine_power(cfg)
+            )
             pending: list[tuple[int, torch.Tensor]] = []  # (step, [loss, sim_ab, sim_ba]) not yet read
             for k in range(self.per_level[s]):
                 frac = 0.5 * (1 + math.cos(math.pi * self.steps_done / max(total, 1)))
@@ -628,7 +634,7 @@ class _AffineFit:
         """Symmetric similarity at affine level ``level``, on points of a fixed seed (the same for every start)."""
         pair = self.pair
         gen = torch.Generator(device=pair.device).manual_seed(pair.cfg.seed + 7919)
-        stage = pair.stage(pair.cfg.affine_pyramid[level], gen, pair.cfg.points, _affine_power(pair.cfg))
+        stage = pair.stage(pair.cfg.affine_pyramid[level], gen, pair.points, _affine_power(pair.cfg))
         total = 0.0
         for _ in range(draws):
             for term in self._terms(stage, False):

@@ -129,3 +129,19 @@ def test_config_rejects_bad_point_shares():
         RegistrationConfig(stage_points=(0.0, 0.5, 1.0))
     with pytest.raises(ValueError, match="affine_points"):
         RegistrationConfig(affine_points=4)
+
+
+def test_default_points_follow_the_fixed_image_size():
+    """points=None: one per voxels_per_point fixed voxels within [4096, 16384]; an explicit count is kept."""
+    from neuralreg.config import RegistrationConfig, similarity_points
+
+    auto = RegistrationConfig()
+    assert auto.points is None
+    assert similarity_points(auto, (80, 192, 192)) == 16384  # OAI knee grid
+    assert similarity_points(auto, (120, 120, 90)) == 7200  # IXI head
+    assert similarity_points(auto, (32, 32, 32)) == 4096
+    assert similarity_points(auto, (160, 384, 384)) == 16384
+    assert similarity_points(RegistrationConfig(voxels_per_point=90.0), (120, 120, 90)) == 14400
+    assert similarity_points(RegistrationConfig(points=1000), (120, 120, 90)) == 1000
+    with pytest.raises(ValueError, match="voxels_per_point"):
+        RegistrationConfig(voxels_per_point=0)
