@@ -157,8 +157,6 @@ class RegistrationConfig:
             split evenly).
         affine_points: similarity points per direction and step of the affine fit;
             None: ``points``. The starts are judged with ``points`` whatever this is.
-        affine_edge_power: ``edge_power`` of the affine fit's points (and of the judging of
-            its starts); None: ``edge_power``.
         affine_similarity: similarity of the affine fit: ``"lncc"`` (local windows on edges:
             the soft tissue of two subjects does not correspond, their bones do; on the
             hard knee benchmark it lifted the worst pair's bone Dice from 0.81 to 0.95)
@@ -212,7 +210,6 @@ class RegistrationConfig:
     affine_learning_rate: float = 5e-3
     affine_pyramid: tuple = (4, 2)
     affine_points: int | None = None
-    affine_edge_power: float | None = None
     affine_similarity: str = "lncc"
     affine_init: str = "search"
     search_max_angle: float = 40.0
@@ -265,8 +262,6 @@ class RegistrationConfig:
             raise ValueError("edge_fraction must be in [0, 1]")
         if not 0.0 < self.edge_power <= 4.0:
             raise ValueError("edge_power must be in (0, 4]")
-        if self.affine_edge_power is not None and not 0.0 < self.affine_edge_power <= 4.0:
-            raise ValueError("affine_edge_power must be in (0, 4] or None")
         if not self.divergence_tolerance >= 0:
             raise ValueError("divergence_tolerance must be >= 0")
         if self.check_every is not None and self.check_every < 1:

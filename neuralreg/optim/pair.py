@@ -140,9 +140,8 @@ class _Pair:
     fused_warp: bool
     points: int  # similarity points per direction and step (``similarity_points``)
 
-    def stage(self, factor: int, generator, points: int, edge_power: float | None = None) -> _Stage:
-        """The pyramid level ``factor``, ``points`` similarity points per step, edge weights as
-        configured (``edge_power``: None for ``config.edge_power``)."""
+    def stage(self, factor: int, generator, points: int) -> _Stage:
+        """The pyramid level ``factor``, ``points`` similarity points per step, edge weights as configured."""
         return _Stage(
             self.moving,
             self.fixed,
@@ -154,7 +153,7 @@ class _Pair:
             self.device,
             points,
             self.cfg.edge_fraction,
-            self.cfg.edge_power if edge_power is None else edge_power,
+            self.cfg.edge_power,
         )
 
     @property
@@ -581,9 +580,7 @@ class _AffineFit:
             )
         optimizer = self.optimizer
         for s in levels:
-            stage = pair.stage(
-                cfg.affine_pyramid[s], self.generator, cfg.affine_points or pair.points, _affine_power(cfg)
-            )
+            stage = pair.stage(cfg.affine_pyramid[s], self.generator, cfg.affine_points or pair.points)
             pending: list[tuple[int, torch.Tensor]] = []  # (step, [loss, sim_ab, sim_ba]) not yet read
             for k in range(self.per_level[s]):
                 frac = 0.5 * (1 + math.cos(math.pi * self.steps_done / max(total, 1)))
@@ -634,7 +631,7 @@ class _AffineFit:
         """Symmetric similarity at affine level ``level``, on points of a fixed seed (the same for every start)."""
         pair = self.pair
         gen = torch.Generator(device=pair.device).manual_seed(pair.cfg.seed + 7919)
-        stage = pair.stage(pair.cfg.affine_pyramid[level], gen, pair.points, _affine_power(pair.cfg))
+        stage = pair.stage(pair.cfg.affine_pyramid[level], gen, pair.points)
         total = 0.0
         for _ in range(draws):
             for term in self._terms(stage, False):
@@ -653,11 +650,6 @@ class _AffineFit:
         x = np.vstack([corners, corners.mean(0)])
         a, b = self.world(), other.world()
         return float(np.linalg.norm((x @ a[:d, :d].T + a[:d, d]) - (x @ b[:d, :d].T + b[:d, d]), axis=1).mean())
-
-
-def _affine_power(cfg: RegistrationConfig) -> float:
-    """The edge weights' power of the affine fit (``affine_edge_power``, else ``edge_power``)."""
-    return cfg.edge_power if cfg.affine_edge_power is None else cfg.affine_edge_power
 
 
 def _snapshot(phi_ab, phi_ba, optimizer):
