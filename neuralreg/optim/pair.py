@@ -348,7 +348,7 @@ def _fit_fields(pair: _Pair, phi_ab, phi_ba, affine, generator, history: list) -
     map_ab, map_ba = ComposedMap(phi_ab, affine, False), ComposedMap(phi_ba, affine, True)
     params = list(phi_ab.parameters()) + list(phi_ba.parameters())
     lr = cfg.learning_rate
-    optimizer = _adam(params, lr)
+    optimizer = torch.optim.Adam(params, lr=lr)
 
     n_levels = cfg.field.encoding.n_levels
     steps = stage_steps(cfg)
@@ -562,7 +562,7 @@ class _AffineFit:
             shift = (intensity_centroid(pair.moving) - intensity_centroid(pair.fixed)) / pair.box.scale
             with torch.no_grad():
                 self.affine.translation.copy_(torch.as_tensor(shift, dtype=torch.float32))
-        self.optimizer = _adam(list(self.affine.parameters()), cfg.affine_learning_rate)
+        self.optimizer = torch.optim.Adam(self.affine.parameters(), lr=cfg.affine_learning_rate)
         self.generator = torch.Generator(device=device).manual_seed(cfg.seed)
         total, n = cfg.affine_steps, len(cfg.affine_pyramid)
         self.per_level = [total // n + (1 if k < total % n else 0) for k in range(n)]
@@ -650,15 +650,6 @@ class _AffineFit:
         x = np.vstack([corners, corners.mean(0)])
         a, b = self.world(), other.world()
         return float(np.linalg.norm((x @ a[:d, :d].T + a[:d, d]) - (x @ b[:d, :d].T + b[:d, d]), axis=1).mean())
-
-
-def _adam(params: list, lr: float) -> torch.optim.Adam:
-    """Adam, its fused kernel where torch has one for these tensors (one pass over the hash
-    tables instead of several: 0.4 against 5 ms a step for two knee fields on one CPU thread)."""
-    try:
-        return torch.optim.Adam(params, lr=lr, fused=True)
-    except (RuntimeError, ValueError, TypeError):  # a device or dtype without the fused kernel
-        return torch.optim.Adam(params, lr=lr)
 
 
 def _snapshot(phi_ab, phi_ba, optimizer):
