@@ -126,7 +126,8 @@ class RegistrationConfig:
         points: similarity points per field and step; None (the default): they follow the
             fixed image's size, one per ``voxels_per_point`` of its voxels, between 4096 and
             16384 (the 80x192x192 OAI knee grid: 16384; a 120x120x90 IXI head: 7200, which
-            cost its mean Dice 0.008 and saved a quarter of the command's time).
+            cost the 5 IXI pairs 0.010 mean Dice and cut their command from 36.6 to 25.9 s
+            on one quiet pair).
         voxels_per_point: fixed-image voxels per similarity point when ``points`` is None.
         regularizer_points: points per step for the regularizer (always uniform).
         edge_fraction: share of the similarity points (window centres for ``lncc``) drawn
