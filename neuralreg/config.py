@@ -101,6 +101,14 @@ def similarity_points(config: RegistrationConfig, fixed_shape) -> int:
     return int(min(high, max(low, round(math.prod(fixed_shape) / config.voxels_per_point))))
 
 
+def regularizer_points(config: RegistrationConfig, similarity_count: int) -> int:
+    """Regularizer points per step: ``config.regularizer_points``, or when None one per 8 of
+    the ``similarity_count`` similarity points (at least 2)."""
+    if config.regularizer_points is not None:
+        return config.regularizer_points
+    return max(2, similarity_count // 8)
+
+
 SIMILARITIES = tuple(_SIMILARITY_TABLE)
 REGULARIZERS = tuple(_REGULARIZER_TABLE)
 
@@ -129,7 +137,10 @@ class RegistrationConfig:
             cost the 5 IXI pairs 0.010 mean Dice and cut their command from 36.6 to 25.9 s
             on one quiet pair).
         voxels_per_point: fixed-image voxels per similarity point when ``points`` is None.
-        regularizer_points: points per step for the regularizer (always uniform).
+        regularizer_points: points per step for the regularizer (always uniform); None (the
+            default): one per 8 similarity points (2048 for the knee grid's 16384; 900 for an
+            IXI head's 7200, which left the 5 IXI pairs' mean Dice at 0.651 and saved 2.3 s of
+            a 26.8 s command, inverse-consistency error 0.56 -> 0.60 mm, no folds).
         edge_fraction: share of the similarity points (window centres for ``lncc``) drawn
             with probability proportional to the target image's gradient magnitude at the
             stage's resolution, the rest uniformly: more points where alignment is decided.
@@ -198,7 +209,7 @@ class RegistrationConfig:
     final_lr_fraction: float = 0.1
     points: int | None = None
     voxels_per_point: float = 180.0
-    regularizer_points: int = 2048
+    regularizer_points: int | None = None
     edge_fraction: float = 1.0
     edge_power: float = 1.0
     lncc_window: float = 7.0
@@ -257,7 +268,11 @@ class RegistrationConfig:
             raise ValueError("pyramid factors must be >= 1")
         if self.voxels_per_point <= 0:
             raise ValueError("voxels_per_point must be positive")
-        if self.steps < 1 or (self.points is not None and self.points < 8) or self.regularizer_points < 1:
+        if (
+            self.steps < 1
+            or (self.points is not None and self.points < 8)
+            or (self.regularizer_points is not None and self.regularizer_points < 1)
+        ):
             raise ValueError("steps, points and regularizer_points must be positive (points >= 8)")
         if not 0.0 <= self.edge_fraction <= 1.0:
             raise ValueError("edge_fraction must be in [0, 1]")

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from neuralreg.config import RegistrationConfig, similarity_points
+from neuralreg.config import RegistrationConfig, regularizer_points, similarity_points
 from neuralreg.errors import InputError, RegistrationDiverged, RegistrationWarning
 from neuralreg.fields.affine import AffineMap, ComposedMap, intensity_centroid, world_matrix
 from neuralreg.fields.field import NeuralField
@@ -196,8 +196,8 @@ def _similarity_term(cfg, stage, mapping, source: str, target: str, device, fuse
     return SIMILARITIES[similarity](warped, fixed_vals)
 
 
-def _regularizer_term(cfg, stage, map_ab, map_ba, box, device):
-    """lambda's term; ``map_*`` are the full maps (affine o field).
+def _regularizer_term(cfg, stage, map_ab, map_ba, box, device, n_points: int):
+    """lambda's term; ``map_*`` are the full maps (affine o field), ``n_points`` points a step.
 
     Inverse-consistency terms are evaluated both ways, half the points each:
     Phi_AB o Phi_BA at points of the moving domain and Phi_BA o Phi_AB at points of the
@@ -206,7 +206,7 @@ def _regularizer_term(cfg, stage, map_ab, map_ba, box, device):
     """
     if cfg.regularizer == "none" or cfg.regularizer_weight == 0:
         return torch.zeros((), device=device)
-    n = max(1, cfg.regularizer_points // 2)
+    n = max(1, n_points // 2)
     u_moving = apply_affine(stage.vox_to_u["moving"], stage.moving_sampler.sample(n, weighted=False).to(device))
     u_fixed = apply_affine(stage.vox_to_u["fixed"], stage.fixed_sampler.sample(n, weighted=False).to(device))
     entry = REGULARIZERS[cfg.regularizer]
@@ -316,6 +316,7 @@ def register_pair(
         **facts,
         "backend": phi_ab.encoding.backend,
         "points": pair.points,
+        "regularizer_points": regularizer_points(cfg, pair.points),
         "final": history[-1] if history else {},
         "affine_steps": cfg.affine_steps,
         "search": search_info,
@@ -351,6 +352,7 @@ def _fit_fields(pair: _Pair, phi_ab, phi_ba, affine, generator, history: list) -
     optimizer = torch.optim.Adam(params, lr=lr)
 
     n_levels = cfg.field.encoding.n_levels
+    n_reg = regularizer_points(cfg, pair.points)
     steps = stage_steps(cfg)
     recoveries = rollbacks = 0
     watchdog = _Watchdog(cfg.divergence_tolerance, relative=cfg.similarity == "mse")
@@ -378,7 +380,7 @@ def _fit_fields(pair: _Pair, phi_ab, phi_ba, affine, generator, history: list) -
             optimizer.zero_grad(set_to_none=True)
             sim_ab = _similarity_term(cfg, stage, map_ab, "moving", "fixed", device, fused_warp)
             sim_ba = _similarity_term(cfg, stage, map_ba, "fixed", "moving", device, fused_warp)
-            reg = _regularizer_term(cfg, stage, map_ab, map_ba, pair.box, device)
+            reg = _regularizer_term(cfg, stage, map_ab, map_ba, pair.box, device, n_reg)
             loss = sim_ab + sim_ba + cfg.regularizer_weight * reg
             terms = torch.stack([loss, sim_ab, sim_ba, reg.to(loss.dtype)]).detach()
             pending.append((step, s, terms))

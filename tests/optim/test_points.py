@@ -145,3 +145,15 @@ def test_default_points_follow_the_fixed_image_size():
     assert similarity_points(RegistrationConfig(points=1000), (120, 120, 90)) == 1000
     with pytest.raises(ValueError, match="voxels_per_point"):
         RegistrationConfig(voxels_per_point=0)
+
+
+def test_default_regularizer_points_follow_the_similarity_points():
+    """regularizer_points=None: one per 8 similarity points (the knee grid keeps 2048); an explicit count is kept."""
+    from neuralreg.config import RegistrationConfig, regularizer_points, similarity_points
+
+    auto = RegistrationConfig()
+    assert regularizer_points(auto, similarity_points(auto, (80, 192, 192))) == 2048
+    assert regularizer_points(auto, similarity_points(auto, (120, 120, 90))) == 900
+    assert regularizer_points(RegistrationConfig(regularizer_points=300), 16384) == 300
+    with pytest.raises(ValueError, match="regularizer_points"):
+        RegistrationConfig(regularizer_points=0)
