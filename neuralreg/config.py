@@ -183,6 +183,13 @@ class RegistrationConfig:
         search_starts: rigid candidates of the search fitted as affines before one is
             chosen (starts that converge onto the same map are fitted on the coarsest
             affine level only).
+        affine_interior_mm: the affine fits (and the choice between starts) draw their
+            points at least this deep inside the body, away from its outline
+            (``points.interior_mask``; within a mask given, if any); 0: everywhere. Between
+            subjects the outline and the fat under the skin differ while the anatomy
+            inside corresponds: on the hard knee benchmark the start's affine bone Dice
+            rose from 0.842 to 0.864 on average (30 pairs, worst 0.578 -> 0.855). The
+            fields draw their points everywhere.
         margin: margin added to each side of the pair's world box, as a fraction of its extent.
         seed: seeds initialization and point sampling (deterministic on CPU).
         device: ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
@@ -226,6 +233,7 @@ class RegistrationConfig:
     affine_init: str = "search"
     search_max_angle: float = 40.0
     search_starts: int = 4
+    affine_interior_mm: float = 12.0
     margin: float = 0.15
     seed: int = 0
     device: str = "cpu"
@@ -247,6 +255,8 @@ class RegistrationConfig:
             raise ValueError(f"affine_similarity must be one of {SIMILARITIES}, not {self.affine_similarity!r}")
         if self.affine_init not in ("search", "centroid", "identity"):
             raise ValueError(f"affine_init must be 'search', 'centroid' or 'identity', not {self.affine_init!r}")
+        if not 0 <= self.affine_interior_mm < math.inf:
+            raise ValueError("affine_interior_mm must be a finite number >= 0")
         if not 0 <= self.search_max_angle <= 180 or self.search_starts < 1:
             raise ValueError("search_max_angle must be in [0, 180] and search_starts >= 1")
         if self.affine_steps < 0 or not self.affine_pyramid or any(f < 1 for f in self.affine_pyramid):

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
+import torch.nn.functional as F
+
+from neuralreg.geometry.image import Image
 
 
 def edge_weights(image: torch.Tensor, power: float = 1.0) -> torch.Tensor:
@@ -16,6 +21,56 @@ def edge_weights(image: torch.Tensor, power: float = 1.0) -> torch.Tensor:
     grads = torch.gradient(data)
     magnitude = torch.sqrt(sum(g * g for g in grads))
     return magnitude if power == 1.0 else magnitude.pow(power)
+
+
+INTERIOR_GRID_MM = 3.0  # the body outline is found on a grid about this coarse
+INTERIOR_THRESHOLD = 0.15  # background: below this share of the 99th percentile there
+INTERIOR_MIN_SHARE = 0.05  # an interior with fewer of the grid's voxels is not used
+
+
+def interior_mask(image: Image, depth_mm: float) -> torch.Tensor | None:
+    """Voxels at least ``depth_mm`` inside the body, away from its outline: bool (*shape).
+
+    The body is what is brighter than ``INTERIOR_THRESHOLD`` x the 99th percentile of the
+    image box-averaged to ~``INTERIOR_GRID_MM`` (thin dark structures inside, such as
+    cortical bone, are averaged away); a voxel is interior when no background voxel lies
+    within ``depth_mm`` along every axis (a box, separable max-pooling). The grid's own
+    edges are not an outline: a limb that leaves the field of view stays interior there.
+
+    Between subjects the outline and the fat under the skin differ (soft-tissue
+    thickness, body size) while the anatomy inside corresponds; a global fit drawn
+    towards the outline misplaces the bones (see ``config.affine_interior_mm``).
+
+    Returns:
+        the mask on the image's grid, or None where ``depth_mm`` <= 0 or the interior
+        would hold less than ``INTERIOR_MIN_SHARE`` of the voxels (a thin or small object,
+        a body filling the whole grid is kept whole).
+    """
+    if depth_mm <= 0:
+        return None
+    factor = max(1, math.floor(INTERIOR_GRID_MM / float(image.spacing.min())))
+    coarse = image.downsample(factor) if min(image.shape) >= 2 * factor else image
+    x = coarse.data.float()
+    positive = x[x > 0]
+    if positive.numel() == 0:
+        return None
+    sub = positive[:: max(1, positive.numel() // 100000)]
+    background = (x < INTERIOR_THRESHOLD * float(torch.quantile(sub, 0.99))).float()
+    for axis, step in enumerate(coarse.spacing):
+        r = math.ceil(depth_mm / float(step))
+        moved = background.movedim(axis, -1)
+        flat = moved.reshape(-1, 1, moved.shape[-1])
+        # padding of max_pool counts as -inf: the grid's edge is not background
+        grown = F.max_pool1d(flat, 2 * r + 1, stride=1, padding=r)
+        background = grown.reshape(moved.shape).movedim(-1, axis)
+    inside = background < 0.5
+    if coarse is not image:
+        for axis, n in enumerate(image.shape):  # voxel i lies in coarse voxel i // factor
+            index = (torch.arange(n, device=inside.device) // factor).clamp(max=inside.shape[axis] - 1)
+            inside = inside.index_select(axis, index)
+    if float(inside.float().mean()) < INTERIOR_MIN_SHARE:
+        return None
+    return inside
 
 
 class VoxelSampler:

@@ -137,6 +137,52 @@ def test_starts_that_converge_to_one_map_are_fitted_once(phantom, monkeypatch):
     assert facts["runner_up_loss_gap"] is None
 
 
+def _in_air(image: Image, pad: int = 10) -> Image:
+    """The image padded with ``pad`` voxels of air (0) on every side, the world unchanged."""
+    shift = np.eye(4)
+    shift[:3, 3] = -pad
+    return Image(torch.nn.functional.pad(image.data.float(), (pad,) * 6), image.affine @ shift)
+
+
+def test_affine_fits_draw_inside_the_body_the_fields_everywhere(phantom, monkeypatch):
+    """Knees in air under a 20 deg tilt and 40 mm offset: each start is fitted drawing from the
+    body's interior, and again with the outline on the coarsest level; the fields draw from
+    everything; the bones are aligned. (A 48 mm phantom has no interior 12 mm deep: 6 mm here.)
+    ``affine_interior_mm=0`` fits the starts once, from everywhere."""
+    from neuralreg.optim import pair as pair_module
+
+    truth = _tilt()
+    moving = _moved(_in_air(phantom["moving"]), truth)
+    moving_labels = _moved(_in_air(phantom["moving_labels"]), truth)
+    fixed, fixed_labels = _in_air(phantom["fixed"]), _in_air(phantom["fixed_labels"])
+    seen = {}
+    fit_fields = pair_module._fit_fields
+
+    def spy(pair, *args):
+        seen["pair"] = pair
+        return fit_fields(pair, *args)
+
+    monkeypatch.setattr(pair_module, "_fit_fields", spy)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RegistrationWarning)
+        reg = register_pair(moving, fixed, RegistrationConfig(**CONFIG, affine_interior_mm=6.0))  # a small knee
+    shares = reg.info["affine_interior"]
+    assert 0.05 < shares["moving"] < 0.95 and 0.05 < shares["fixed"] < 0.95
+    ways = reg.info["search"]["candidate_outline_first"]
+    assert ways == sorted(ways) and set(ways) == {0, 1} and len(ways) == 2 * ways.count(1)
+    assert seen["pair"].interior is not None
+    assert seen["pair"].moving_mask is None and seen["pair"].fixed_mask is None  # the fields: everywhere
+    assert _bone_dice(reg, moving_labels, fixed_labels) > 0.85
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RegistrationWarning)
+        plain = register_pair(moving, fixed, RegistrationConfig(**{**CONFIG, "steps": 1, "affine_interior_mm": 0}))
+    assert plain.info["affine_interior"] is None
+    assert set(plain.info["search"]["candidate_outline_first"]) == {0}
+    with pytest.raises(ValueError, match="affine_interior_mm"):
+        RegistrationConfig(affine_interior_mm=-1.0)
+
+
 def test_far_origins_register_with_a_warning(phantom, tmp_path, capsys):
     """Scanner origins 1000 mm apart: aligned all the same, and the headers' disagreement is reported."""
     far = np.eye(4)
