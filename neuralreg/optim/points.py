@@ -23,18 +23,20 @@ def edge_weights(image: torch.Tensor, power: float = 1.0) -> torch.Tensor:
     return magnitude if power == 1.0 else magnitude.pow(power)
 
 
-INTERIOR_GRID_MM = 3.0  # the body outline is found on a grid about this coarse
+INTERIOR_GRID_MM = 3.0  # the body is found on a grid about this coarse
 INTERIOR_THRESHOLD = 0.15  # background: below this share of the 99th percentile there
+INTERIOR_CLOSING_MM = 6.0  # dark gaps inside the body narrower than twice this are bridged
 INTERIOR_MIN_SHARE = 0.05  # an interior with fewer of the grid's voxels is not used
 
 
 def interior_mask(image: Image, depth_mm: float) -> torch.Tensor | None:
     """Voxels at least ``depth_mm`` inside the body, away from its outline: bool (*shape).
 
-    The body is what is brighter than ``INTERIOR_THRESHOLD`` x the 99th percentile of the
-    image box-averaged to ~``INTERIOR_GRID_MM`` (thin dark structures inside, such as
-    cortical bone, are averaged away); a voxel is interior when no background voxel lies
-    within ``depth_mm`` along every axis (a box, separable max-pooling). The grid's own
+    On the image box-averaged to ~``INTERIOR_GRID_MM``: what is brighter than
+    ``INTERIOR_THRESHOLD`` x its 99th percentile, closed by ``INTERIOR_CLOSING_MM`` (dark
+    layers such as the skull or cortical bone bridged) with its holes filled (ventricles,
+    joint fluid), is the body; a voxel is interior when no voxel outside the body lies
+    within ``depth_mm`` along every axis (a box; separable max-pooling). The grid's own
     edges are not an outline: a limb that leaves the field of view stays interior there.
 
     Between subjects the outline and the fat under the skin differ (soft-tissue
@@ -43,27 +45,21 @@ def interior_mask(image: Image, depth_mm: float) -> torch.Tensor | None:
 
     Returns:
         the mask on the image's grid, or None where ``depth_mm`` <= 0 or the interior
-        would hold less than ``INTERIOR_MIN_SHARE`` of the voxels (a thin or small object,
-        a body filling the whole grid is kept whole).
+        would hold less than ``INTERIOR_MIN_SHARE`` of the voxels (a thin or small object).
     """
     if depth_mm <= 0:
         return None
-    factor = max(1, math.floor(INTERIOR_GRID_MM / float(image.spacing.min())))
+    factor = max(1, round(INTERIOR_GRID_MM / float(image.spacing.min())))
     coarse = image.downsample(factor) if min(image.shape) >= 2 * factor else image
     x = coarse.data.float()
     positive = x[x > 0]
     if positive.numel() == 0:
         return None
-    sub = positive[:: max(1, positive.numel() // 100000)]
-    background = (x < INTERIOR_THRESHOLD * float(torch.quantile(sub, 0.99))).float()
-    for axis, step in enumerate(coarse.spacing):
-        r = math.ceil(depth_mm / float(step))
-        moved = background.movedim(axis, -1)
-        flat = moved.reshape(-1, 1, moved.shape[-1])
-        # padding of max_pool counts as -inf: the grid's edge is not background
-        grown = F.max_pool1d(flat, 2 * r + 1, stride=1, padding=r)
-        background = grown.reshape(moved.shape).movedim(-1, axis)
-    inside = background < 0.5
+    level = INTERIOR_THRESHOLD * float(torch.quantile(positive[:: max(1, positive.numel() // 100000)], 0.99))
+    closing = [math.ceil(INTERIOR_CLOSING_MM / float(step)) for step in coarse.spacing]
+    body = ~_grow(~_grow(x >= level, closing), closing)
+    body = ~_reached_from_border(~body)  # holes filled
+    inside = ~_grow(~body, [math.ceil(depth_mm / float(step)) for step in coarse.spacing])
     if coarse is not image:
         for axis, n in enumerate(image.shape):  # voxel i lies in coarse voxel i // factor
             index = (torch.arange(n, device=inside.device) // factor).clamp(max=inside.shape[axis] - 1)
@@ -71,6 +67,35 @@ def interior_mask(image: Image, depth_mm: float) -> torch.Tensor | None:
     if float(inside.float().mean()) < INTERIOR_MIN_SHARE:
         return None
     return inside
+
+
+def _grow(mask: torch.Tensor, radii) -> torch.Tensor:
+    """Box dilation of a bool mask by ``radii`` voxels per axis; beyond the grid's edge is unset."""
+    m = mask.float()
+    for axis, r in enumerate(radii):
+        moved = m.movedim(axis, -1)
+        flat = moved.reshape(-1, 1, moved.shape[-1])
+        # max_pool pads with -inf: the grid's edge adds nothing
+        m = F.max_pool1d(flat, 2 * r + 1, stride=1, padding=r).reshape(moved.shape).movedim(-1, axis)
+    return m > 0.5
+
+
+def _reached_from_border(free: torch.Tensor) -> torch.Tensor:
+    """The voxels of ``free`` connected to the grid's border through ``free`` (flood fill, 26-neighbours)."""
+    d = free.dim()
+    pool = F.max_pool3d if d == 3 else F.max_pool2d
+    seed = torch.zeros_like(free)
+    for axis in range(d):
+        for end in (0, -1):
+            index = [slice(None)] * d
+            index[axis] = end
+            seed[tuple(index)] = free[tuple(index)]
+    reached, allowed = seed.float()[None, None], free.float()[None, None]
+    while True:
+        grown = pool(reached, 3, stride=1, padding=1) * allowed
+        if torch.equal(grown, reached):
+            return reached[0, 0] > 0.5
+        reached = grown
 
 
 class VoxelSampler:

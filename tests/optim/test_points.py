@@ -159,28 +159,30 @@ def test_default_regularizer_points_follow_the_similarity_points():
         RegistrationConfig(regularizer_points=0)
 
 
-def _limb(shape=(40, 60, 60), radius=20.0, shell=(8.0, 9.0)):
+def _limb(shape=(40, 60, 60), radius=20.0, shell=(8.0, 9.0), hole=7.0):
     """A cylinder along axis 0 (1 mm voxels) leaving the grid at both ends, bright (0.8), with a
-    dark 1 mm shell inside it (cortical bone), in faint air (0.02); and each voxel's depth (mm)."""
+    dark 1 mm shell inside it (cortical bone) and a dark ball of radius ``hole`` at the centre
+    (a ventricle, wider than the closing bridges), in faint air (0.02); and each voxel's depth (mm)."""
     from neuralreg import Image
 
-    _, y, z = torch.meshgrid(*[torch.arange(n, dtype=torch.float32) for n in shape], indexing="ij")
+    x, y, z = torch.meshgrid(*[torch.arange(n, dtype=torch.float32) for n in shape], indexing="ij")
     r = torch.sqrt((y - (shape[1] - 1) / 2) ** 2 + (z - (shape[2] - 1) / 2) ** 2)
     data = torch.where(r <= radius, 0.8, 0.02)
     data = torch.where((r >= shell[0]) & (r <= shell[1]), 0.0, data)
+    data = torch.where(r**2 + (x - (shape[0] - 1) / 2) ** 2 <= hole**2, 0.0, data)
     return Image.from_array(data), radius - r
 
 
 def test_interior_mask_keeps_away_from_the_outline_not_the_grid_edge():
     """Interior: deeper than depth_mm from the outline (a box: up to depth x sqrt(2) across a
-    cylinder, plus the ~3 mm grid it is found on); the dark shell inside does not cut it, and the
-    cylinder's ends, where it leaves the field of view, are not an outline."""
+    cylinder, plus the ~3 mm grid it is found on); the dark shell and the dark ball inside do
+    not cut it, and the cylinder's ends, where it leaves the field of view, are not an outline."""
     from neuralreg.optim.points import interior_mask
 
     image, depth = _limb()
     inside = interior_mask(image, 6.0)
     assert inside.shape == image.shape and inside.dtype == torch.bool
-    assert bool(inside[depth > 6.0 * 2**0.5 + 3.0].all())  # deep voxels, the shell's included
+    assert bool(inside[depth > 6.0 * 2**0.5 + 3.0].all())  # deep voxels, the shell's and the ball's included
     assert not bool(inside[depth < 6.0 - 3.0].any())  # near the outline, and all the air
     assert bool(inside[0][depth[0] > 12.0].all()) and bool(inside[-1][depth[-1] > 12.0].all())
     assert 0.05 < float(inside.float().mean()) < 0.5
@@ -194,7 +196,7 @@ def test_no_interior_without_depth_or_room():
 
     image, _ = _limb()
     assert interior_mask(image, 0.0) is None
-    assert interior_mask(_limb(radius=5.0, shell=(0, -1))[0], 6.0) is None
+    assert interior_mask(_limb(radius=5.0, shell=(0, -1), hole=0)[0], 6.0) is None
     full = Image.from_array(0.5 + 0.1 * torch.rand(20, 30, 30, generator=torch.Generator().manual_seed(0)))
     assert _interior(full, None, 6.0) is None  # (nearly) the whole grid: the fits draw from everywhere
     mask = image.with_data((torch.arange(60) < 30).float().expand(40, 60, 60).clone())  # axis 2 < 30
