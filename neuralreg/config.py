@@ -193,6 +193,12 @@ class RegistrationConfig:
             affine bone Dice rose from 0.842 to 0.868 on average (30 pairs; worst pair
             0.578 -> 0.876). Images without a background have no interior and are fitted
             from everywhere; the fields always draw from everywhere.
+        field_interior: the fields' similarity points are drawn inside the body too (the
+            interior of ``affine_interior_mm``); their regularizer points stay everywhere,
+            and the soft tissue near the outline follows the regularizer. On the hard
+            knee benchmark's worst pair (soft tissue 5.4 and 13.3 mm thick over the
+            bones) bone Dice 0.833 -> 0.909, cartilage 0.598 -> 0.673. False: the fields
+            draw from everywhere (as before 2026-12-02 15:00).
         margin: margin added to each side of the pair's world box, as a fraction of its extent.
         seed: seeds initialization and point sampling (deterministic on CPU).
         device: ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
@@ -237,6 +243,7 @@ class RegistrationConfig:
     search_max_angle: float = 40.0
     search_starts: int = 4
     affine_interior_mm: float = 12.0
+    field_interior: bool = True
     margin: float = 0.15
     seed: int = 0
     device: str = "cpu"

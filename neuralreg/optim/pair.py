@@ -103,6 +103,7 @@ class _Stage:
         points,
         edge_fraction=0.0,
         edge_power=1.0,
+        regularizer_masks=None,
     ):
         self.points = points  # similarity points per direction and step
         self.moving = moving.to(device).downsample(factor)
@@ -118,6 +119,14 @@ class _Stage:
             )
             for img, mask in ((self.moving, moving_mask), (self.fixed, fixed_mask))
         )
+        # regularizer points: uniform within ``regularizer_masks`` where they differ from
+        # the similarity's masks (the fields drawn inside the body are kept regular everywhere)
+        self.regularizer_samplers = (self.moving_sampler, self.fixed_sampler)
+        if regularizer_masks is not None:
+            self.regularizer_samplers = tuple(
+                VoxelSampler(img.shape, _mask(mask, factor, device), generator, device=device)
+                for img, mask in zip((self.moving, self.fixed), regularizer_masks, strict=True)
+            )
         self.vox_to_u = {
             "moving": box.voxel_to_normalized_matrix(self.moving.affine),
             "fixed": box.voxel_to_normalized_matrix(self.fixed.affine),
@@ -146,7 +155,8 @@ class _Pair:
     def stage(self, factor: int, generator, points: int, interior: bool = False) -> _Stage:
         """The pyramid level ``factor``, ``points`` similarity points per step, edge weights as
         configured, drawn from the interior masks where ``interior`` (and there are some)."""
-        masks = self.interior if interior and self.interior is not None else (self.moving_mask, self.fixed_mask)
+        given = (self.moving_mask, self.fixed_mask)
+        masks = self.interior if interior and self.interior is not None else given
         return _Stage(
             self.moving,
             self.fixed,
@@ -158,6 +168,7 @@ class _Pair:
             points,
             self.cfg.edge_fraction,
             self.cfg.edge_power,
+            None if masks is given else given,
         )
 
     @property
@@ -211,8 +222,9 @@ def _regularizer_term(cfg, stage, map_ab, map_ba, box, device, n_points: int):
     if cfg.regularizer == "none" or cfg.regularizer_weight == 0:
         return torch.zeros((), device=device)
     n = max(1, n_points // 2)
-    u_moving = apply_affine(stage.vox_to_u["moving"], stage.moving_sampler.sample(n, weighted=False).to(device))
-    u_fixed = apply_affine(stage.vox_to_u["fixed"], stage.fixed_sampler.sample(n, weighted=False).to(device))
+    moving_sampler, fixed_sampler = stage.regularizer_samplers
+    u_moving = apply_affine(stage.vox_to_u["moving"], moving_sampler.sample(n, weighted=False).to(device))
+    u_fixed = apply_affine(stage.vox_to_u["fixed"], fixed_sampler.sample(n, weighted=False).to(device))
     entry = REGULARIZERS[cfg.regularizer]
     term = entry.make(cfg, box)
     if entry.fields_only:  # the fields only, not the global affine part
@@ -353,7 +365,9 @@ def register_pair(
         affine=affine.matrix().detach().cpu().double().numpy(),
         prealign=prealign,
     )
-    quality = assess(reg, original_moving, fixed)
+    # scored where the fields drew their similarity points: inside the body with field_interior
+    scored = pair.interior[1] if cfg.field_interior and pair.interior is not None else None
+    quality = assess(reg, original_moving, fixed, fixed_mask=None if scored is None else scored.data > 0)
     info["quality"] = quality.to_dict()
     if quality.verdict != "good":
         warnings.warn(f"registration quality {quality.summary()}", RegistrationWarning, stacklevel=3)
@@ -383,7 +397,7 @@ def _fit_fields(pair: _Pair, phi_ab, phi_ba, affine, generator, history: list) -
     step = 0
     for s, (factor, n_steps) in enumerate(zip(cfg.pyramid, steps, strict=False)):
         share = 1.0 if cfg.stage_points is None else cfg.stage_points[s]
-        stage = pair.stage(factor, generator, max(8, round(pair.points * share)))
+        stage = pair.stage(factor, generator, max(8, round(pair.points * share)), cfg.field_interior)
         active = math.ceil(n_levels * (s + 1) / len(cfg.pyramid))
         for f in (phi_ab, phi_ba):
             f.encoding.set_active_levels(active)

@@ -144,22 +144,25 @@ def _in_air(image: Image, pad: int = 10) -> Image:
     return Image(torch.nn.functional.pad(image.data.float(), (pad,) * 6), image.affine @ shift)
 
 
-def test_affine_fits_draw_inside_the_body_the_fields_everywhere(phantom, monkeypatch):
+def test_fits_draw_inside_the_body_the_regularizer_everywhere(phantom, monkeypatch):
     """Knees in air under a 20 deg tilt and 40 mm offset: each start is fitted drawing from the
-    body's interior, and again with the outline on the coarsest level; the fields draw from
-    everything; the bones are aligned. (A 48 mm phantom has no interior 12 mm deep: 6 mm here.)
-    ``affine_interior_mm=0`` fits the starts once, from everywhere."""
+    body's interior, and again with the outline on the coarsest level; the fields' similarity
+    points come from the interior too, their regularizer points from everywhere; the self-check
+    scores inside the body; the bones are aligned. (A 48 mm phantom has no interior 12 mm deep:
+    6 mm here.) ``affine_interior_mm=0`` fits the starts once, and everything from everywhere."""
     from neuralreg.optim import pair as pair_module
 
     truth = _tilt()
     moving = _moved(_in_air(phantom["moving"]), truth)
     moving_labels = _moved(_in_air(phantom["moving_labels"]), truth)
     fixed, fixed_labels = _in_air(phantom["fixed"]), _in_air(phantom["fixed_labels"])
-    seen = {}
-    fit_fields = pair_module._fit_fields
+    stages = []
+    fit_fields, make_stage = pair_module._fit_fields, pair_module._Pair.stage
 
     def spy(pair, *args):
-        seen["pair"] = pair
+        monkeypatch.setattr(
+            pair_module._Pair, "stage", lambda *a, **k: stages.append(make_stage(*a, **k)) or stages[-1]
+        )
         return fit_fields(pair, *args)
 
     monkeypatch.setattr(pair_module, "_fit_fields", spy)
@@ -170,15 +173,21 @@ def test_affine_fits_draw_inside_the_body_the_fields_everywhere(phantom, monkeyp
     assert 0.05 < shares["moving"] < 0.95 and 0.05 < shares["fixed"] < 0.95
     ways = reg.info["search"]["candidate_outline_first"]
     assert ways == sorted(ways) and set(ways) == {0, 1} and len(ways) == 2 * ways.count(1)
-    assert seen["pair"].interior is not None
-    assert seen["pair"].moving_mask is None and seen["pair"].fixed_mask is None  # the fields: everywhere
+    assert len(stages) == len(CONFIG.get("pyramid", RegistrationConfig().pyramid))  # the fields' stages
+    for stage in stages:
+        inside = [stage.moving_sampler.mask_voxels, stage.fixed_sampler.mask_voxels]
+        assert all(v is not None for v in inside)  # similarity: inside the body
+        assert all(r.mask_voxels is None for r in stage.regularizer_samplers)  # regularizer: everywhere
+    assert reg.info["quality"]["measures"]["scored_inside_mask"] is True
     assert _bone_dice(reg, moving_labels, fixed_labels) > 0.85
 
+    monkeypatch.setattr(pair_module, "_fit_fields", fit_fields)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RegistrationWarning)
         plain = register_pair(moving, fixed, RegistrationConfig(**{**CONFIG, "steps": 1, "affine_interior_mm": 0}))
     assert plain.info["affine_interior"] is None
     assert set(plain.info["search"]["candidate_outline_first"]) == {0}
+    assert plain.info["quality"]["measures"]["scored_inside_mask"] is False
     with pytest.raises(ValueError, match="affine_interior_mm"):
         RegistrationConfig(affine_interior_mm=-1.0)
 
@@ -252,6 +261,18 @@ def test_low_affine_local_ncc_is_overruled_by_a_good_final_similarity():
     q = judge(_measures(ncc_final=0.80))
     assert q.verdict == "check"
     assert "after the global (affine) alignment the images hardly correlate (local NCC 0.049)" in q.reasons
+
+
+def test_scored_inside_the_body_a_wrong_start_is_flagged_a_good_fit_is_not():
+    """Inside the body (field_interior): good hard knee pairs score NCC 0.841-0.855, the same pair
+    from a wrong global start 0.739 (0.857 on the whole grid, which passed it), a brain against a
+    knee 0.595: good, check, failed."""
+    inside = {"scored_inside_mask": True}
+    assert judge(_measures(ncc_final=0.841, **inside)).verdict == "good"
+    wrong = judge(_measures(ncc_final=0.739, **inside))
+    assert wrong.verdict == "check" and "correlate only moderately (NCC 0.739 < 0.8)" in wrong.reasons[0]
+    assert judge(_measures(ncc_final=0.595, **inside)).verdict == "failed"
+    assert judge(_measures(ncc_final=0.841)).verdict == "check"  # the whole grid keeps its line
 
 
 def test_global_ncc_separates_good_knees_from_unrelated_images():
