@@ -148,8 +148,9 @@ class _Pair:
     device: torch.device
     fused_warp: bool
     points: int  # similarity points per direction and step (``similarity_points``)
-    # (moving, fixed) masks of the body's interior the affine fits draw from
-    # (``_interior``), the moving one in the frame of the start; None: the masks above
+    # (moving, fixed) masks of the body's interior (``_interior``) that the affine fits, and
+    # the fields with ``config.field_interior``, draw their similarity points from; the
+    # moving one in the frame of the start; None: the masks above
     interior: tuple | None = None
 
     def stage(self, factor: int, generator, points: int, interior: bool = False) -> _Stage:
