@@ -192,7 +192,7 @@ class RegistrationConfig:
             capture) then the interior. On the hard knee benchmark the chosen start's
             affine bone Dice rose from 0.842 to 0.868 on average (30 pairs; worst pair
             0.578 -> 0.876). Images without a background have no interior and are fitted
-            from everywhere; the fields always draw from everywhere.
+            from everywhere; the fields draw from it too with ``field_interior``.
         field_interior: the fields' similarity points are drawn inside the body too (the
             interior of ``affine_interior_mm``); their regularizer points stay everywhere,
             and the soft tissue near the outline follows the regularizer. On the hard

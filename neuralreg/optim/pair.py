@@ -351,7 +351,8 @@ def register_pair(
         "final": history[-1] if history else {},
         "affine_steps": cfg.affine_steps,
         "search": search_info,
-        # share of each grid the affine fits drew from (None: all of it, or the mask given)
+        # share of each grid the affine fits (and with field_interior the fields' similarity
+        # points) drew from (None: all of it, or the mask given)
         "affine_interior": interior,
     }
     reg = Registration(
@@ -507,8 +508,9 @@ def _prealigned(image: Image | None, prealign: np.ndarray) -> Image | None:
 
 
 def _interior(image: Image, mask: Image | None, depth_mm: float) -> Image | None:
-    """The mask the affine fits draw from: ``points.interior_mask`` within ``mask``; ``mask``
-    itself where there is no usable interior."""
+    """The mask the affine fits (and, with ``field_interior``, the fields' similarity points)
+    draw from: ``points.interior_mask`` within ``mask``; ``mask`` itself where there is no
+    usable interior."""
     inside = interior_mask(image, depth_mm)
     if inside is None:
         return mask
