@@ -52,6 +52,7 @@ import torch
 from neuralreg.geometry.coordinates import apply_affine, grid_world_box
 from neuralreg.geometry.image import Image
 from neuralreg.losses.similarity import lncc, ncc
+from neuralreg.optim.points import VoxelSampler
 
 MIN_OVERLAP = 0.5
 MIN_NCC = 0.70
@@ -83,11 +84,8 @@ def _lncc_points(shape, n_windows: int, k: int, window: float, seed: int, mask=N
     upper = torch.tensor([n - 1 for n in shape], dtype=torch.float64)
     if mask is None:
         centres = torch.rand(n_windows, len(shape), generator=g, dtype=torch.float64) * upper
-    else:  # window centres inside the mask's voxels
-        voxels = torch.nonzero(mask.reshape(shape).cpu() > 0).double()
-        pick = torch.randint(0, voxels.shape[0], (n_windows,), generator=g)
-        jitter = torch.rand(n_windows, len(shape), generator=g, dtype=torch.float64) - 0.5
-        centres = (voxels[pick] + jitter).clamp(min=0).minimum(upper)
+    else:  # window centres inside the mask's voxels, jittered within them
+        centres = VoxelSampler(shape, mask.cpu(), g).sample(n_windows).double()
     offsets = (torch.rand(n_windows, k, len(shape), generator=g, dtype=torch.float64) - 0.5) * window
     return (centres[:, None] + offsets).reshape(-1, len(shape)).clamp(min=0).minimum(upper)
 
