@@ -16,7 +16,7 @@ namespace {
 struct Layout {
   std::vector<float> scales;
   std::vector<int64_t> resolutions, sizes, offsets;
-  std::vector<bool> hashed;
+  std::vector<uint8_t> hashed;  // not vector<bool>: a plain byte read per level and point
   int64_t n_levels() const { return (int64_t)scales.size(); }
 };
 
@@ -28,7 +28,7 @@ Layout make_layout(const std::vector<double>& scales, const std::vector<int64_t>
   l.resolutions = resolutions;
   l.sizes = sizes;
   l.offsets = offsets;
-  l.hashed = hashed;
+  l.hashed.assign(hashed.begin(), hashed.end());
   return l;
 }
 
@@ -40,9 +40,10 @@ nr::Cell<D, T> cell_at(const T* x, const Layout& lay, int64_t level, bool smooth
   return cell;
 }
 
-template <int D, typename T>
-void forward_impl(const T* x, const T* table, T* y, int64_t n, int64_t F, const Layout& lay, bool smooth) {
+template <int D, int FC, typename T>
+void forward_impl(const T* __restrict__ x, const T* __restrict__ table, T* __restrict__ y, int64_t n, int64_t F_, const Layout& lay, bool smooth) {
   const int64_t L = lay.n_levels();
+  const int64_t F = FC > 0 ? FC : F_;  // compile-time for the common widths
   at::parallel_for(0, n, 1024, [&](int64_t begin, int64_t end) {
     for (int64_t p = begin; p < end; ++p) {
       for (int64_t l = 0; l < L; ++l) {
@@ -60,10 +61,11 @@ void forward_impl(const T* x, const T* table, T* y, int64_t n, int64_t F, const 
 }
 
 // gx[p, i] = sum_{l,c,f} gy[p,l,f] T[row,f] dw_c/dx_i ; gT[row,f] += w_c gy[p,l,f]
-template <int D, typename T>
-void backward_impl(const T* gy, const T* x, const T* table, T* gx, T* gT, int64_t n, int64_t F, const Layout& lay,
+template <int D, int FC, typename T>
+void backward_impl(const T* __restrict__ gy, const T* __restrict__ x, const T* __restrict__ table, T* __restrict__ gx, T* __restrict__ gT, int64_t n, int64_t F_, const Layout& lay,
                    bool smooth) {
   const int64_t L = lay.n_levels();
+  const int64_t F = FC > 0 ? FC : F_;  // compile-time for the common widths
   if (gx) {
     at::parallel_for(0, n, 1024, [&](int64_t begin, int64_t end) {
       for (int64_t p = begin; p < end; ++p) {
@@ -105,10 +107,11 @@ void backward_impl(const T* gy, const T* x, const T* table, T* gx, T* gT, int64_
 //   g_gy[p,l,f] = sum_c w_c ggT[row,f] + sum_{c,i} ggx[p,i] T[row,f] dw_c/dx_i
 //   g_x[p,j]    = sum_{l,c,f} gy[p,l,f] (ggT[row,f] dw_c/dx_j + T[row,f] sum_i ggx[p,i] d2w_c/dx_i dx_j)
 //   g_T[row,f] += gy[p,l,f] sum_i dw_c/dx_i ggx[p,i]
-template <int D, typename T>
-void double_backward_impl(const T* ggx, const T* ggT, const T* gy, const T* x, const T* table, T* g_gy, T* g_x,
-                          T* g_T, int64_t n, int64_t F, const Layout& lay, bool smooth) {
+template <int D, int FC, typename T>
+void double_backward_impl(const T* __restrict__ ggx, const T* __restrict__ ggT, const T* __restrict__ gy, const T* __restrict__ x, const T* __restrict__ table, T* __restrict__ g_gy, T* __restrict__ g_x,
+                          T* __restrict__ g_T, int64_t n, int64_t F_, const Layout& lay, bool smooth) {
   const int64_t L = lay.n_levels();
+  const int64_t F = FC > 0 ? FC : F_;  // compile-time for the common widths
   at::parallel_for(0, n, 512, [&](int64_t begin, int64_t end) {
     for (int64_t p = begin; p < end; ++p) {
       T accx[D] = {};
@@ -172,10 +175,11 @@ void double_backward_impl(const T* ggx, const T* ggT, const T* gy, const T* x, c
 }
 
 // Encoding and its spatial Jacobian in one pass: y (N, L*F), jac (N, L*F, D).
-template <int D, typename T>
-void forward_jacobian_impl(const T* x, const T* table, T* y, T* jac, int64_t n, int64_t F, const Layout& lay,
+template <int D, int FC, typename T>
+void forward_jacobian_impl(const T* __restrict__ x, const T* __restrict__ table, T* __restrict__ y, T* __restrict__ jac, int64_t n, int64_t F_, const Layout& lay,
                            bool smooth) {
   const int64_t L = lay.n_levels();
+  const int64_t F = FC > 0 ? FC : F_;  // compile-time for the common widths
   at::parallel_for(0, n, 512, [&](int64_t begin, int64_t end) {
     for (int64_t p = begin; p < end; ++p) {
       for (int64_t l = 0; l < L; ++l) {
@@ -201,10 +205,11 @@ void forward_jacobian_impl(const T* x, const T* table, T* y, T* jac, int64_t n, 
 // Backward of (y, jac) against (gy, gjac):
 //   g_T[row,f] += w_c gy[p,l,f] + sum_i dw_c/dx_i gjac[p,l,f,i]
 //   g_x[p,j]    = sum_{l,c,f} T[row,f] (gy[p,l,f] dw_c/dx_j + sum_i gjac[p,l,f,i] d2w_c/dx_i dx_j)
-template <int D, typename T>
-void jacobian_backward_impl(const T* gy, const T* gjac, const T* x, const T* table, T* g_x, T* g_T, int64_t n,
-                            int64_t F, const Layout& lay, bool smooth) {
+template <int D, int FC, typename T>
+void jacobian_backward_impl(const T* __restrict__ gy, const T* __restrict__ gjac, const T* __restrict__ x, const T* __restrict__ table, T* __restrict__ g_x, T* __restrict__ g_T, int64_t n,
+                            int64_t F_, const Layout& lay, bool smooth) {
   const int64_t L = lay.n_levels();
+  const int64_t F = FC > 0 ? FC : F_;  // compile-time for the common widths
   if (g_x) {
     at::parallel_for(0, n, 512, [&](int64_t begin, int64_t end) {
       for (int64_t p = begin; p < end; ++p) {
@@ -269,6 +274,17 @@ const T* ptr_or_null(const c10::optional<torch::Tensor>& t) {
     TORCH_CHECK(false, "hash grid supports 2 or 3 dimensions"); \
   }
 
+// the hash-grid impls, with the features per level F a compile-time constant where it is 2
+// (the default: the loops over features unroll), else read at run time (FC = 0)
+#define DISPATCH_DIMS_F(d, F, ...)    \
+  if (F == 2) {                       \
+    constexpr int FC = 2;             \
+    DISPATCH_DIMS(d, __VA_ARGS__);    \
+  } else {                            \
+    constexpr int FC = 0;             \
+    DISPATCH_DIMS(d, __VA_ARGS__);    \
+  }
+
 void check_inputs(const torch::Tensor& x, const torch::Tensor& table) {
   TORCH_CHECK(x.device().is_cpu() && table.device().is_cpu(), "CPU tensors expected");
   TORCH_CHECK(x.is_contiguous() && table.is_contiguous(), "contiguous tensors expected");
@@ -285,7 +301,7 @@ torch::Tensor hashgrid_forward(torch::Tensor x, torch::Tensor table, std::vector
   const int64_t n = x.size(0), F = table.size(1), d = x.size(1);
   auto y = torch::empty({n, lay.n_levels() * F}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "hashgrid_forward", [&] {
-    DISPATCH_DIMS(d, forward_impl<D, scalar_t>(x.data_ptr<scalar_t>(), table.data_ptr<scalar_t>(),
+    DISPATCH_DIMS_F(d, F, forward_impl<D, FC, scalar_t>(x.data_ptr<scalar_t>(), table.data_ptr<scalar_t>(),
                                                y.data_ptr<scalar_t>(), n, F, lay, smooth));
   });
   return y;
@@ -302,7 +318,7 @@ std::vector<torch::Tensor> hashgrid_backward(torch::Tensor gy, torch::Tensor x, 
   torch::Tensor gx = need_x ? torch::empty_like(x) : torch::Tensor();
   torch::Tensor gT = need_table ? torch::zeros_like(table) : torch::Tensor();
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "hashgrid_backward", [&] {
-    DISPATCH_DIMS(d, backward_impl<D, scalar_t>(gy.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(),
+    DISPATCH_DIMS_F(d, F, backward_impl<D, FC, scalar_t>(gy.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(),
                                                 table.data_ptr<scalar_t>(),
                                                 need_x ? gx.data_ptr<scalar_t>() : nullptr,
                                                 need_table ? gT.data_ptr<scalar_t>() : nullptr, n, F, lay, smooth));
@@ -326,7 +342,7 @@ std::vector<torch::Tensor> hashgrid_double_backward(c10::optional<torch::Tensor>
   torch::Tensor g_x = need_x ? torch::empty_like(x) : torch::Tensor();
   torch::Tensor g_T = need_table ? torch::zeros_like(table) : torch::Tensor();
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "hashgrid_double_backward", [&] {
-    DISPATCH_DIMS(d, double_backward_impl<D, scalar_t>(
+    DISPATCH_DIMS_F(d, F, double_backward_impl<D, FC, scalar_t>(
                          ptr_or_null<scalar_t>(ggx), ptr_or_null<scalar_t>(ggT), gy.data_ptr<scalar_t>(),
                          x.data_ptr<scalar_t>(), table.data_ptr<scalar_t>(),
                          need_gy ? g_gy.data_ptr<scalar_t>() : nullptr, need_x ? g_x.data_ptr<scalar_t>() : nullptr,
@@ -345,7 +361,7 @@ std::vector<torch::Tensor> hashgrid_forward_jacobian(torch::Tensor x, torch::Ten
   auto y = torch::empty({n, lay.n_levels() * F}, x.options());
   auto jac = torch::empty({n, lay.n_levels() * F, d}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "hashgrid_forward_jacobian", [&] {
-    DISPATCH_DIMS(d, forward_jacobian_impl<D, scalar_t>(x.data_ptr<scalar_t>(), table.data_ptr<scalar_t>(),
+    DISPATCH_DIMS_F(d, F, forward_jacobian_impl<D, FC, scalar_t>(x.data_ptr<scalar_t>(), table.data_ptr<scalar_t>(),
                                                         y.data_ptr<scalar_t>(), jac.data_ptr<scalar_t>(), n, F, lay,
                                                         smooth));
   });
@@ -365,7 +381,7 @@ std::vector<torch::Tensor> hashgrid_jacobian_backward(torch::Tensor gy, torch::T
   torch::Tensor g_x = need_x ? torch::empty_like(x) : torch::Tensor();
   torch::Tensor g_T = need_table ? torch::zeros_like(table) : torch::Tensor();
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "hashgrid_jacobian_backward", [&] {
-    DISPATCH_DIMS(d, jacobian_backward_impl<D, scalar_t>(
+    DISPATCH_DIMS_F(d, F, jacobian_backward_impl<D, FC, scalar_t>(
                          gy.data_ptr<scalar_t>(), gjac.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(),
                          table.data_ptr<scalar_t>(), need_x ? g_x.data_ptr<scalar_t>() : nullptr,
                          need_table ? g_T.data_ptr<scalar_t>() : nullptr, n, F, lay, smooth));

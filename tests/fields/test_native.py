@@ -49,8 +49,9 @@ def device(request):
 CFG = dict(n_levels=5, n_features_per_level=2, log2_hashmap_size=9, base_resolution=3, per_level_scale=1.8)
 
 
-def _encoding(d, interp, dtype=torch.float64):
-    enc = HashGridEncoding(d, HashGridConfig(**CFG, interpolation=interp)).to(dtype)
+def _encoding(d, interp, dtype=torch.float64, features=2):
+    cfg = {**CFG, "n_features_per_level": features}
+    enc = HashGridEncoding(d, HashGridConfig(**cfg, interpolation=interp)).to(dtype)
     torch.nn.init.uniform_(enc.table, -1, 1)
     assert any(enc.layout.hashed) and not all(enc.layout.hashed)
     return enc
@@ -69,8 +70,9 @@ def _points(d, n=64, seed=0, dtype=torch.float64):
 
 @pytest.mark.parametrize("d", [2, 3])
 @pytest.mark.parametrize("interp", ["Linear", "Smoothstep"])
-def test_values_and_derivatives_match_reference(d, interp, device):
-    enc = _encoding(d, interp).to(device)
+@pytest.mark.parametrize("features", [2, 3])  # the CPU kernels' compile-time width, and a run-time one
+def test_values_and_derivatives_match_reference(d, interp, features, device):
+    enc = _encoding(d, interp, features=features).to(device)
     smooth = interp == "Smoothstep"
     x = _points(d).to(device)
 
