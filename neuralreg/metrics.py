@@ -70,9 +70,11 @@ def jacobian_determinant(map_world: torch.Tensor, affine: np.ndarray) -> torch.T
     d = map_world.shape[-1]
     m = map_world.double()
     cols = []
-    for k in range(d):
-        diff = m.narrow(k, 1, m.shape[k] - 1) - m.narrow(k, 0, m.shape[k] - 1)
-        diff = torch.cat([diff.narrow(k, 0, 1), diff], k)
+    for k in range(d):  # into a preallocated column: no concatenated copy of the volume
+        n = m.shape[k]
+        diff = torch.empty_like(m)
+        torch.sub(m.narrow(k, 1, n - 1), m.narrow(k, 0, n - 1), out=diff.narrow(k, 1, n - 1))
+        diff.narrow(k, 0, 1).copy_(diff.narrow(k, 1, 1))
         cols.append(diff)
     return _det(cols) / float(np.linalg.det(affine[:d, :d]))
 

@@ -15,10 +15,12 @@ def _slice(volume: torch.Tensor, axis: int) -> np.ndarray:
     return volume.select(axis, volume.shape[axis] // 2).numpy()
 
 
-def _slice_map(map_world: torch.Tensor, axis: int) -> np.ndarray:
-    if map_world.dim() == 3:
-        return map_world.numpy()
-    return map_world.select(axis, map_world.shape[axis] // 2).numpy()
+def _slice_map(map_world: torch.Tensor, axis: int, affine: np.ndarray) -> np.ndarray:
+    """The map's mid slice across ``axis`` in the grid's voxel coordinates (only that plane converted)."""
+    plane = map_world if map_world.dim() == 3 else map_world.select(axis, map_world.shape[axis] // 2)
+    d = plane.shape[-1]
+    inv = np.linalg.inv(affine)
+    return (plane.double().numpy() @ inv[:d, :d].T + inv[:d, d]).astype(np.float32)
 
 
 def _moving_slice(moving: Image, fixed: Image, axis: int) -> np.ndarray:
@@ -35,13 +37,14 @@ def _moving_slice(moving: Image, fixed: Image, axis: int) -> np.ndarray:
     return plane.select(axis, 0).numpy()
 
 
-def registration_figure(path, fixed: Image, moving: Image, warped: Image, map_fixed_vox, jacobian):
+def registration_figure(path, fixed: Image, moving: Image, warped: Image, map_fixed_world, jacobian):
     """Write a PNG of mid slices (one row per orientation in 3D).
 
     Args:
         fixed: fixed image; moving: the moving image on its own grid (shown on the fixed
             grid's slices without deformation); warped: moving image warped onto the fixed grid.
-        map_fixed_vox: (*shape, d) the forward map in fixed-grid voxel coordinates.
+        map_fixed_world: (*shape, d) the forward map at the fixed grid's voxels, world mm
+            (drawn in the fixed grid's voxel coordinates).
         jacobian: (*shape) Jacobian determinant on the fixed grid.
     """
     from matplotlib.figure import Figure  # no pyplot: no backend machinery, nothing global
@@ -65,7 +68,7 @@ def registration_figure(path, fixed: Image, moving: Image, warped: Image, map_fi
         checker = np.where((yy + xx) % 2 == 0, f, w)
         for col, img in enumerate((f, m, w, checker)):
             grid[row, col].imshow(img.T, origin="lower", cmap="gray", vmin=0, vmax=vmax, aspect=aspect)
-        phi = _slice_map(map_fixed_vox, axis)
+        phi = _slice_map(map_fixed_world, axis, fixed.affine)
         p0, p1 = phi[..., shown[0]], phi[..., shown[1]]
         ax = grid[row, 4]
         step = max(1, min(f.shape) // 24)
@@ -89,4 +92,4 @@ def registration_figure(path, fixed: Image, moving: Image, warped: Image, map_fi
             grid[row, 0].set_ylabel(f"mid slice, axis {axis}")
     fig.tight_layout()
     with atomic_write(path) as tmp:
-        fig.savefig(tmp, dpi=80, format="png")
+        fig.savefig(tmp, dpi=80, format="png", pil_kwargs={"compress_level": 1})  # zlib's fastest

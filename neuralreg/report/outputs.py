@@ -33,7 +33,6 @@ import numpy as np
 import torch
 
 from neuralreg.files import json_safe
-from neuralreg.geometry.coordinates import apply_affine
 from neuralreg.geometry.image import Image
 from neuralreg.io import write_displacement_field, write_image, write_itk_affine
 from neuralreg.metrics import dice, percent_folds
@@ -147,15 +146,7 @@ def write_outputs(
             for name, img in (extra_images or {}).items():
                 writes.append(pool.submit(write_image, img, tmp / name))
             phi = reg.map_on_grid(direction="forward")
-            phi_vox = apply_affine(np.linalg.inv(fixed.affine), phi.reshape(-1, fixed.n_dims).double())
-            registration_figure(
-                tmp / "figure.png",
-                fixed,
-                moving,
-                warped,
-                phi_vox.reshape(phi.shape).float(),
-                ev["jacobian"].data,
-            )
+            registration_figure(tmp / "figure.png", fixed, moving, warped, phi, ev["jacobian"].data)
             for w in writes:
                 w.result()
         report = {

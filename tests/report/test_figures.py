@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from neuralreg import Image
-from neuralreg.report.figures import _moving_slice, registration_figure
+from neuralreg.geometry.coordinates import apply_affine
+from neuralreg.report.figures import _moving_slice, _slice_map, registration_figure
 from neuralreg.result import Registration
 
 
@@ -28,8 +29,21 @@ def test_moving_slice_is_the_mid_slice_of_the_whole_resampling(axis):
     np.testing.assert_allclose(_moving_slice(moving, fixed, axis), expected, rtol=1e-5, atol=1e-6)
 
 
+def _identity_world(fixed):
+    vox = torch.stack(torch.meshgrid(*[torch.arange(n, dtype=torch.float64) for n in fixed.shape], indexing="ij"), -1)
+    return vox, apply_affine(fixed.affine, vox.reshape(-1, 3)).reshape(vox.shape).float()
+
+
+@pytest.mark.parametrize("axis", [0, 1, 2])
+def test_deformed_grid_slice_is_drawn_in_the_fixed_grids_voxels(axis):
+    """The world map's mid slice, converted alone, is the voxel grid's mid slice (identity map, oblique grid)."""
+    _, fixed = _oblique_pair()
+    vox, world = _identity_world(fixed)
+    expected = vox.select(axis, fixed.shape[axis] // 2).numpy()
+    np.testing.assert_allclose(_slice_map(world, axis, fixed.affine), expected, atol=1e-5)
+
+
 def test_figure_is_written_without_pyplot(tmp_path):
     moving, fixed = _oblique_pair()
-    ident = torch.stack(torch.meshgrid(*[torch.arange(n, dtype=torch.float32) for n in fixed.shape], indexing="ij"), -1)
-    registration_figure(tmp_path / "f.png", fixed, moving, fixed, ident, torch.ones(fixed.shape))
+    registration_figure(tmp_path / "f.png", fixed, moving, fixed, _identity_world(fixed)[1], torch.ones(fixed.shape))
     assert (tmp_path / "f.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
