@@ -11,7 +11,7 @@ import torch
 from neuralreg.config import RegistrationConfig
 from neuralreg.errors import RegistrationFileError
 from neuralreg.fields.affine import AffineMap, ComposedMap, world_matrix
-from neuralreg.fields.field import NeuralField
+from neuralreg.fields.field import EVAL_CHUNK, NeuralField
 from neuralreg.files import atomic_write
 from neuralreg.geometry.coordinates import NormalizedBox, apply_affine, grid_points
 from neuralreg.geometry.image import Image
@@ -97,7 +97,9 @@ class Registration:
         return self.fixed_grid if direction == "forward" else self.moving_grid
 
     @torch.no_grad()
-    def map_points(self, points_world: torch.Tensor, direction: str = "forward", chunk: int = 65536) -> torch.Tensor:
+    def map_points(
+        self, points_world: torch.Tensor, direction: str = "forward", chunk: int = EVAL_CHUNK
+    ) -> torch.Tensor:
         """Phi(x) for world points (N, d) in mm, evaluated in chunks."""
         field = self._field(direction)
         dev = next(field.parameters()).device

@@ -8,6 +8,9 @@ from torch import nn
 from neuralreg.config import FieldConfig
 from neuralreg.fields.encoding import HashGridEncoding
 
+EVAL_CHUNK = 16384  # points per piece when a field is evaluated without a graph: its activations
+# (chunk x hidden width floats) stay in a CPU core's cache; 65536 took 1.4 s for a knee grid, this 0.9 s
+
 _ACTIVATIONS = {
     "relu": nn.ReLU,
     "silu": nn.SiLU,
@@ -74,7 +77,7 @@ class NeuralField(nn.Module):
         return u + h.to(u.dtype), eye + t.transpose(1, 2).to(u.dtype)
 
     @torch.no_grad()
-    def evaluate(self, u: torch.Tensor, chunk: int = 65536) -> torch.Tensor:
+    def evaluate(self, u: torch.Tensor, chunk: int = EVAL_CHUNK) -> torch.Tensor:
         """Phi(u) in chunks of ``chunk`` points (bounded memory), no graph."""
         out = torch.empty_like(u)
         for start in range(0, u.shape[0], chunk):
