@@ -96,7 +96,8 @@ class HashGridEncoding(nn.Module):
     def _native_levels(self, x: torch.Tensor):
         """Table rows and layout of the active levels (the native kernels skip the others)."""
         layout = self.layout.first(self.n_active)
-        return self.table[: layout.n_params_rows].to(x.dtype), layout
+        table = self.table if layout.n_params_rows == self.table.shape[0] else self.table[: layout.n_params_rows]
+        return table.to(x.dtype), layout  # all levels: no slice, whose backward pads a copy of the gradient
 
     def _pad_levels(self, t: torch.Tensor) -> torch.Tensor:
         """(N, n_active*F, ...) -> (N, L*F, ...), zeros for the switched-off levels."""
