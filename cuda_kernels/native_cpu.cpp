@@ -390,7 +390,7 @@ std::vector<torch::Tensor> hashgrid_jacobian_backward(torch::Tensor gy, torch::T
 }
 
 // Fused warp: values (N) and spatial gradients (N, d) of a volume at voxel-index points.
-std::vector<torch::Tensor> warp_forward(torch::Tensor image, torch::Tensor points) {
+std::vector<torch::Tensor> warp_forward(torch::Tensor image, torch::Tensor points, bool with_gradient) {
   TORCH_CHECK(image.device().is_cpu() && points.device().is_cpu(), "CPU tensors expected");
   image = image.contiguous();
   points = points.contiguous();
@@ -398,16 +398,16 @@ std::vector<torch::Tensor> warp_forward(torch::Tensor image, torch::Tensor point
   const int64_t d = points.size(1), n = points.size(0);
   TORCH_CHECK(image.dim() == d, "image dimensionality must match the points");
   auto values = torch::empty({n}, points.options());
-  auto grads = torch::empty({n, d}, points.options());
+  auto grads = with_gradient ? torch::empty({n, d}, points.options()) : torch::Tensor();
   std::vector<int64_t> shape(image.sizes().begin(), image.sizes().end());
   AT_DISPATCH_FLOATING_TYPES(points.scalar_type(), "warp_forward", [&] {
     const scalar_t* img = image.data_ptr<scalar_t>();
     const scalar_t* pts = points.data_ptr<scalar_t>();
     scalar_t* val = values.data_ptr<scalar_t>();
-    scalar_t* grd = grads.data_ptr<scalar_t>();
+    scalar_t* grd = with_gradient ? grads.data_ptr<scalar_t>() : nullptr;
     DISPATCH_DIMS(d, at::parallel_for(0, n, 2048, [&](int64_t b, int64_t e) {
       for (int64_t p = b; p < e; ++p)
-        val[p] = nr::sample_with_gradient<D, scalar_t>(img, shape.data(), pts + p * D, grd + p * D);
+        val[p] = nr::sample_with_gradient<D, scalar_t>(img, shape.data(), pts + p * D, grd ? grd + p * D : nullptr);
     }));
   });
   return {values, grads};

@@ -210,7 +210,7 @@ std::vector<torch::Tensor> hashgrid_jacobian_backward(torch::Tensor gy, torch::T
   return {g_x, g_T};
 }
 
-std::vector<torch::Tensor> warp_forward(torch::Tensor image, torch::Tensor points) {
+std::vector<torch::Tensor> warp_forward(torch::Tensor image, torch::Tensor points, bool with_gradient) {
   image = image.contiguous();
   points = points.contiguous();
   check(image, "image");
@@ -220,14 +220,14 @@ std::vector<torch::Tensor> warp_forward(torch::Tensor image, torch::Tensor point
   TORCH_CHECK(image.dim() == d, "image dimensionality must match the points");
   int64_t shape[3] = {image.size(0), image.size(1), d == 3 ? image.size(2) : 1};
   auto values = torch::empty({n}, points.options());
-  auto grads = torch::empty({n, d}, points.options());
+  auto grads = with_gradient ? torch::empty({n, d}, points.options()) : torch::Tensor();
   auto stream = NR_STREAM;
   if (points.scalar_type() == torch::kFloat64)
     check_status(nr_warp_f64(d, image.data_ptr<double>(), shape, points.data_ptr<double>(), values.data_ptr<double>(),
-                             grads.data_ptr<double>(), n, stream));
+                             ptr_if<double>(with_gradient, grads), n, stream));
   else
     check_status(nr_warp_f32(d, image.data_ptr<float>(), shape, points.data_ptr<float>(), values.data_ptr<float>(),
-                             grads.data_ptr<float>(), n, stream));
+                             ptr_if<float>(with_gradient, grads), n, stream));
   return {values, grads};
 }
 

@@ -36,5 +36,6 @@ std::vector<torch::Tensor> hashgrid_forward_jacobian(torch::Tensor x, torch::Ten
 std::vector<torch::Tensor> hashgrid_jacobian_backward(torch::Tensor gy, torch::Tensor gjac, torch::Tensor x,
                                                       torch::Tensor table, NR_LAYOUT_ARGS, bool need_x,
                                                       bool need_table);
-// Fused warp: (values (N), spatial gradients (N, d)) of an image at voxel-index points.
-std::vector<torch::Tensor> warp_forward(torch::Tensor image, torch::Tensor points);
+// Fused warp: (values (N), spatial gradients (N, d)) of an image at voxel-index points; the
+// gradients undefined (not computed) unless with_gradient.
+std::vector<torch::Tensor> warp_forward(torch::Tensor image, torch::Tensor points, bool with_gradient);

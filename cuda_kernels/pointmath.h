@@ -130,7 +130,8 @@ struct Cell {
 };
 
 // Linear interpolation of a scalar volume (row-major, axis 0 slowest) at a voxel-index
-// point, with the spatial gradient; vertices outside the grid count as 0.
+// point, with the spatial gradient unless ``grad`` is null (values only); vertices outside
+// the grid count as 0.
 template <int D, typename T>
 NR_HD T sample_with_gradient(const T* image, const int64_t* shape, const T* p, T* grad) {
   int64_t base[D];
@@ -139,7 +140,7 @@ NR_HD T sample_with_gradient(const T* image, const int64_t* shape, const T* p, T
     T fl = nr_floor(p[i]);
     base[i] = (int64_t)fl;
     f[i] = p[i] - fl;
-    grad[i] = T(0);
+    if (grad) grad[i] = T(0);
   }
   T value = T(0);
   for (int c = 0; c < (1 << D); ++c) {
@@ -155,6 +156,7 @@ NR_HD T sample_with_gradient(const T* image, const int64_t* shape, const T* p, T
     T w = T(1);
     for (int i = 0; i < D; ++i) w *= ((c >> i) & 1) ? f[i] : T(1) - f[i];
     value += w * val;
+    if (!grad) continue;
     for (int i = 0; i < D; ++i) {
       T dw = ((c >> i) & 1) ? T(1) : T(-1);
       for (int k = 0; k < D; ++k)

@@ -1,5 +1,5 @@
-// CUDA fused warp: value and spatial gradient of a volume at voxel-index points, in one
-// pass (pointmath.h's sample_with_gradient, the same function as the CPU twin). Compiles
+// CUDA fused warp: value and spatial gradient (none where grads is null) of a volume at
+// voxel-index points, in one pass (pointmath.h's sample_with_gradient, the same function as the CPU twin). Compiles
 // with nvcc, or as host C++ with NR_EMULATE_CUDA (cuda_compat.h).
 #include "cuda_compat.h"
 #include "pointmath.h"
@@ -15,7 +15,7 @@ __global__ void warp_kernel(const T* __restrict__ image, Shape shape, const T* _
                             T* __restrict__ values, T* __restrict__ grads, int64_t n) {
   int64_t p = blockIdx.x * (int64_t)blockDim.x + threadIdx.x;
   if (p >= n) return;
-  values[p] = nr::sample_with_gradient<D, T>(image, shape.n, points + p * D, grads + p * D);
+  values[p] = nr::sample_with_gradient<D, T>(image, shape.n, points + p * D, grads ? grads + p * D : nullptr);
 }
 
 template <typename T>

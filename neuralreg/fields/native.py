@@ -20,8 +20,8 @@ Exposed operations (same semantics as the references, tested against them):
 - ``hashgrid_encode(x, table, layout, smoothstep)``: differentiable to second order in
   ``x`` and ``table`` (forward, backward and double-backward kernels);
 - ``warp(image, points)``: fused linear sample returning values whose backward uses the
-  spatial gradient computed in the same pass (``sampling.sample_image`` semantics,
-  zeros outside; gradient w.r.t. points only).
+  spatial gradient computed in the same pass (``interpolation.sample_image`` semantics,
+  zeros outside; gradient w.r.t. points only); ``sample_values`` the values alone.
 """
 
 from __future__ import annotations
@@ -292,7 +292,7 @@ def hashgrid_encode_with_jacobian(x: torch.Tensor, table: torch.Tensor, layout, 
 class _Warp(torch.autograd.Function):
     @staticmethod
     def forward(ctx, image, points):
-        values, grads = _mod(points).warp_forward(image.contiguous(), points.contiguous())
+        values, grads = _mod(points).warp_forward(image.contiguous(), points.contiguous(), True)
         ctx.save_for_backward(grads)
         return values
 
@@ -308,3 +308,10 @@ def warp(image: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
     if image.requires_grad:
         raise ValueError("the fused warp differentiates with respect to points only")
     return _Warp.apply(image.to(points.dtype), points)
+
+
+def sample_values(image: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
+    """``warp``'s values without its spatial gradient (not differentiable): e.g. the fixed image at its own points."""
+    with torch.no_grad():
+        values, _ = _mod(points).warp_forward(image.to(points.dtype).contiguous(), points.contiguous(), False)
+    return values

@@ -201,8 +201,7 @@ def _similarity_term(cfg, stage, mapping, source: str, target: str, device, fuse
         from neuralreg.fields import native
 
         warped = native.warp(source_img.data.float(), warped_vox)
-        with torch.no_grad():
-            fixed_vals = native.warp(target_img.data.float(), vox.float())
+        fixed_vals = native.sample_values(target_img.data.float(), vox.float())
     else:
         warped = source_img.sample(warped_vox)
         fixed_vals = target_img.sample(vox)

@@ -181,6 +181,7 @@ def test_fused_warp_matches_grid_sample(d, device):
     b = pts.clone().requires_grad_(True)
     va, vb = sample_image(image, a), native.warp(image, b)
     torch.testing.assert_close(vb, va)
+    torch.testing.assert_close(native.sample_values(image, pts), vb.detach(), rtol=0, atol=0)  # values alone
     w = torch.randn(300, generator=g, dtype=torch.float64).to(device)
     (ga,) = torch.autograd.grad((va * w).sum(), a)
     (gb,) = torch.autograd.grad((vb * w).sum(), b)
