@@ -48,6 +48,7 @@ PHASES = (
     (field.NeuralField, "displacement", "field: encoding + MLP"),
     (field.NeuralField, "forward_with_jacobian", "field with Jacobian: + MLP push-forward"),
     (native, "warp", "fused warp"),
+    (native, "sample_values", "target values (warp without gradient)"),
     (image.Image, "sample", "image interpolation"),
     (losses.SIMILARITIES, "lncc", "local NCC"),
     (torch.autograd, "backward", "backward"),
