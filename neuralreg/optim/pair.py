@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from neuralreg.config import RegistrationConfig, regularizer_points, similarity_points
+from neuralreg.config import RegistrationConfig, regularizer_points, similarity_points, stage_point_shares
 from neuralreg.errors import InputError, RegistrationDiverged, RegistrationWarning
 from neuralreg.fields.affine import AffineMap, ComposedMap, intensity_centroid, world_matrix
 from neuralreg.fields.field import NeuralField
@@ -397,7 +397,7 @@ def _fit_fields(pair: _Pair, phi_ab, phi_ba, affine, generator, history: list) -
     bar = tqdm(total=cfg.steps, disable=not cfg.progress, desc="register", dynamic_ncols=True)
     step = 0
     for s, (factor, n_steps) in enumerate(zip(cfg.pyramid, steps, strict=False)):
-        share = 1.0 if cfg.stage_points is None else cfg.stage_points[s]
+        share = stage_point_shares(cfg)[s]
         stage = pair.stage(factor, generator, max(8, round(pair.points * share)), cfg.field_interior)
         active = math.ceil(n_levels * (s + 1) / len(cfg.pyramid))
         for f in (phi_ab, phi_ba):

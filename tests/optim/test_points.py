@@ -86,7 +86,14 @@ def test_config_rejects_a_bad_edge_power():
         RegistrationConfig(edge_power=0.0)
 
 
-def test_each_stage_and_the_affine_fit_draw_their_configured_points(monkeypatch):
+@pytest.mark.parametrize(
+    "stage_points, fields",
+    [
+        ((0.25, 0.5, 1.0), [256] * 4 + [512] * 4 + [1024] * 8),
+        (None, [512] * 4 + [512] * 4 + [1024] * 8),  # the default: half in the coarse stages
+    ],
+)
+def test_each_stage_and_the_affine_fit_draw_their_configured_points(monkeypatch, stage_points, fields):
     from neuralreg import RegistrationConfig, register_pair
     from neuralreg.optim import pair as registration
     from neuralreg.phantoms import triangles_pair
@@ -103,7 +110,7 @@ def test_each_stage_and_the_affine_fit_draw_their_configured_points(monkeypatch)
     cfg = RegistrationConfig(
         steps=8,
         points=1024,
-        stage_points=(0.25, 0.5, 1.0),
+        stage_points=stage_points,
         stage_fractions=(1, 1, 2),
         affine_steps=4,
         affine_points=256,
@@ -115,14 +122,17 @@ def test_each_stage_and_the_affine_fit_draw_their_configured_points(monkeypatch)
         warnings.simplefilter("ignore")  # 8 steps: the self-check's verdict is not the point here
         register_pair(pair["moving"], pair["fixed"], cfg)
     # affine steps (2 terms each) first, then the fields' stages: 2 + 2 + 4 steps, 2 terms each
-    assert drawn == [256] * 8 + [256] * 4 + [512] * 4 + [1024] * 8
+    assert drawn == [256] * 8 + fields
 
 
 def test_config_rejects_bad_point_shares():
-    from neuralreg.config import RegistrationConfig
+    from neuralreg.config import RegistrationConfig, stage_point_shares
 
     assert RegistrationConfig().stage_points is None and RegistrationConfig().affine_points is None
-    assert RegistrationConfig(pyramid=(1,), stage_fractions=(1,)).stage_points is None  # any pyramid by default
+    assert stage_point_shares(RegistrationConfig()) == (0.5, 0.5, 1.0)
+    one = RegistrationConfig(pyramid=(1,), stage_fractions=(1,))  # any pyramid by default
+    assert one.stage_points is None and stage_point_shares(one) == (1.0,)
+    assert stage_point_shares(RegistrationConfig(stage_points=(1, 1, 1))) == (1.0, 1.0, 1.0)
     with pytest.raises(ValueError, match="stage_points"):
         RegistrationConfig(stage_points=(0.5, 1.0))  # three stages
     with pytest.raises(ValueError, match="stage_points"):
