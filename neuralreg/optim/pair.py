@@ -20,7 +20,13 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from neuralreg.config import RegistrationConfig, regularizer_points, similarity_points, stage_point_shares
+from neuralreg.config import (
+    RegistrationConfig,
+    affine_fit_points,
+    regularizer_points,
+    similarity_points,
+    stage_point_shares,
+)
 from neuralreg.errors import InputError, RegistrationDiverged, RegistrationWarning
 from neuralreg.fields.affine import AffineMap, ComposedMap, intensity_centroid, world_matrix
 from neuralreg.fields.field import NeuralField
@@ -653,7 +659,10 @@ class _AffineFit:
         optimizer = self.optimizer
         for s in levels:
             stage = pair.stage(
-                cfg.affine_pyramid[s], self.generator, cfg.affine_points or pair.points, s >= self.interior_from
+                cfg.affine_pyramid[s],
+                self.generator,
+                affine_fit_points(cfg, pair.points),
+                s >= self.interior_from,
             )
             pending: list[tuple[int, torch.Tensor]] = []  # (step, [loss, sim_ab, sim_ba]) not yet read
             for k in range(self.per_level[s]):

@@ -87,13 +87,16 @@ def test_config_rejects_a_bad_edge_power():
 
 
 @pytest.mark.parametrize(
-    "stage_points, fields",
+    "stage_points, affine_points, affine, fields",
     [
-        ((0.25, 0.5, 1.0), [256] * 4 + [512] * 4 + [1024] * 8),
-        (None, [512] * 4 + [512] * 4 + [1024] * 8),  # the default: half in the coarse stages
+        ((0.25, 0.5, 1.0), 256, [256] * 8, [256] * 4 + [512] * 4 + [1024] * 8),
+        # the defaults: half the points in the coarse stages and in the affine fit
+        (None, None, [512] * 8, [512] * 4 + [512] * 4 + [1024] * 8),
     ],
 )
-def test_each_stage_and_the_affine_fit_draw_their_configured_points(monkeypatch, stage_points, fields):
+def test_each_stage_and_the_affine_fit_draw_their_configured_points(
+    monkeypatch, stage_points, affine_points, affine, fields
+):
     from neuralreg import RegistrationConfig, register_pair
     from neuralreg.optim import pair as registration
     from neuralreg.phantoms import triangles_pair
@@ -113,7 +116,7 @@ def test_each_stage_and_the_affine_fit_draw_their_configured_points(monkeypatch,
         stage_points=stage_points,
         stage_fractions=(1, 1, 2),
         affine_steps=4,
-        affine_points=256,
+        affine_points=affine_points,
         affine_init="centroid",
         progress=False,
         threads=1,
@@ -122,17 +125,19 @@ def test_each_stage_and_the_affine_fit_draw_their_configured_points(monkeypatch,
         warnings.simplefilter("ignore")  # 8 steps: the self-check's verdict is not the point here
         register_pair(pair["moving"], pair["fixed"], cfg)
     # affine steps (2 terms each) first, then the fields' stages: 2 + 2 + 4 steps, 2 terms each
-    assert drawn == [256] * 8 + fields
+    assert drawn == affine + fields
 
 
 def test_config_rejects_bad_point_shares():
-    from neuralreg.config import RegistrationConfig, stage_point_shares
+    from neuralreg.config import RegistrationConfig, affine_fit_points, stage_point_shares
 
     assert RegistrationConfig().stage_points is None and RegistrationConfig().affine_points is None
     assert stage_point_shares(RegistrationConfig()) == (0.5, 0.5, 1.0)
     one = RegistrationConfig(pyramid=(1,), stage_fractions=(1,))  # any pyramid by default
     assert one.stage_points is None and stage_point_shares(one) == (1.0,)
     assert stage_point_shares(RegistrationConfig(stage_points=(1, 1, 1))) == (1.0, 1.0, 1.0)
+    assert affine_fit_points(RegistrationConfig(), 16384) == 8192
+    assert affine_fit_points(RegistrationConfig(affine_points=100), 16384) == 100
     with pytest.raises(ValueError, match="stage_points"):
         RegistrationConfig(stage_points=(0.5, 1.0))  # three stages
     with pytest.raises(ValueError, match="stage_points"):
