@@ -101,7 +101,7 @@ def similarity_points(config: RegistrationConfig, fixed_shape) -> int:
     return int(min(high, max(low, round(math.prod(fixed_shape) / config.voxels_per_point))))
 
 
-COARSE_STAGE_POINTS = 0.5  # share of ``points`` per step in the stages before the finest (``stage_points=None``)
+COARSE_STAGE_POINTS = 1.0  # share of ``points`` per step in the stages before the finest (``stage_points=None``)
 AFFINE_POINTS_SHARE = 0.5  # share of ``points`` per direction and step of the affine fits (``affine_points=None``)
 
 
@@ -177,14 +177,15 @@ class RegistrationConfig:
         pyramid: image down-sampling factor of each stage, coarse to fine.
         stage_fractions: share of ``steps`` per stage (same length as ``pyramid``).
         stage_points: share of ``points`` drawn per step in each stage (same length as
-            ``pyramid``); None (the default): half of them in every stage before the
-            finest, all of them in the finest (``stage_point_shares``). Fewer points make a
-            coarse stage's steps cheaper: on the canonical knee benchmark (10 pairs, seeds
-            0, 1, 2, 2026-12-02) half the points in the two coarse stages gave cartilage
-            Dice 0.7735 / 0.7759 / 0.7753 against 0.7788 / 0.7766 / 0.7747 with all of
-            them (mean -0.002), no folds, in 5-10 % less time; (0.25, 0.5, 1) had cost
-            0.010 on 3 pairs: the coarse stages decide the capture and need enough points.
-            ``(1, 1, 1)``: all points in every stage (the default before 2026-12-02 18:00).
+            ``pyramid``); None (the default): ``COARSE_STAGE_POINTS`` (all of them) in every
+            stage before the finest, all of them in the finest (``stage_point_shares``).
+            Fewer points make a coarse stage's steps cheaper but cost accuracy: on the
+            canonical knee benchmark (10 pairs, seeds 0, 1, 2, 2026-12-02) half the points in
+            the two coarse stages gave cartilage Dice 0.7735 / 0.7759 / 0.7753 against
+            0.7788 / 0.7766 / 0.7747 with all of them (mean -0.002) in 5-10 % less time, and
+            with half the affine points and the faster kernels as well 0.7727 / 0.7702 /
+            0.7713 (mean -0.005, the line a default may cost); (0.25, 0.5, 1) cost 0.010 on
+            3 pairs: the coarse stages decide the capture and need their points.
         affine_steps: Adam steps of the global affine part, fitted before the fields
             (0: no affine part, the fields alone).
         affine_learning_rate: Adam learning rate of the affine part (cosine-decayed).

@@ -90,8 +90,8 @@ def test_config_rejects_a_bad_edge_power():
     "stage_points, affine_points, affine, fields",
     [
         ((0.25, 0.5, 1.0), 256, [256] * 8, [256] * 4 + [512] * 4 + [1024] * 8),
-        # the defaults: half the points in the coarse stages and in the affine fit
-        (None, None, [512] * 8, [512] * 4 + [512] * 4 + [1024] * 8),
+        # the defaults: all the points in every stage, half of them in the affine fit
+        (None, None, [512] * 8, [1024] * 4 + [1024] * 4 + [1024] * 8),
     ],
 )
 def test_each_stage_and_the_affine_fit_draw_their_configured_points(
@@ -132,7 +132,7 @@ def test_config_rejects_bad_point_shares():
     from neuralreg.config import RegistrationConfig, affine_fit_points, stage_point_shares
 
     assert RegistrationConfig().stage_points is None and RegistrationConfig().affine_points is None
-    assert stage_point_shares(RegistrationConfig()) == (0.5, 0.5, 1.0)
+    assert stage_point_shares(RegistrationConfig()) == (1.0, 1.0, 1.0)
     one = RegistrationConfig(pyramid=(1,), stage_fractions=(1,))  # any pyramid by default
     assert one.stage_points is None and stage_point_shares(one) == (1.0,)
     assert stage_point_shares(RegistrationConfig(stage_points=(1, 1, 1))) == (1.0, 1.0, 1.0)
