@@ -194,10 +194,11 @@ class RegistrationConfig:
         affine_points: similarity points per direction and step of the affine fit;
             None (the default): half the similarity points (``affine_fit_points``; 8192
             for the knee grid). The starts are judged with all the similarity points
-            whatever this is. On the canonical knee benchmark (10 pairs, seeds 0 and 1,
-            2026-12-02) half the points gave cartilage Dice 0.7763 / 0.7783 against 0.7788
-            / 0.7766 with all of them, affine-part bone Dice unchanged; an affine step's
-            cost is linear in its points (100 coarse steps: 1.21 s at 16384, 0.62 s at 8192).
+            whatever this is. On the canonical knee benchmark (10 pairs, seeds 0, 1 and 2,
+            2026-12-02) half the points gave cartilage Dice 0.7763 / 0.7783 / 0.7767 against
+            0.7788 / 0.7766 / 0.7747 with all of them, affine-part bone Dice unchanged; an
+            affine step's cost is linear in its points (100 coarse steps: 1.21 s at 16384,
+            0.62 s at 8192).
         affine_similarity: similarity of the affine fit: ``"lncc"`` (local windows on edges:
             the soft tissue of two subjects does not correspond, their bones do; on the
             hard knee benchmark it lifted the worst pair's bone Dice from 0.81 to 0.95)
