@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from neuralreg.geometry.coordinates import apply_affine
 from neuralreg.geometry.image import Image
 from neuralreg.geometry.transforms import resample
 
@@ -19,8 +20,8 @@ def _slice_map(map_world: torch.Tensor, axis: int, affine: np.ndarray) -> np.nda
     """The map's mid slice across ``axis`` in the grid's voxel coordinates (only that plane converted)."""
     plane = map_world if map_world.dim() == 3 else map_world.select(axis, map_world.shape[axis] // 2)
     d = plane.shape[-1]
-    inv = np.linalg.inv(affine)
-    return (plane.double().numpy() @ inv[:d, :d].T + inv[:d, d]).astype(np.float32)
+    vox = apply_affine(np.linalg.inv(affine), plane.reshape(-1, d).double())
+    return vox.reshape(plane.shape).float().numpy()
 
 
 def _moving_slice(moving: Image, fixed: Image, axis: int) -> np.ndarray:
