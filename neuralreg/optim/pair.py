@@ -33,6 +33,7 @@ from neuralreg.fields.field import NeuralField
 from neuralreg.geometry.coordinates import NormalizedBox, apply_affine, grid_corners_world
 from neuralreg.geometry.image import Image
 from neuralreg.losses import REGULARIZERS, SIMILARITIES
+from neuralreg.optim.adam import Adam
 from neuralreg.optim.points import VoxelSampler, edge_weights, interior_mask
 from neuralreg.quality import assess
 from neuralreg.result import Registration
@@ -390,7 +391,7 @@ def _fit_fields(pair: _Pair, phi_ab, phi_ba, affine, generator, history: list) -
     map_ab, map_ba = ComposedMap(phi_ab, affine, False), ComposedMap(phi_ba, affine, True)
     params = list(phi_ab.parameters()) + list(phi_ba.parameters())
     lr = cfg.learning_rate
-    optimizer = torch.optim.Adam(params, lr=lr)
+    optimizer = Adam(params, lr)
 
     n_levels = cfg.field.encoding.n_levels
     n_reg = regularizer_points(cfg, pair.points)
@@ -415,10 +416,8 @@ def _fit_fields(pair: _Pair, phi_ab, phi_ba, affine, generator, history: list) -
                 candidate = _snapshot(phi_ab, phi_ba, optimizer)
             if s == len(cfg.pyramid) - 1 and cfg.final_lr_fraction != 1.0:
                 frac = cfg.final_lr_fraction
-                scheduled = lr * (frac + (1 - frac) * 0.5 * (1 + math.cos(math.pi * i / max(n_steps, 1))))
-                for g in optimizer.param_groups:
-                    g["lr"] = scheduled
-            optimizer.zero_grad(set_to_none=True)
+                optimizer.lr = lr * (frac + (1 - frac) * 0.5 * (1 + math.cos(math.pi * i / max(n_steps, 1))))
+            optimizer.zero_grad()
             sim_ab = _similarity_term(cfg, stage, map_ab, "moving", "fixed", device, fused_warp)
             sim_ba = _similarity_term(cfg, stage, map_ba, "fixed", "moving", device, fused_warp)
             reg = _regularizer_term(cfg, stage, map_ab, map_ba, pair.box, device, n_reg)
@@ -469,8 +468,7 @@ def _fit_fields(pair: _Pair, phi_ab, phi_ba, affine, generator, history: list) -
                 _restore(snapshot, phi_ab, phi_ba, optimizer)
                 candidate = None
                 lr /= 2
-                for g in optimizer.param_groups:
-                    g["lr"] = lr
+                optimizer.lr = lr
                 continue
             if candidate is not None and watchdog.healthy():
                 snapshot, candidate = candidate, None
@@ -640,7 +638,7 @@ class _AffineFit:
             shift = (intensity_centroid(pair.moving) - intensity_centroid(pair.fixed)) / pair.box.scale
             with torch.no_grad():
                 self.affine.translation.copy_(torch.as_tensor(shift, dtype=torch.float32))
-        self.optimizer = torch.optim.Adam(self.affine.parameters(), lr=cfg.affine_learning_rate)
+        self.optimizer = Adam(self.affine.parameters(), cfg.affine_learning_rate)
         self.generator = torch.Generator(device=device).manual_seed(cfg.seed)
         total, n = cfg.affine_steps, len(cfg.affine_pyramid)
         self.per_level = [total // n + (1 if k < total % n else 0) for k in range(n)]
@@ -667,9 +665,8 @@ class _AffineFit:
             pending: list[tuple[int, torch.Tensor]] = []  # (step, [loss, sim_ab, sim_ba]) not yet read
             for k in range(self.per_level[s]):
                 frac = 0.5 * (1 + math.cos(math.pi * self.steps_done / max(total, 1)))
-                for g in optimizer.param_groups:
-                    g["lr"] = cfg.affine_learning_rate * (0.05 + 0.95 * frac)
-                optimizer.zero_grad(set_to_none=True)
+                optimizer.lr = cfg.affine_learning_rate * (0.05 + 0.95 * frac)
+                optimizer.zero_grad()
                 sim_ab, sim_ba = self._terms(stage, pair.fused_warp)
                 loss = sim_ab + sim_ba
                 loss.backward()
