@@ -157,7 +157,7 @@ class VoxelSampler:
     def _weighted(self, n: int) -> torch.Tensor:
         u = torch.rand(n, dtype=torch.float64, generator=self.generator, device=self.device) * self.cdf[-1]
         flat = torch.searchsorted(self.cdf, u, right=True).clamp(max=self.cdf.shape[0] - 1)
-        return self._jittered(torch.stack(torch.unravel_index(flat, self.shape), dim=1).float())
+        return self._jittered(_unravel(flat, self.shape).float())
 
     def _jittered(self, voxels: torch.Tensor) -> torch.Tensor:
         """Voxel centres (n, d) moved uniformly within their voxels, kept inside the grid."""
@@ -179,3 +179,14 @@ class VoxelSampler:
         shape = (n_windows, points_per_window, len(self.shape))
         offsets = (torch.rand(shape, generator=self.generator, device=self.device) - 0.5) * window
         return (centers[:, None, :] + offsets).reshape(-1, len(self.shape))
+
+
+def _unravel(flat: torch.Tensor, shape) -> torch.Tensor:
+    """(n, d) voxel indices of C-order flat indices (n,): ``torch.unravel_index`` stacked, without
+    its type check's import of ``torch.fx.experimental.symbolic_shapes`` and sympy (0.3 s)."""
+    strides = [1] * len(shape)
+    for i in range(len(shape) - 2, -1, -1):
+        strides[i] = strides[i + 1] * int(shape[i + 1])
+    strides_t = torch.tensor(strides, dtype=flat.dtype, device=flat.device)
+    shape_t = torch.tensor([int(n) for n in shape], dtype=flat.dtype, device=flat.device)
+    return torch.div(flat[:, None], strides_t, rounding_mode="floor") % shape_t

@@ -217,3 +217,15 @@ def test_no_interior_without_depth_or_room():
     mask = image.with_data((torch.arange(60) < 30).float().expand(40, 60, 60).clone())  # axis 2 < 30
     within = _interior(image, mask, 6.0)  # the interior within a mask given
     assert within is not mask and not bool(within.data[..., 30:].any()) and bool(within.data[..., :30].any())
+
+
+@pytest.mark.parametrize("shape", [(7,), (5, 9), (4, 6, 11), (80, 192, 192)])
+def test_unravel_equals_torch_unravel_index(shape):
+    from neuralreg.optim.points import _unravel
+
+    n = 1
+    for s in shape:
+        n *= s
+    picks = torch.randint(0, n, (500,), generator=torch.Generator().manual_seed(0))
+    flat = torch.cat([torch.tensor([0, n - 1]), picks])
+    assert torch.equal(_unravel(flat, shape), torch.stack(torch.unravel_index(flat, shape), dim=1))
