@@ -29,8 +29,8 @@ import torch
 from neuralreg import cli, io, losses, quality, result
 from neuralreg.fields import encoding, field, native
 from neuralreg.geometry import image
+from neuralreg.optim import adam, search
 from neuralreg.optim import pair as registration
-from neuralreg.optim import search
 from neuralreg.report import outputs
 
 # (module or class, attribute, label): the phases timed
@@ -52,7 +52,7 @@ PHASES = (
     (image.Image, "sample", "image interpolation"),
     (losses.SIMILARITIES, "lncc", "local NCC"),
     (torch.autograd, "backward", "backward"),
-    (torch.optim.Adam, "step", "Adam step"),
+    (adam.Adam, "step", "Adam step"),
     (registration, "_snapshot", "snapshots (watchdog)"),
     (quality, "assess", "self-check"),
     (outputs, "write_outputs", "write outputs"),
