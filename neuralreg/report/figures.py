@@ -85,12 +85,22 @@ def registration_figure(path, fixed: Image, moving: Image, warped: Image, map_fi
         grid[row, 5].contour(jac.T, levels=[0], colors="k", linewidths=0.8)
         fig.colorbar(im, ax=grid[row, 5], fraction=0.046)
         for col in range(6):
-            grid[row, col].set_xticks([])
-            grid[row, col].set_yticks([])
+            grid[row, col].set_axis_off()  # no tick machinery: it was a third of the figure's time
             if row == 0:
                 grid[row, col].set_title(titles[col])
         if fixed.n_dims == 3:
-            grid[row, 0].set_ylabel(f"mid slice, axis {axis}")
-    fig.tight_layout()
+            grid[row, 0].text(
+                -0.06,
+                0.5,
+                f"mid slice, axis {axis}",
+                transform=grid[row, 0].transAxes,
+                rotation=90,
+                va="center",
+                ha="center",
+            )
+    # a fixed layout: tight_layout measured every tick and label of 18 axes (0.3 s)
+    fig.subplots_adjust(
+        left=0.02, right=0.965, bottom=0.02, top=0.95 if len(axes) > 1 else 0.9, wspace=0.08, hspace=0.08
+    )
     with atomic_write(path) as tmp:
         fig.savefig(tmp, dpi=80, format="png", pil_kwargs={"compress_level": 1})  # zlib's fastest
