@@ -126,9 +126,9 @@ class HashGridEncoding(nn.Module):
             feats, jac = native.hashgrid_encode_with_jacobian(
                 xc, *self._native_levels(x), self.config.interpolation == "Smoothstep"
             )
-            feats, jac = self._pad_levels(feats), self._pad_levels(jac)
-            mask = self.level_mask.to(feats.dtype).repeat_interleave(self.config.n_features_per_level)
-            return feats * mask, jac * mask[:, None] * inside[:, None, :]
+            # the kernel computed the active levels only and the switched-off ones are zero
+            # padding: the level mask would multiply by exactly 1 and 0, so it is not applied
+            return self._pad_levels(feats), self._pad_levels(jac) * inside[:, None, :]
         xg = x if x.requires_grad else x.detach().requires_grad_(True)
         feats = self(xg)
         rows = [
@@ -145,7 +145,8 @@ class HashGridEncoding(nn.Module):
         elif self.backend == "native":
             from neuralreg.fields import native
 
-            out = self._pad_levels(native.hashgrid_encode(x, *self._native_levels(x), smooth))
+            # active levels only, zero padding after them: no mask to apply (see forward_with_jacobian)
+            return self._pad_levels(native.hashgrid_encode(x, *self._native_levels(x), smooth))
         elif self.backend == "tcnn":
             from neuralreg.fields import tcnn as tcnn_backend
 
