@@ -130,3 +130,19 @@ def test_world_matrix_conjugates_the_box():
     via_box = box.to_world(a.apply(box.to_normalized(x).float()).double())
     m = world_matrix(a.matrix().detach().double().numpy(), box)
     torch.testing.assert_close(x @ torch.as_tensor(m[:3, :3]).T + torch.as_tensor(m[:3, 3]), via_box, atol=1e-3, rtol=0)
+
+
+def test_matrix_kept_without_graph_follows_every_change_of_the_parameters():
+    a = random_affine(3, 1)
+    a.requires_grad_(False)
+    m = a.matrix(inverse=True)
+    assert a.matrix(inverse=True) is m  # kept while the parameters stay
+    other = random_affine(3, 2)
+    a.set_matrix(other.matrix().detach())  # in place: a new version
+    torch.testing.assert_close(a.matrix(inverse=True), torch.linalg.inv(other.matrix().detach()))
+    a.load_state_dict(random_affine(3, 3).state_dict())
+    torch.testing.assert_close(a.matrix(), random_affine(3, 3).matrix().detach())
+    a.requires_grad_(True)  # fitted: a fresh matrix with its graph on every call
+    assert a.matrix().grad_fn is not None and a.matrix() is not a.matrix()
+    with torch.no_grad():
+        assert a.matrix().grad_fn is None
