@@ -191,27 +191,40 @@ def _mask(mask: Image | None, factor: int, device):
     return mask.with_data((mask.data > 0).float()).to(device).downsample(factor).data > 0.5
 
 
-def _similarity_term(cfg, stage, mapping, source: str, target: str, device, fused_warp: bool, similarity=None):
-    """sim(source o mapping, target) at points sampled in the target's domain."""
+def _draw(cfg, stage, target: str, device, fused_warp: bool, similarity=None):
+    """The similarity's points in the target's domain, voxel indices (N, d), and the target's
+    values there (N,): all that a term draws from the generator and reads of its target."""
     similarity = similarity or cfg.similarity
     sampler = stage.fixed_sampler if target == "fixed" else stage.moving_sampler
     target_img = stage.fixed if target == "fixed" else stage.moving
-    source_img = stage.moving if source == "moving" else stage.fixed
     if similarity == "lncc":
         k = cfg.lncc_patch_points
         vox = sampler.sample_windows(max(1, stage.points // k), k, cfg.lncc_window).to(device)
     else:
         vox = sampler.sample(stage.points).to(device)
+    if fused_warp:  # the native fused warp kernel, values only
+        from neuralreg.fields import native
+
+        return vox, native.sample_values(target_img.data.float(), vox.float())
+    return vox, target_img.sample(vox)
+
+
+def _similarity_term(
+    cfg, stage, mapping, source: str, target: str, device, fused_warp: bool, similarity=None, draw=None
+):
+    """sim(source o mapping, target) at points sampled in the target's domain (``draw``: the
+    ``_draw`` to use instead of a new one)."""
+    similarity = similarity or cfg.similarity
+    source_img = stage.moving if source == "moving" else stage.fixed
+    vox, fixed_vals = draw if draw is not None else _draw(cfg, stage, target, device, fused_warp, similarity)
     u = apply_affine(stage.vox_to_u[target], vox)
     warped_vox = apply_affine(stage.u_to_vox[source], mapping(u))
-    if fused_warp:  # native fused value + gradient kernel; the target's values by the same kernel
+    if fused_warp:  # native fused value + gradient kernel
         from neuralreg.fields import native
 
         warped = native.warp(source_img.data.float(), warped_vox)
-        fixed_vals = native.sample_values(target_img.data.float(), vox.float())
     else:
         warped = source_img.sample(warped_vox)
-        fixed_vals = target_img.sample(vox)
     if similarity == "lncc":
         warped = warped.reshape(-1, cfg.lncc_patch_points)
         fixed_vals = fixed_vals.reshape(-1, cfg.lncc_patch_points)
@@ -556,14 +569,14 @@ def _choose_start(pair: _Pair):
     levels = len(cfg.affine_pyramid)
     ways = [0] + ([1] if pair.interior is not None and levels > 1 else [])  # first level drawing from the interior
     starts = [(k, way) for way in ways for k in range(len(candidates))]
-    fits = []
+    fits, draws = [], _SharedDraws()
     for k, way in starts:
         cand = candidates[k]
         m, mm = _prealigned(pair.moving, cand.matrix), _prealigned(pair.moving_mask, cand.matrix)
         interior = None if pair.interior is None else (_prealigned(pair.interior[0], cand.matrix), pair.interior[1])
         box = NormalizedBox.around([(m.shape, m.affine), (pair.fixed.shape, pair.fixed.affine)], cfg.margin)
         sub = dataclasses.replace(pair, moving=m, moving_mask=mm, interior=interior, box=box)
-        fits.append(_AffineFit(sub, prealign=cand.matrix, interior_from=way))
+        fits.append(_AffineFit(sub, prealign=cand.matrix, interior_from=way, draws=draws))
     bar = tqdm(total=cfg.affine_steps * len(fits), disable=not cfg.progress, desc="affine", dynamic_ncols=True)
     coarse = []
     for fit in fits:
@@ -608,6 +621,23 @@ def _choose_start(pair: _Pair):
 _SAME_MAP_MM = 2.0  # two fitted starts whose world maps differ by less (mean over the fixed box) are one
 
 
+class _SharedDraws:
+    """The points, and the target's values at them, that the affine fits of one pair draw.
+
+    Every start's fit draws from a generator of ``config.seed`` on the same voxels (a start
+    moves only the moving image's world frame, not its voxels or masks), so fits on the same
+    level, drawing from the same masks, from the same generator state, draw the same points
+    and read the same target values. The first such fit records them with the generator's
+    state at the level's end; the others replay them and take that state: the same bits as
+    drawing them anew, without the sampling and the target's reads (a quarter of an affine
+    step). ``levels``: (level, interior, points, generator state) -> (draws per step, state
+    after); ("judge", level, draws, points) -> the judging draws of ``_AffineFit.loss``.
+    """
+
+    def __init__(self):
+        self.levels: dict = {}
+
+
 class _AffineFit:
     """The global affine T of one start, fitted alone (fields off), level by level.
 
@@ -627,8 +657,11 @@ class _AffineFit:
         history: one dict per step (``part="affine"``).
     """
 
-    def __init__(self, pair: _Pair, prealign: np.ndarray | None = None, interior_from: int = 0):
+    def __init__(
+        self, pair: _Pair, prealign: np.ndarray | None = None, interior_from: int = 0, draws: _SharedDraws | None = None
+    ):
         cfg, device = pair.cfg, pair.device
+        self.draws = draws
         d = pair.fixed.n_dims
         self.pair = pair
         self.interior_from = interior_from
@@ -656,18 +689,22 @@ class _AffineFit:
             )
         optimizer = self.optimizer
         for s in levels:
-            stage = pair.stage(
-                cfg.affine_pyramid[s],
-                self.generator,
-                affine_fit_points(cfg, pair.points),
-                s >= self.interior_from,
-            )
+            points, interior = affine_fit_points(cfg, pair.points), s >= self.interior_from
+            stage = pair.stage(cfg.affine_pyramid[s], self.generator, points, interior)
+            key = (s, interior, points, bytes(self.generator.get_state().numpy()))
+            shared = None if self.draws is None else self.draws.levels.get(key)
+            recorded: list = []
             pending: list[tuple[int, torch.Tensor]] = []  # (step, [loss, sim_ab, sim_ba]) not yet read
             for k in range(self.per_level[s]):
                 frac = 0.5 * (1 + math.cos(math.pi * self.steps_done / max(total, 1)))
                 optimizer.lr = cfg.affine_learning_rate * (0.05 + 0.95 * frac)
                 optimizer.zero_grad()
-                sim_ab, sim_ba = self._terms(stage, pair.fused_warp)
+                if shared is not None:
+                    draw = shared[0][k]
+                else:
+                    draw = self._draw(stage, pair.fused_warp)
+                    recorded.append(draw)
+                sim_ab, sim_ba = self._terms(stage, pair.fused_warp, draw)
                 loss = sim_ab + sim_ba
                 loss.backward()
                 optimizer.step()
@@ -677,15 +714,29 @@ class _AffineFit:
                 if len(pending) == pair.check_every or k == self.per_level[s] - 1:
                     self._read(pending, s, bar)  # one host synchronisation per check, as in the fields' loop
                     pending = []
+            if shared is not None:  # on from where drawing them left the generator
+                self.generator.set_state(shared[1])
+            elif self.draws is not None:
+                self.draws.levels[key] = (recorded, self.generator.get_state())
         if own:
             bar.close()
 
-    def _terms(self, stage: _Stage, fused_warp: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """sim(A o T, B) at fixed points and sim(B o T^-1, A) at moving points (``config.affine_similarity``)."""
+    def _draw(self, stage: _Stage, fused_warp: bool) -> tuple:
+        """One step's draws of ``_terms``: (fixed-domain draw, moving-domain draw)."""
+        cfg, device = self.pair.cfg, self.pair.device
+        similarity = cfg.affine_similarity
+        return tuple(_draw(cfg, stage, target, device, fused_warp, similarity) for target in ("fixed", "moving"))
+
+    def _terms(self, stage: _Stage, fused_warp: bool, draw: tuple | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """sim(A o T, B) at fixed points and sim(B o T^-1, A) at moving points (``config.affine_similarity``);
+        ``draw``: the step's ``_draw``, or None to draw them."""
         cfg, affine = self.pair.cfg, self.affine
+        draw = draw if draw is not None else self._draw(stage, fused_warp)
         args = (self.pair.device, fused_warp, cfg.affine_similarity)
-        sim_ab = _similarity_term(cfg, stage, lambda u: affine.apply(u), "moving", "fixed", *args)
-        sim_ba = _similarity_term(cfg, stage, lambda u: affine.apply(u, inverse=True), "fixed", "moving", *args)
+        sim_ab = _similarity_term(cfg, stage, lambda u: affine.apply(u), "moving", "fixed", *args, draw=draw[0])
+        sim_ba = _similarity_term(
+            cfg, stage, lambda u: affine.apply(u, inverse=True), "fixed", "moving", *args, draw=draw[1]
+        )
         return sim_ab, sim_ba
 
     def _read(self, pending, level: int, bar) -> None:
@@ -712,9 +763,15 @@ class _AffineFit:
         pair = self.pair
         gen = torch.Generator(device=pair.device).manual_seed(pair.cfg.seed + 7919)
         stage = pair.stage(pair.cfg.affine_pyramid[level], gen, pair.points, interior=True)
+        key = ("judge", level, draws, pair.points)
+        shared = None if self.draws is None else self.draws.levels.get(key)
+        if shared is None:
+            shared = [self._draw(stage, False) for _ in range(draws)]
+            if self.draws is not None:
+                self.draws.levels[key] = shared
         total = 0.0
-        for _ in range(draws):
-            for term in self._terms(stage, False):
+        for draw in shared:
+            for term in self._terms(stage, False, draw):
                 total += float(term)
         return total / draws
 

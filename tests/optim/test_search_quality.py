@@ -380,3 +380,67 @@ def test_the_self_check_measures_how_far_the_fields_move_beyond_the_affine_part(
         fields[0].mlp[-1].bias.copy_(torch.tensor([0.003, 0.0, 0.004]))
     moved = assess(reg, moving, fixed).measures["field_correction_mm"]
     assert moved == pytest.approx(0.005 * box.scale, rel=1e-3)
+
+
+def test_shared_affine_draws_change_no_bit(phantom, monkeypatch):
+    """The starts' fits replay each other's draws (``_SharedDraws``): the same registration, bit
+    for bit, as every fit drawing its own points; and the replays happen."""
+    import neuralreg.optim.pair as pair_module
+
+    moving = _moved(phantom["moving"], _tilt(15.0))
+    cfg = RegistrationConfig(**{**CONFIG, "steps": 20, "affine_steps": 40, "search_starts": 3})
+    hits = []
+
+    class Counted(dict):
+        def get(self, key, default=None):
+            value = super().get(key, default)
+            hits.append(value is not None)
+            return value
+
+    class Counting(pair_module._SharedDraws):
+        def __init__(self):
+            self.levels = Counted()
+
+    monkeypatch.setattr(pair_module, "_SharedDraws", Counting)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RegistrationWarning)
+        shared = register_pair(moving, phantom["fixed"], cfg)
+
+        class Forgetful(dict):  # nothing recorded: every fit draws its own points
+            def __setitem__(self, key, value):
+                pass
+
+        class Unshared(pair_module._SharedDraws):
+            def __init__(self):
+                self.levels = Forgetful()
+
+        monkeypatch.setattr(pair_module, "_SharedDraws", Unshared)
+        alone = register_pair(moving, phantom["fixed"], cfg)
+    assert sum(hits) >= 3  # fits of both ways and their judging replayed draws
+    for a, b in ((shared.phi_ab, alone.phi_ab), (shared.phi_ba, alone.phi_ba)):
+        for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
+            assert torch.equal(x, y), name
+    assert np.array_equal(shared.prealign, alone.prealign)
+    assert torch.equal(shared.affine.matrix(), alone.affine.matrix())
+    assert shared.info["search"]["candidate_losses"] == alone.info["search"]["candidate_losses"]
+
+
+def test_a_fit_replaying_shared_draws_is_the_fit_drawing_its_own(phantom):
+    """Level by level, a fit that replays another's draws ends where drawing them itself would
+    have left it: the same affine and the same generator state (the fields draw on from it)."""
+    import neuralreg.optim.pair as pair_module
+    from neuralreg.geometry.coordinates import NormalizedBox
+
+    cfg = RegistrationConfig(**{**CONFIG, "affine_steps": 30})
+    moving, fixed = phantom["moving"], phantom["fixed"]
+    box = NormalizedBox.around([(moving.shape, moving.affine), (fixed.shape, fixed.affine)], cfg.margin)
+    pair = pair_module._Pair(cfg, moving, fixed, None, None, box, torch.device("cpu"), True, 4096)
+    draws = pair_module._SharedDraws()
+    first, replay = (pair_module._AffineFit(pair, draws=draws) for _ in range(2))
+    alone = pair_module._AffineFit(pair)
+    for fit in (first, replay, alone):
+        fit.run(range(len(cfg.affine_pyramid)))
+    assert len(draws.levels) == len(cfg.affine_pyramid)  # the replay recorded nothing new
+    assert torch.equal(replay.affine.matrix(), alone.affine.matrix())
+    assert torch.equal(replay.generator.get_state(), alone.generator.get_state())
+    assert replay.loss(1) == alone.loss(1) and len(draws.levels) == len(cfg.affine_pyramid) + 1
