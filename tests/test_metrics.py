@@ -48,3 +48,21 @@ def test_field_correction_is_the_distance_beyond_the_affine_part():
     grid = ((6, 7, 8), np.diag([1.5, 1.0, 2.0, 1.0]))
     assert field_correction(AffineTransform(shift), AffineTransform(np.eye(4)), grid) == pytest.approx(5.0)
     assert field_correction(AffineTransform(shift), AffineTransform(shift), grid) == 0.0
+
+
+@pytest.mark.parametrize("shape", [(19, 7, 6, 3), (5, 9, 2), (2, 4, 3, 3)])
+def test_jacobian_determinant_by_slabs_is_the_whole_volume_s(shape, monkeypatch):
+    """Slab by slab (with the slice before each slab) the same bits as the whole volume at once."""
+    import neuralreg.metrics as metrics
+
+    g = torch.Generator().manual_seed(0)
+    d = shape[-1]
+    grid = torch.stack(torch.meshgrid(*[torch.arange(n, dtype=torch.float64) for n in shape[:-1]], indexing="ij"), -1)
+    phi = grid * 1.3 + torch.randn(shape, generator=g, dtype=torch.float64) * 0.2
+    affine = np.diag([1.5] * d + [1.0])
+    monkeypatch.setattr(metrics, "JACOBIAN_SLAB", 10**6)
+    whole = metrics.jacobian_determinant(phi, affine)
+    for slab in (1, 2, 8):  # 1: pieces of two slices, the least that has a difference
+        monkeypatch.setattr(metrics, "JACOBIAN_SLAB", slab)
+        assert torch.equal(metrics.jacobian_determinant(phi, affine), whole)
+    assert whole.mean().item() == pytest.approx((1.3 / 1.5) ** d, rel=0.2)  # d(phi)/dx = 1.3 / 1.5 per axis
