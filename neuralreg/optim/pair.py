@@ -703,7 +703,8 @@ class _AffineFit:
                     draw = shared[0][k]
                 else:
                     draw = self._draw(stage, pair.fused_warp)
-                    recorded.append(draw)
+                    if self.draws is not None:  # kept only where another fit may replay it
+                        recorded.append(draw)
                 sim_ab, sim_ba = self._terms(stage, pair.fused_warp, draw)
                 loss = sim_ab + sim_ba
                 loss.backward()
