@@ -44,7 +44,7 @@ class AffineMap(nn.Module):
         graph = torch.is_grad_enabled() and (self.weight.requires_grad or self.translation.requires_grad)
         if graph:
             return self._compute_matrix(inverse)
-        key = (inverse, self.weight._version, self.translation._version, self.weight.data_ptr(), self.weight.device)
+        key = (self.weight._version, self.translation._version, self.weight.data_ptr(), self.weight.device)
         cached = self._matrices.get(inverse)
         if cached is None or cached[0] != key:
             cached = (key, self._compute_matrix(inverse))

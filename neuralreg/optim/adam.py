@@ -59,7 +59,7 @@ class Adam:
             step_size = lr / bias_correction1
             bias_correction2_sqrt = bias_correction2**0.5
             denom = self._scratch.get(i)
-            if denom is None or denom.shape != param.shape:
+            if denom is None:
                 denom = self._scratch[i] = torch.empty_like(param, memory_format=torch.preserve_format)
             # (sqrt(v) / bias_correction2_sqrt) + eps in a buffer kept between steps: the same
             # ops as torch's, without two fresh parameter-sized tensors a step (their page faults
