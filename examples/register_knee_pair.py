@@ -16,9 +16,15 @@ import sys
 from pathlib import Path
 
 try:
-    import neuralreg_eval  # noqa: F401  (the knee protocol and the baselines live there)
+    from neuralreg_eval import knee  # the knee protocol and the baselines live there
 except ImportError:
     sys.exit("error: this example needs the evaluation package: pip install -e ./eval (in a neuralreg checkout)")
+
+import neuralreg
+from neuralreg.errors import InputError
+from neuralreg.io import check_same_grid, preprocess, read_image, read_labels
+from neuralreg.io.folders import OutputFolder
+from neuralreg.report.outputs import write_outputs
 
 
 def parse_args(argv=None):
@@ -34,59 +40,17 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, help="optimization steps (default: the package default)")
     p.add_argument("--threads", type=int, help="CPU threads (default: torch's choice)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.add_argument("--overwrite", action="store_true", help="replace an output folder neuralreg wrote")
     return p.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from neuralreg_eval import knee
-
-    import neuralreg
-    from neuralreg.errors import InputError
-    from neuralreg.io import preprocess, read_image, read_labels
-    from neuralreg.report.outputs import OutputExists, prepare_output, write_outputs
-
+    inputs = (args.fixed, args.moving, args.fixed_labels, args.moving_labels)
     try:
-        prepare_output(args.out, args.overwrite)
-        if (args.fixed_labels is None) != (args.moving_labels is None):
-            raise InputError("give both --fixed-labels and --moving-labels, or neither")
-        images, labels = {}, {}
-        for key, path, lab_path, flip in (
-            ("fixed", args.fixed, args.fixed_labels, args.flip_fixed),
-            ("moving", args.moving, args.moving_labels, args.flip_moving),
-        ):
-            img = read_image(path, f"{key} image")
-            if img.n_dims != 3:
-                raise InputError(f"{key} image {path} is {img.n_dims}D; knees are 3D")
-            img = knee.resample_to_shape(preprocess(img, "mri"), args.shape)
-            images[key] = knee.flip_left_right(img) if flip else img
-            if lab_path is not None:
-                lab = read_labels(lab_path, f"{key} labels")
-                if lab.shape != read_image(path).shape:
-                    raise InputError(f"{key} labels {lab_path} do not match the image grid")
-                lab = knee.resample_to_shape(lab, args.shape, labels=True)
-                labels[key] = knee.flip_left_right(lab) if flip else lab
-        config = neuralreg.RegistrationConfig(device=args.device, threads=args.threads)
-        if args.steps:
-            config.steps = args.steps
-        reg = neuralreg.register_pair(images["moving"], images["fixed"], config)
-        extra = {}
-        if labels:
-            warped = reg.warp(labels["moving"], mode="nearest")
-            extra["oai_cartilage_dice_before"] = knee.cartilage_dice(labels["moving"].data, labels["fixed"].data)
-            extra["oai_cartilage_dice"] = knee.cartilage_dice(warped.data, labels["fixed"].data)
-        report = write_outputs(
-            args.out,
-            reg,
-            images["moving"],
-            images["fixed"],
-            labels.get("moving"),
-            labels.get("fixed"),
-            extra_report=extra,
-            overwrite=args.overwrite,
-        )
-    except (InputError, OutputExists, ValueError) as exc:
+        with OutputFolder(args.out, args.overwrite, inputs) as folder:  # checked and held before registering
+            report, reg, labels = _register(args, folder)
+    except (InputError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if labels:
@@ -98,6 +62,45 @@ def main(argv=None) -> int:
         f"outputs in {args.out}"
     )
     return 0
+
+
+def _register(args, folder: OutputFolder):
+    """Read, resample and register the pair, write the outputs into ``folder``; (report, registration, labels)."""
+    if (args.fixed_labels is None) != (args.moving_labels is None):
+        raise InputError("give both --fixed-labels and --moving-labels, or neither")
+    images, labels = {}, {}
+    for key, path, lab_path, flip in (
+        ("fixed", args.fixed, args.fixed_labels, args.flip_fixed),
+        ("moving", args.moving, args.moving_labels, args.flip_moving),
+    ):
+        img = read_image(path, f"{key} image")
+        if img.n_dims != 3:
+            raise InputError(f"{key} image {path} is {img.n_dims}D; knees are 3D")
+        img = knee.resample_to_shape(preprocess(img, "mri"), args.shape)
+        images[key] = knee.flip_left_right(img) if flip else img
+        if lab_path is not None:
+            lab = read_labels(lab_path, f"{key} labels")
+            check_same_grid(lab, read_image(path), f"{key} labels {lab_path}", f"the {key} image {path}")
+            lab = knee.resample_to_shape(lab, args.shape, labels=True)
+            labels[key] = knee.flip_left_right(lab) if flip else lab
+    steps = {"steps": args.steps} if args.steps else {}
+    config = neuralreg.RegistrationConfig(device=args.device, threads=args.threads, **steps)
+    reg = neuralreg.register_pair(images["moving"], images["fixed"], config)
+    extra = {}
+    if labels:
+        warped = reg.warp(labels["moving"], mode="nearest")
+        extra["oai_cartilage_dice_before"] = knee.cartilage_dice(labels["moving"].data, labels["fixed"].data)
+        extra["oai_cartilage_dice"] = knee.cartilage_dice(warped.data, labels["fixed"].data)
+    report = write_outputs(
+        folder,
+        reg,
+        images["moving"],
+        images["fixed"],
+        labels.get("moving"),
+        labels.get("fixed"),
+        extra_report=extra,
+    )
+    return report, reg, labels
 
 
 if __name__ == "__main__":

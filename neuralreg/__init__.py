@@ -1,14 +1,20 @@
 """neuralreg: pairwise image registration with neural fields and GradICON."""
 
-from neuralreg.api import register_pair
+from neuralreg.api import register_files, register_pair
 from neuralreg.config import FieldConfig, HashGridConfig, RegistrationConfig
-from neuralreg.errors import InputError, RegistrationDiverged, RegistrationFileError, RegistrationWarning
+from neuralreg.errors import (
+    ConfigError,
+    InputError,
+    OutputError,
+    RegistrationDiverged,
+    RegistrationFileError,
+    RegistrationWarning,
+)
 from neuralreg.fields.encoding import HashGridEncoding, available_backends
 from neuralreg.fields.field import NeuralField
 from neuralreg.geometry.image import Image
 from neuralreg.result import Registration
-
-__version__ = "0.1.0"
+from neuralreg.version import __version__
 
 
 def backends() -> dict[str, str]:
@@ -17,17 +23,21 @@ def backends() -> dict[str, str]:
 
 
 __all__ = [
+    "ConfigError",
     "FieldConfig",
     "HashGridConfig",
     "HashGridEncoding",
     "Image",
     "InputError",
     "NeuralField",
+    "OutputError",
     "Registration",
     "RegistrationConfig",
     "RegistrationDiverged",
     "RegistrationFileError",
     "RegistrationWarning",
+    "__version__",
     "backends",
+    "register_files",
     "register_pair",
 ]

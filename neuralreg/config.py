@@ -8,11 +8,87 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from neuralreg.errors import ConfigError
 from neuralreg.losses import REGULARIZERS as _REGULARIZER_TABLE
 from neuralreg.losses import SIMILARITIES as _SIMILARITY_TABLE
+
+MAX_STEPS = 1_000_000  # steps and affine_steps: a million steps of a knee pair take about 10 hours on a CPU
+MAX_POINTS = 1 << 21  # points per field and step (the knee grid's default is 16384)
+MAX_SAMPLES = 1 << 23  # image samples per field and step: points x lncc_patch_points for "lncc"
+
+
+def _fail(key: str, message: str):
+    raise ConfigError(key, message)
+
+
+def _int(obj, key: str, low: int, high: int | None = None, optional: bool = False) -> None:
+    """``obj.key`` must be an integer (not a bool) in [low, high], or None where ``optional``."""
+    value = getattr(obj, key)
+    if value is None and optional:
+        return
+    if isinstance(value, bool) or not isinstance(value, int):
+        _fail(key, f"must be an integer{' or null' if optional else ''}, not {value!r}")
+    if value < low or (high is not None and value > high):
+        _fail(key, f"must be in [{low}, {high}], not {value}" if high is not None else f"must be >= {low}, not {value}")
+
+
+def _float(obj, key: str, low: float, high: float = math.inf, low_open: bool = False) -> None:
+    """``obj.key`` must be a finite number in [low, high] ((low, high] where ``low_open``); stored as float."""
+    value = getattr(obj, key)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        _fail(key, f"must be a number, not {value!r}")
+    if not math.isfinite(value):
+        _fail(key, f"must be a finite number, not {value}")
+    if value < low or (low_open and value == low) or value > high:
+        lo, hi = "(" if low_open else "[", "]" if math.isfinite(high) else ")"
+        _fail(key, f"must be in {lo}{low:g}, {high:g}{hi}, not {value:g}")
+    setattr(obj, key, float(value))
+
+
+def _choice(obj, key: str, choices) -> None:
+    value = getattr(obj, key)
+    if not isinstance(value, str) or value not in choices:
+        _fail(key, f"must be one of {', '.join(map(str, choices))}, not {value!r}")
+
+
+def _bool(obj, key: str) -> None:
+    if not isinstance(getattr(obj, key), bool):
+        _fail(key, f"must be true or false, not {getattr(obj, key)!r}")
+
+
+def _sequence(obj, key: str, kind: type, low: float, high: float = math.inf, optional: bool = False) -> None:
+    """``obj.key`` must be a non-empty list or tuple of ``kind`` values in [low, high]; stored as a tuple."""
+    value = getattr(obj, key)
+    if value is None and optional:
+        return
+    if not isinstance(value, list | tuple) or not value:
+        _fail(key, f"must be a non-empty list of numbers{' or null' if optional else ''}, not {value!r}")
+    for v in value:
+        ok = not isinstance(v, bool) and (isinstance(v, int) if kind is int else isinstance(v, int | float))
+        if not ok or not math.isfinite(v) or not low <= v <= high:
+            what = "integers" if kind is int else "finite numbers"
+            _fail(key, f"must hold {what} in [{low:g}, {high:g}], not {v!r}")
+    setattr(obj, key, tuple(kind(v) for v in value))
+
+
+def _nested(cls, value, key: str):
+    """A nested config from itself or a dict of its keys; errors are named ``key.<its key>``."""
+    if isinstance(value, cls):
+        return value
+    if not isinstance(value, dict):
+        _fail(key, f"must be an object of {cls.__name__} keys, not {value!r}")
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(value) - names)
+    if unknown:
+        _fail(key, f"unknown key(s) {', '.join(map(repr, unknown))}")
+    try:
+        return cls(**value)
+    except ConfigError as exc:
+        raise ConfigError(f"{key}.{exc.key}", str(exc).split(": ", 1)[1]) from None
 
 
 @dataclass
@@ -36,14 +112,12 @@ class HashGridConfig:
     interpolation: str = "Linear"
 
     def __post_init__(self):
-        if self.interpolation not in ("Linear", "Smoothstep"):
-            raise ValueError(f"interpolation must be 'Linear' or 'Smoothstep', not {self.interpolation!r}")
-        if self.n_levels < 1 or self.n_features_per_level < 1:
-            raise ValueError("n_levels and n_features_per_level must be positive")
-        if not 1 <= self.log2_hashmap_size <= 30:
-            raise ValueError("log2_hashmap_size must be in [1, 30]")
-        if self.base_resolution < 2 or self.per_level_scale < 1.0:
-            raise ValueError("base_resolution must be >= 2 and per_level_scale >= 1")
+        _int(self, "n_levels", 1, 32)
+        _int(self, "n_features_per_level", 1, 8)
+        _int(self, "log2_hashmap_size", 1, 24)
+        _int(self, "base_resolution", 2, 1 << 16)
+        _float(self, "per_level_scale", 1.0, 4.0)
+        _choice(self, "interpolation", ("Linear", "Smoothstep"))
 
     def to_tcnn(self) -> dict:
         """The same encoding as a tiny-cuda-nn config dictionary."""
@@ -81,15 +155,15 @@ class FieldConfig:
     backend: str = "auto"
 
     def __post_init__(self):
-        if isinstance(self.encoding, dict):
-            self.encoding = HashGridConfig(**self.encoding)
-        if self.activation not in ("relu", "silu", "softplus", "tanh"):
-            raise ValueError(f"unknown activation {self.activation!r}")
-        if self.backend not in ("torch", "native", "tcnn", "auto"):
-            raise ValueError(f"backend must be torch, native, tcnn or auto, not {self.backend!r}")
+        self.encoding = _nested(HashGridConfig, self.encoding, "encoding")
+        _int(self, "hidden_width", 1, 1024)
+        _int(self, "hidden_layers", 0, 16)
+        _choice(self, "activation", ("relu", "silu", "softplus", "tanh"))
+        _choice(self, "backend", BACKENDS)
 
 
 AUTO_POINTS = (4096, 16384)  # the range of ``points=None``
+BACKENDS = ("auto", "torch", "native", "tcnn")
 
 
 def similarity_points(config: RegistrationConfig, fixed_shape) -> int:
@@ -282,66 +356,89 @@ class RegistrationConfig:
     check_every: int | None = None
 
     def __post_init__(self):
-        if isinstance(self.field, dict):
-            self.field = FieldConfig(**self.field)
-        self.pyramid = tuple(int(f) for f in self.pyramid)
-        self.stage_fractions = tuple(float(f) for f in self.stage_fractions)
-        if self.stage_points is not None:
-            self.stage_points = tuple(float(f) for f in self.stage_points)
-        self.affine_pyramid = tuple(int(f) for f in self.affine_pyramid)
-        if self.affine_similarity not in SIMILARITIES:
-            raise ValueError(f"affine_similarity must be one of {SIMILARITIES}, not {self.affine_similarity!r}")
-        if self.affine_init not in ("search", "centroid", "identity"):
-            raise ValueError(f"affine_init must be 'search', 'centroid' or 'identity', not {self.affine_init!r}")
-        if not 0 <= self.affine_interior_mm < math.inf:
-            raise ValueError("affine_interior_mm must be a finite number >= 0")
-        if not 0 <= self.search_max_angle <= 180 or self.search_starts < 1:
-            raise ValueError("search_max_angle must be in [0, 180] and search_starts >= 1")
-        if self.affine_steps < 0 or not self.affine_pyramid or any(f < 1 for f in self.affine_pyramid):
-            raise ValueError("affine_steps must be >= 0 and affine_pyramid factors >= 1")
-        if self.similarity not in SIMILARITIES:
-            raise ValueError(f"similarity must be one of {SIMILARITIES}, not {self.similarity!r}")
-        if self.regularizer not in REGULARIZERS:
-            raise ValueError(f"regularizer must be one of {REGULARIZERS}, not {self.regularizer!r}")
-        if self.jacobian not in ("autograd", "analytic"):
-            raise ValueError(f"jacobian must be 'autograd' or 'analytic', not {self.jacobian!r}")
-        if len(self.pyramid) != len(self.stage_fractions) or not self.pyramid:
-            raise ValueError("pyramid and stage_fractions must have the same, non-zero length")
-        shares = self.stage_points
-        if shares is not None and (len(shares) != len(self.pyramid) or not all(0 < f <= 1 for f in shares)):
-            raise ValueError("stage_points must have one share in (0, 1] per pyramid stage, or be None")
-        if self.affine_points is not None and self.affine_points < 8:
-            raise ValueError("affine_points must be >= 8 or None")
-        if any(f < 1 for f in self.pyramid):
-            raise ValueError("pyramid factors must be >= 1")
-        if self.voxels_per_point <= 0:
-            raise ValueError("voxels_per_point must be positive")
-        if (
-            self.steps < 1
-            or (self.points is not None and self.points < 8)
-            or (self.regularizer_points is not None and self.regularizer_points < 1)
+        self.field = _nested(FieldConfig, self.field, "field")
+        self._check_optimization()
+        self._check_sampling()
+        self._check_pyramid()
+        self._check_global()
+        self._check_run()
+
+    def _check_optimization(self) -> None:
+        _choice(self, "similarity", SIMILARITIES)
+        _choice(self, "regularizer", REGULARIZERS)
+        _float(self, "regularizer_weight", 0.0, 1e6)
+        _choice(self, "jacobian", ("autograd", "analytic"))
+        _int(self, "steps", 1, MAX_STEPS)
+        _float(self, "learning_rate", 0.0, 10.0, low_open=True)
+        _float(self, "final_lr_fraction", 0.0, 1.0)
+        _float(self, "fd_step_mm", 0.0, 1e3, low_open=True)
+        _int(self, "max_recoveries", 0, 100)
+        _float(self, "divergence_tolerance", 0.0, 1e6)
+
+    def _check_sampling(self) -> None:
+        _int(self, "points", 8, MAX_POINTS, optional=True)
+        _float(self, "voxels_per_point", 0.0, 1e9, low_open=True)
+        _int(self, "regularizer_points", 1, MAX_POINTS, optional=True)
+        _float(self, "edge_fraction", 0.0, 1.0)
+        _float(self, "edge_power", 0.0, 4.0, low_open=True)
+        _float(self, "lncc_window", 1.0, 256.0)
+        _int(self, "lncc_patch_points", 1, 4096)
+        per_point = self.lncc_patch_points if "lncc" in (self.similarity, self.affine_similarity) else 1
+        most = max(self.points or AUTO_POINTS[1], self.affine_points or 0) * per_point
+        if most > MAX_SAMPLES:
+            _fail(
+                "points",
+                f"{most} image samples per field and step (points x lncc_patch_points) exceed {MAX_SAMPLES}",
+            )
+
+    def _check_pyramid(self) -> None:
+        _sequence(self, "pyramid", int, 1, 64)
+        _sequence(self, "stage_fractions", float, 0.0, 1.0)
+        if len(self.stage_fractions) != len(self.pyramid):
+            _fail(
+                "stage_fractions",
+                f"needs one share per pyramid stage ({len(self.pyramid)}), not {len(self.stage_fractions)}",
+            )
+        if abs(sum(self.stage_fractions) - 1.0) > 1e-6:
+            _fail("stage_fractions", f"must add up to 1, not {sum(self.stage_fractions):g}")
+        _sequence(self, "stage_points", float, 0.0, 1.0, optional=True)
+        if self.stage_points is not None and (
+            len(self.stage_points) != len(self.pyramid) or not all(f > 0 for f in self.stage_points)
         ):
-            raise ValueError("steps, points and regularizer_points must be positive (points >= 8)")
-        if not 0.0 <= self.edge_fraction <= 1.0:
-            raise ValueError("edge_fraction must be in [0, 1]")
-        if not 0.0 < self.edge_power <= 4.0:
-            raise ValueError("edge_power must be in (0, 4]")
-        if not self.divergence_tolerance >= 0:
-            raise ValueError("divergence_tolerance must be >= 0")
-        if self.check_every is not None and self.check_every < 1:
-            raise ValueError("check_every must be >= 1 or None")
-        if self.regularizer_weight < 0 or self.learning_rate <= 0:
-            raise ValueError("regularizer_weight must be >= 0 and learning_rate > 0")
+            _fail("stage_points", "must hold one share in (0, 1] per pyramid stage, or be null")
+
+    def _check_global(self) -> None:
+        _int(self, "affine_steps", 0, MAX_STEPS)
+        _float(self, "affine_learning_rate", 0.0, 10.0, low_open=True)
+        _sequence(self, "affine_pyramid", int, 1, 64)
+        _int(self, "affine_points", 8, MAX_POINTS, optional=True)
+        _choice(self, "affine_similarity", SIMILARITIES)
+        _choice(self, "affine_init", ("search", "centroid", "identity"))
+        _float(self, "search_max_angle", 0.0, 180.0)
+        _int(self, "search_starts", 1, 64)
+        _float(self, "affine_interior_mm", 0.0, 1e4)
+        _bool(self, "field_interior")
+        _float(self, "margin", 0.0, 10.0)
+
+    def _check_run(self) -> None:
+        _int(self, "seed", 0, 2**63 - 1)
+        if not isinstance(self.device, str) or not re.fullmatch(r"cpu|cuda(:\d+)?", self.device):
+            _fail("device", f"must be cpu, cuda or cuda:N, not {self.device!r}")
+        _int(self, "threads", 1, 1024, optional=True)
+        _bool(self, "progress")
+        _int(self, "check_every", 1, MAX_STEPS, optional=True)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> RegistrationConfig:
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - names
+        """A config from a dict of its keys (nested ones as dicts); ``ConfigError`` names a bad key."""
+        if not isinstance(d, dict):
+            raise ConfigError("config", f"must be an object of RegistrationConfig keys, not {d!r}")
+        unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
         if unknown:
-            raise ValueError(f"unknown configuration keys: {sorted(unknown)}")
+            raise ConfigError(unknown[0], f"unknown configuration key(s) {', '.join(map(repr, unknown))}")
         return cls(**d)
 
     @classmethod

@@ -15,3 +15,16 @@ class RegistrationWarning(UserWarning):
 
 class RegistrationFileError(ValueError):
     """A file that is not a readable neuralreg registration (message is one line)."""
+
+
+class OutputError(InputError):
+    """An output location neuralreg will not write: it exists, holds files neuralreg did not
+    write, is the working directory, holds an input, or another run is writing it (one line)."""
+
+
+class ConfigError(ValueError):
+    """An invalid ``RegistrationConfig`` option; ``key`` names it (dotted for nested ones)."""
+
+    def __init__(self, key: str, message: str):
+        super().__init__(f"{key}: {message}")
+        self.key = key

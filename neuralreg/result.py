@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import pickle
 import warnings
 
@@ -201,6 +202,10 @@ class Registration:
 
     def save(self, path) -> None:
         """Save the fitted fields (re-evaluate later at any resolution with ``Registration.load``)."""
+        from pathlib import Path
+
+        if Path(path).is_dir():
+            raise RegistrationFileError(f"cannot save the registration to {path}: it is a folder, name a file")
         with atomic_write(path) as tmp:
             torch.save(self.state(), tmp)
 
@@ -241,7 +246,8 @@ class Registration:
                 f.load_state_dict(state[key])
                 f.set_backend(config.field.backend)
                 fields.append(f.to(device))
-        except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+            _check_state(state, box.n_dims)
+        except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as exc:
             raise RegistrationFileError(
                 f"{path} is a damaged neuralreg registration ({type(exc).__name__}: {str(exc).splitlines()[0][:120]})"
             ) from None
@@ -257,6 +263,37 @@ class Registration:
             affine=state.get("affine"),
             prealign=state.get("prealign"),
         )
+
+
+MAX_GRID_VOXELS = 1 << 31  # a grid in a registration file larger than this is damaged, not a real image
+
+
+def _check_state(state: dict, d: int) -> None:
+    """Raise ``ValueError`` for a state that would give wrong maps: non-finite parameters, a
+    non-finite or singular affine, pre-alignment or box, or a grid that is no image's."""
+    for key in ("phi_ab", "phi_ba"):
+        for name, tensor in state[key].items():
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                raise ValueError(f"{key}.{name} has NaN or Inf values")
+    box = state["box"]
+    center, scale = np.asarray(box["center"], dtype=np.float64), float(box["scale"])
+    if center.shape != (d,) or not np.isfinite(center).all() or not (np.isfinite(scale) and scale > 0):
+        raise ValueError("the normalized box is not finite and positive")
+    for key in ("affine", "prealign"):
+        if state.get(key) is None:
+            continue
+        m = np.asarray(state[key], dtype=np.float64)
+        if m.shape != (d + 1, d + 1) or not np.isfinite(m).all():
+            raise ValueError(f"{key} is not a finite {d + 1}x{d + 1} matrix")
+        if np.linalg.cond(m[:d, :d]) > 1e8:
+            raise ValueError(f"{key} is singular")
+    for key in ("fixed_grid", "moving_grid"):
+        shape, affine = state[key]
+        if len(shape) != d or not all(isinstance(n, int) and n >= 2 for n in shape):
+            raise ValueError(f"{key} has shape {shape}, not {d} axes of at least 2 voxels")
+        if math.prod(shape) > MAX_GRID_VOXELS:
+            raise ValueError(f"{key} has {math.prod(shape)} voxels")
+        Image(torch.zeros((2,) * d), affine)  # finite and non-singular, or ValueError
 
 
 class _Direction:

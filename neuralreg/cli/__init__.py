@@ -5,12 +5,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
+import threading
 import time
 import warnings
 from pathlib import Path
 
-from neuralreg.config import REGULARIZERS, SIMILARITIES, RegistrationConfig
+from neuralreg.config import BACKENDS, REGULARIZERS, SIMILARITIES, RegistrationConfig
+from neuralreg.errors import ConfigError
 from neuralreg.files import json_safe
 
 _DEFAULTS = RegistrationConfig()
@@ -25,7 +28,7 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
     def _get_help_string(self, action):
         text = action.help or ""
-        if "(default:" in text or action.default in (None, False, argparse.SUPPRESS):
+        if "(default:" in text or any(action.default is v for v in (None, False, argparse.SUPPRESS)):
             return text
         return super()._get_help_string(action)
 
@@ -60,7 +63,7 @@ def _add_register_options(p: argparse.ArgumentParser) -> None:
         type=int,
         help=f"steps of the global affine part fitted first; 0 turns it off (default: {d.affine_steps})",
     )
-    p.add_argument("--backend", choices=("auto", "torch", "native", "tcnn"), help="hash-grid backend (default: auto)")
+    p.add_argument("--backend", choices=BACKENDS, help="hash-grid backend (default: auto)")
     p.add_argument("--device", help=f"cpu, cuda or cuda:N (default: {d.device})")
     p.add_argument("--seed", type=int, help=f"random seed (default: {d.seed})")
     p.add_argument("--threads", type=int, help="CPU threads (default: torch's choice)")
@@ -68,73 +71,81 @@ def _add_register_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
+# the RegistrationConfig key each flag sets: their values are checked by the config, once
+FLAG_KEYS = {
+    "similarity": "--similarity",
+    "regularizer": "--regularizer",
+    "regularizer_weight": "--lambda",
+    "steps": "--steps",
+    "points": "--points",
+    "learning_rate": "--learning-rate",
+    "edge_fraction": "--edge-fraction",
+    "edge_power": "--edge-power",
+    "affine_steps": "--affine-steps",
+    "device": "--device",
+    "seed": "--seed",
+    "threads": "--threads",
+    "field.backend": "--backend",
+}
+
+
+def _add_intensity_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--modality",
+        choices=("mri", "ct", "none"),
+        default="mri",
+        help="intensity normalization: mri clips to [min, 99.9th percentile] -> [0, 1]; ct windows",
+    )
+    p.add_argument(
+        "--ct-window",
+        type=float,
+        nargs=2,
+        default=(40.0, 400.0),
+        metavar=("CENTER", "WIDTH"),
+        help="CT window in HU, with --modality ct",
+    )
+
+
 def _check_options(args) -> None:
-    """Numeric and device options, checked before anything is read or written (one line each)."""
+    """The options that are not ``RegistrationConfig`` keys, before anything is read or written."""
     import math
-    import re
 
-    def finite(name, value, low=None, low_ok=True):
-        if value is None:
-            return
-        if not math.isfinite(value):
-            raise CLIError(f"{name} must be a finite number, not {value}")
-        if low is not None and (value < low or (value == low and not low_ok)):
-            raise CLIError(f"{name} must be {'>=' if low_ok else '>'} {low}, not {value}")
-
-    finite("--lambda", getattr(args, "regularizer_weight", None), 0.0)
-    finite("--learning-rate", getattr(args, "learning_rate", None), 0.0, low_ok=False)
-    finite("--edge-fraction", getattr(args, "edge_fraction", None), 0.0)
-    if getattr(args, "edge_fraction", None) is not None and args.edge_fraction > 1:
-        raise CLIError(f"--edge-fraction must be in [0, 1], not {args.edge_fraction}")
-    finite("--edge-power", getattr(args, "edge_power", None), 0.0, low_ok=False)
-    if getattr(args, "edge_power", None) is not None and args.edge_power > 4:
-        raise CLIError(f"--edge-power must be in (0, 4], not {args.edge_power}")
-    for flag, key, low in (
-        ("--steps", "steps", 1),
-        ("--points", "points", 8),
-        ("--affine-steps", "affine_steps", 0),
-        ("--threads", "threads", 1),
-        ("--workers", "workers", 1),
-        ("--threads-per-worker", "threads_per_worker", 1),
-    ):
+    for flag, key in (("--workers", "workers"), ("--threads-per-worker", "threads_per_worker")):
         value = getattr(args, key, None)
-        if value is not None and value < low:
-            raise CLIError(f"{flag} must be at least {low}, not {value}")
-    if getattr(args, "seed", None) is not None and args.seed < 0:
-        raise CLIError(f"--seed must be >= 0, not {args.seed}")
-    device = getattr(args, "device", None)
-    if device is not None and not re.fullmatch(r"cpu|cuda(:\d+)?", device):
-        raise CLIError(f"--device must be cpu, cuda or cuda:N, not {device!r}")
+        if value is not None and value < 1:
+            raise CLIError(f"{flag} must be at least 1, not {value}")
+    window = getattr(args, "ct_window", None)
+    if window is not None and not (all(math.isfinite(v) for v in window) and window[1] > 0):
+        raise CLIError(f"--ct-window needs a finite CENTER and a WIDTH > 0, not {window[0]:g} {window[1]:g}")
+
+
+def _config_error(exc: ConfigError, args, given: set) -> CLIError:
+    """A ``ConfigError`` as one line naming the flag or the ``--config`` file that set the key."""
+    message = str(exc).split(": ", 1)[1]
+    if exc.key in given:
+        return CLIError(f"{FLAG_KEYS[exc.key]}: {message}")
+    source = f"--config {args.config}: " if getattr(args, "config", None) else ""
+    return CLIError(f"{source}{exc.key}: {message}")
 
 
 def _build_config(args) -> RegistrationConfig:
+    """The run's config: ``--config`` (if any), the flags given over it, checked once by the dataclass."""
     _check_options(args)
-    base = _read_config(args.config).to_dict() if args.config else RegistrationConfig().to_dict()
-    for key in (
-        "similarity",
-        "regularizer",
-        "regularizer_weight",
-        "steps",
-        "points",
-        "learning_rate",
-        "edge_fraction",
-        "edge_power",
-        "affine_steps",
-        "device",
-        "seed",
-    ):
-        value = getattr(args, key, None)
+    base = _read_config(args.config).to_dict() if getattr(args, "config", None) else RegistrationConfig().to_dict()
+    given = set()
+    for key in FLAG_KEYS:
+        value = getattr(args, key.split(".")[-1], None)
         if value is not None:
-            base[key] = value
-    if getattr(args, "threads", None) is not None:
-        base["threads"] = args.threads
-    if getattr(args, "backend", None):
-        base["field"]["backend"] = args.backend
+            given.add(key)
+            if key == "field.backend":
+                base["field"]["backend"] = value
+            else:
+                base[key] = value
     base["progress"] = not getattr(args, "quiet", False)
     try:
         return RegistrationConfig.from_dict(base)
-    except (TypeError, ValueError) as exc:
-        raise CLIError(f"invalid option: {exc}") from None
+    except ConfigError as exc:
+        raise _config_error(exc, args, given) from None
 
 
 def _read_config(path: Path) -> RegistrationConfig:
@@ -151,7 +162,7 @@ def _read_config(path: Path) -> RegistrationConfig:
         raise CLIError(f"--config {path}: expected a JSON object of RegistrationConfig keys")
     try:
         return RegistrationConfig.from_dict(data)
-    except (TypeError, ValueError) as exc:
+    except ConfigError as exc:
         raise CLIError(f"--config {path}: {exc}") from None
 
 
@@ -164,53 +175,23 @@ def _check_device(device: str) -> None:
         raise CLIError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
 
 
-def _check_out(out: Path, overwrite: bool) -> None:
-    if out.exists() and not overwrite:
-        raise CLIError(f"output {out} exists; pass --overwrite to replace it")
-
-
-def _read_pair(args):
-    from neuralreg.io import preprocess, read_image, read_labels, read_mask
-
-    fixed = preprocess(read_image(args.fixed, "fixed image"), args.modality, tuple(args.ct_window))
-    moving = preprocess(read_image(args.moving, "moving image"), args.modality, tuple(args.ct_window))
-    if fixed.n_dims != moving.n_dims:
-        raise CLIError(f"fixed image is {fixed.n_dims}D but moving image is {moving.n_dims}D")
-    extras = {}
-    for key, reader, image in (
-        ("fixed_labels", read_labels, fixed),
-        ("moving_labels", read_labels, moving),
-        ("fixed_mask", read_mask, fixed),
-        ("moving_mask", read_mask, moving),
-    ):
-        path = getattr(args, key)
-        extras[key] = None
-        if path is not None:
-            img = reader(path, key.replace("_", " "))
-            if img.shape != image.shape:
-                raise CLIError(f"{key.replace('_', ' ')} {path} has shape {img.shape}, its image {image.shape}")
-            extras[key] = img
-    return fixed, moving, extras
-
-
 def cmd_register(args) -> int:
-    from neuralreg.optim.pair import register_pair
-    from neuralreg.report.outputs import write_outputs
+    from neuralreg.api import register_files
 
     cfg = _build_config(args)
     _check_device(cfg.device)
-    _check_out(args.out, args.overwrite)
-    fixed, moving, ex = _read_pair(args)
     t0 = time.perf_counter()
-    reg = register_pair(moving, fixed, cfg, moving_mask=ex["moving_mask"], fixed_mask=ex["fixed_mask"])
-    report = write_outputs(
+    _, report = register_files(
+        args.fixed,
+        args.moving,
         args.out,
-        reg,
-        moving,
-        fixed,
-        ex["moving_labels"],
-        ex["fixed_labels"],
-        extra_report={"inputs": {k: str(getattr(args, k)) for k in ("fixed", "moving")}},
+        cfg,
+        fixed_labels=args.fixed_labels,
+        moving_labels=args.moving_labels,
+        fixed_mask=args.fixed_mask,
+        moving_mask=args.moving_mask,
+        modality=args.modality,
+        ct_window=tuple(args.ct_window),
         overwrite=args.overwrite,
     )
     _print_summary(report, time.perf_counter() - t0, args.out)
@@ -249,8 +230,13 @@ def _load_transform(args):
         if not args.registration.is_file():
             raise CLIError(f"registration not found: {args.registration}")
         reg = Registration.load(args.registration)
-        direction = args.direction
+        direction = args.direction or "forward"
         return reg.transform(direction), reg._grid(direction), reg
+    if args.direction is not None:
+        raise CLIError(
+            "--direction applies to --registration only: a displacement field maps one way "
+            "(give the field of the direction you want)"
+        )
     field = read_displacement_field(args.displacement)
     return field, (tuple(field.data.shape[:-1]), field.affine), None
 
@@ -260,17 +246,22 @@ def cmd_warp(args) -> int:
 
     from neuralreg.geometry.transforms import resample
     from neuralreg.io import check_output_path, read_image, read_labels, write_image
+    from neuralreg.io.folders import check_output_file
 
-    _check_out(args.out, args.overwrite)
     check_output_path(args.out, "--out")
+    inputs = (args.image, args.reference, args.registration, args.displacement)
+    check_output_file(args.out, args.overwrite, inputs)
     transform, grid, _ = _load_transform(args)
     img = read_labels(args.image) if args.interpolation == "nearest" else read_image(args.image)
+    transform_dims = len(grid[0])
     if args.reference is not None:
         ref = read_image(args.reference, "reference image")
         grid = (ref.shape, ref.affine)
     shape, affine = grid
-    if len(shape) != img.n_dims:
-        raise CLIError(f"image is {img.n_dims}D but the transform is {len(shape)}D")
+    if len(shape) != img.n_dims or len(shape) != transform_dims:
+        culprit = "--reference" if args.reference is not None and len(shape) != transform_dims else "--image"
+        dims = len(shape) if culprit == "--reference" else img.n_dims
+        raise CLIError(f"{culprit} is {dims}D but the transform is {transform_dims}D")
     warped = resample(img, transform, (shape, affine), args.interpolation, dtype=torch.float64)
     if args.interpolation == "nearest":
         warped = warped.with_data(warped.data.round().to(torch.int32))
@@ -285,10 +276,11 @@ def cmd_jacobian(args) -> int:
     from neuralreg.geometry.image import Image
     from neuralreg.geometry.transforms import map_grid
     from neuralreg.io import check_output_path, write_image
+    from neuralreg.io.folders import check_output_file
     from neuralreg.metrics import jacobian_determinant, percent_folds
 
-    _check_out(args.out, args.overwrite)
     check_output_path(args.out, "--out")
+    check_output_file(args.out, args.overwrite, (args.registration, args.displacement))
     transform, (shape, affine), _ = _load_transform(args)
     det = jacobian_determinant(map_grid(transform, shape, affine, dtype=torch.float64), affine).float()
     write_image(Image(det, affine), args.out)
@@ -300,13 +292,12 @@ def cmd_jacobian(args) -> int:
 def cmd_evaluate(args) -> int:
     import torch
 
-    from neuralreg.io import read_image, read_labels
+    from neuralreg.io import check_same_grid, read_image, read_labels
     from neuralreg.metrics import dice, percent_folds
 
     a = read_labels(args.warped_labels, "warped label map")
     b = read_labels(args.reference_labels, "reference label map")
-    if a.shape != b.shape:
-        raise CLIError(f"label maps differ in shape: {a.shape} vs {b.shape}")
+    check_same_grid(a, b, f"warped label map {args.warped_labels}", f"the reference label map {args.reference_labels}")
     try:
         labels = [int(x) for x in args.labels.split(",")] if args.labels else None
     except ValueError:
@@ -319,42 +310,51 @@ def cmd_evaluate(args) -> int:
             result["dice"]["absent_labels"] = absent
             print(f"neuralreg: warning: label(s) {', '.join(map(str, absent))} in neither map", file=sys.stderr)
     if args.jacobian is not None:
-        result["percent_folds"] = percent_folds(read_image(args.jacobian, "Jacobian map").data)
+        jac = read_image(args.jacobian, "Jacobian map")
+        check_same_grid(jac, b, f"Jacobian map {args.jacobian}", f"the reference label map {args.reference_labels}")
+        result["percent_folds"] = percent_folds(jac.data)
     print(json.dumps(json_safe(result), indent=2, allow_nan=False))
     return 0
 
 
 def cmd_demo(args) -> int:
+    from neuralreg.io.folders import OutputFolder
     from neuralreg.metrics import dice
     from neuralreg.optim.pair import register_pair
     from neuralreg.phantoms import knee_phantom_pair
     from neuralreg.report.outputs import write_outputs
 
-    _check_options(args)
-    _check_out(args.out, args.overwrite)
-    cfg = RegistrationConfig(
-        steps=args.steps, points=4096, regularizer_points=1024, progress=not args.quiet, threads=args.threads
-    )
-    print("generating a knee-like phantom pair (femur, tibia, cartilage; known smooth deformation)")
-    pair = knee_phantom_pair(args.seed)
-    t0 = time.perf_counter()
-    reg = register_pair(pair["moving"], pair["fixed"], cfg)
-    seconds = time.perf_counter() - t0
-    report = write_outputs(
-        args.out,
-        reg,
-        pair["moving"],
-        pair["fixed"],
-        pair["moving_labels"],
-        pair["fixed_labels"],
-        overwrite=args.overwrite,
-        extra_images={
-            "fixed.nii.gz": pair["fixed"],
-            "moving.nii.gz": pair["moving"],
-            "fixed_labels.nii.gz": pair["fixed_labels"],
-            "moving_labels.nii.gz": pair["moving_labels"],
-        },
-    )
+    try:
+        cfg = RegistrationConfig(
+            steps=args.steps,
+            points=4096,
+            regularizer_points=1024,
+            progress=not args.quiet,
+            threads=args.threads,
+            seed=args.seed,
+        )
+    except ConfigError as exc:
+        raise _config_error(exc, args, {"steps", "threads", "seed"}) from None
+    with OutputFolder(args.out, args.overwrite, kind="demo") as folder:
+        print("generating a knee-like phantom pair (femur, tibia, cartilage; known smooth deformation)")
+        pair = knee_phantom_pair(args.seed)
+        t0 = time.perf_counter()
+        reg = register_pair(pair["moving"], pair["fixed"], cfg)
+        seconds = time.perf_counter() - t0
+        report = write_outputs(
+            folder,
+            reg,
+            pair["moving"],
+            pair["fixed"],
+            pair["moving_labels"],
+            pair["fixed_labels"],
+            extra_images={
+                "fixed.nii.gz": pair["fixed"],
+                "moving.nii.gz": pair["moving"],
+                "fixed_labels.nii.gz": pair["fixed_labels"],
+                "moving_labels.nii.gz": pair["moving_labels"],
+            },
+        )
     before = dice(reg.identity_warp(pair["moving_labels"], pair["fixed"]).data, pair["fixed_labels"].data, [2, 4])
     after = dice(reg.warp(pair["moving_labels"], mode="nearest").data, pair["fixed_labels"].data, [2, 4])
     print(f"cartilage Dice (femoral, tibial) before {before['mean']:.3f}, after {after['mean']:.3f}")
@@ -371,20 +371,32 @@ def cmd_batch(args) -> int:
     cfg = _build_config(args)
     _check_device(cfg.device)
     specs = read_pairs(args.pairs)
-    rows = register_pairs(
-        specs,
-        args.out,
-        cfg,
-        scheduler=args.scheduler,
-        workers=args.workers,
-        threads_per_worker=args.threads_per_worker or args.threads,
-        modality=args.modality,
-        progress=not args.quiet,
-    )
+    try:
+        rows = register_pairs(
+            specs,
+            args.out,
+            cfg,
+            scheduler=args.scheduler,
+            workers=args.workers,
+            threads_per_worker=args.threads_per_worker or args.threads,
+            modality=args.modality,
+            progress=not args.quiet,
+            ct_window=tuple(args.ct_window),
+        )
+    except KeyboardInterrupt as exc:
+        if str(exc):
+            raise
+        raise KeyboardInterrupt(
+            f"interrupted; the pairs finished are kept in {args.out}: re-run the same command to finish the rest"
+        ) from None
     done = sum(r["status"] == "done" for r in rows)
+    redone = sum(r["status"] == "done" and bool(r.get("redone")) for r in rows)
     skipped = sum(r["status"] == "skipped" for r in rows)
     failed = [r for r in rows if r["status"] == "failed"]
-    print(f"{done} registered, {skipped} already complete, {len(failed)} failed; summary in {args.out}/summary.csv")
+    again = f" ({redone} of them again: inputs or options changed)" if redone else ""
+    print(
+        f"{done} registered{again}, {skipped} already complete, {len(failed)} failed; summary in {args.out}/summary.csv"
+    )
     doubtful = [r for r in rows if r.get("quality") in ("failed", "check")]
     if doubtful:
         names = ", ".join(f"{r['pair_id']} ({r['quality']})" for r in doubtful)
@@ -412,21 +424,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--moving-labels", type=Path, help="moving label map (integer), warped and scored")
     r.add_argument("--fixed-mask", type=Path, help="fixed mask: similarity points drawn inside it")
     r.add_argument("--moving-mask", type=Path, help="moving mask")
+    _add_intensity_options(r)
     r.add_argument(
-        "--modality",
-        choices=("mri", "ct", "none"),
-        default="mri",
-        help="intensity normalization: mri clips to [min, 99.9th percentile] -> [0, 1]; ct windows",
+        "--overwrite", action="store_true", help="replace an output folder neuralreg wrote (never anything else)"
     )
-    r.add_argument(
-        "--ct-window",
-        type=float,
-        nargs=2,
-        default=(40.0, 400.0),
-        metavar=("CENTER", "WIDTH"),
-        help="CT window in HU, with --modality ct",
-    )
-    r.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     _add_register_options(r)
     r.set_defaults(func=cmd_register)
 
@@ -440,11 +441,10 @@ def build_parser() -> argparse.ArgumentParser:
         w.add_argument(
             "--direction",
             choices=("forward", "inverse"),
-            default="forward",
-            help="with --registration: forward maps fixed-space points to the moving space",
+            help="with --registration: forward (the default) maps fixed-space points to the moving space",
         )
         w.add_argument("--out", type=Path, required=True, help="output NIfTI file")
-        w.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+        w.add_argument("--overwrite", action="store_true", help="replace an output file neuralreg wrote")
         if name == "warp":
             w.add_argument("--image", type=Path, required=True, help="image or label map in the moving space")
             w.add_argument(
@@ -467,7 +467,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--scheduler", help="address of an existing Dask scheduler (default: a local cluster)")
     b.add_argument("--workers", type=int, help="local workers (default: one per GPU, or about one per 2 cores)")
     b.add_argument("--threads-per-worker", type=int, help="torch threads per registration (default: cores/workers)")
-    b.add_argument("--modality", choices=("mri", "ct", "none"), default="mri", help="intensity normalization")
+    _add_intensity_options(b)
     _add_register_options(b)
     b.set_defaults(func=cmd_batch)
 
@@ -486,33 +486,45 @@ def build_parser() -> argparse.ArgumentParser:
     dm.add_argument("--seed", type=int, default=0, help="phantom and optimization seed")
     dm.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
     dm.add_argument("--quiet", action="store_true", help="no progress bar")
-    dm.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    dm.add_argument(
+        "--overwrite", action="store_true", help="replace an output folder neuralreg wrote (never anything else)"
+    )
     dm.set_defaults(func=cmd_demo)
     return parser
 
 
 def _version() -> str:
-    from neuralreg import __version__
+    from neuralreg.version import __version__
 
     return f"neuralreg {__version__}"
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the program is, so that the same clean-up as for Ctrl-C runs."""
+
+
+def _on_sigterm(signum, frame):
+    raise Terminated("terminated; no partial outputs were kept")
 
 
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     from neuralreg.errors import InputError, RegistrationDiverged, RegistrationFileError, RegistrationWarning
-    from neuralreg.report.outputs import OutputExists
 
     # the self-check's verdict is printed once, from the report (``_warn_quality``)
     warnings.filterwarnings("ignore", category=RegistrationWarning)
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         return args.func(args)
-    except (CLIError, InputError, OutputExists, RegistrationDiverged, RegistrationFileError) as exc:
+    except (CLIError, InputError, ConfigError, RegistrationDiverged, RegistrationFileError) as exc:
         print(f"neuralreg: error: {exc}", file=sys.stderr)
     except KeyboardInterrupt as exc:
         message = str(exc) or "interrupted; no partial outputs were kept"
         print(f"neuralreg: {message}", file=sys.stderr)
-        return 130
+        return 143 if isinstance(exc, Terminated) else 130
     except (ValueError, OSError) as exc:
         print(f"neuralreg: error: {exc}".splitlines()[0], file=sys.stderr)
     except Exception as exc:
@@ -522,6 +534,9 @@ def main(argv=None) -> int:
             f"neuralreg: error: {type(exc).__name__}: {exc} (set NEURALREG_DEBUG=1 for a traceback)".splitlines()[0],
             file=sys.stderr,
         )
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     return 2
 
 

@@ -10,13 +10,20 @@
   ``GPU`` resource, or a few single-task CPU workers with the cores split between them),
   or an existing cluster given by its scheduler address (e.g. one started by
   dask-jobqueue on SLURM).
-- Resumable: a pair whose output folder holds a readable ``report.json`` (written last,
-  and folders appear atomically) is complete and skipped; a folder without one is
-  recomputed; hidden ``.<pair_id>.tmp-*`` folders left by a killed run are removed. A
-  pair that fails (bad file, divergence) is recorded with its error in the summary and
-  does not stop the others.
-- Interruptible: Ctrl-C stops the workers (they ignore the terminal's SIGINT, so they
-  print nothing), writes the summary of the pairs that finished and raises
+- Safe: a pair folder is written by ``neuralreg.api.register_files`` (whole or not at all,
+  see ``neuralreg.io.folders``); an existing one is replaced only if neuralreg wrote it.
+  A table whose pair folders, ``summary.csv`` or ``summary.png`` exist without being
+  neuralreg's is refused before anything runs, and two batches on one folder do not run
+  at once (a lock).
+- Resumable: each pair's ``report.json`` records its inputs (path, size, SHA-256) and the
+  options that shape the result (the config less how it runs: device, threads,
+  progress; the modality and CT window). A pair whose folder is complete with the same
+  inputs and options is skipped; one whose inputs or options changed is registered
+  again (``redone`` in the summary says why). A pair that fails (bad file, divergence) is
+  recorded with its error in the summary and does not stop the others.
+- Interruptible: ``summary.csv`` is rewritten after every pair, so it always lists the
+  pairs finished so far; Ctrl-C (or SIGTERM through the CLI) stops the workers (they
+  ignore the terminal's SIGINT, so they print nothing), writes the summary and raises
   ``BatchInterrupted``.
 - Self-checked: each pair's quality verdict (``neuralreg.quality``) and its reasons are
   columns of the summary.
@@ -28,16 +35,23 @@ import csv
 import logging
 import os
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
+from neuralreg.api import INPUT_KEYS, register_files
 from neuralreg.config import RegistrationConfig
-from neuralreg.errors import InputError
+from neuralreg.errors import InputError, OutputError
+from neuralreg.files import file_record
+from neuralreg.io.folders import foreign_entries, read_manifest, try_lock
+
+SUMMARY_FILES = ("summary.csv", "summary.png")
+RUN_KEYS = ("device", "threads", "progress")  # how a pair runs, not what it computes: no reason to redo it
 
 COLUMNS = ("pair_id", "fixed", "moving", "fixed_labels", "moving_labels", "fixed_mask", "moving_mask")
 SUMMARY_COLUMNS = (
     "pair_id",
     "status",
+    "redone",
     "error",
     "seconds",
     "dice_before",
@@ -78,6 +92,9 @@ def read_pairs(path) -> list[PairSpec]:
     rows = list(csv.DictReader(text.splitlines(), delimiter=delimiter))
     if not rows:
         raise InputError(f"pairs table {path} has no rows")
+    for i, row in enumerate(rows):
+        if None in row:
+            raise InputError(f"row {i + 1} of {path} has more fields than its header ({len(row) - 1} columns)")
     columns = set(rows[0].keys())
     missing = {"fixed", "moving"} - columns
     if missing:
@@ -88,8 +105,11 @@ def read_pairs(path) -> list[PairSpec]:
     specs, seen = [], set()
     for i, row in enumerate(rows):
         pair_id = (row.get("pair_id") or "").strip() or f"pair{i:04d}"
-        if not re.fullmatch(r"[A-Za-z0-9._-]+", pair_id) or pair_id in (".", ".."):
-            raise InputError(f"pair_id {pair_id!r} (row {i + 1}) must use letters, digits, '.', '_' or '-'")
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", pair_id) or pair_id in SUMMARY_FILES:
+            raise InputError(
+                f"pair_id {pair_id!r} (row {i + 1}) must start with a letter or digit and use letters, digits, "
+                f"'.', '_' or '-'" + (" (the name of the summary)" if pair_id in SUMMARY_FILES else "")
+            )
         if pair_id in seen:
             raise InputError(f"pair_id {pair_id!r} appears twice")
         seen.add(pair_id)
@@ -103,53 +123,53 @@ def read_pairs(path) -> list[PairSpec]:
     return specs
 
 
-def register_one(spec: PairSpec, out_dir: str, config: dict, modality: str = "mri", threads: int = 1) -> dict:
-    """Register one pair into ``out_dir/<pair_id>`` (runs on a worker). Never raises: failures are returned."""
+def register_one(
+    spec: PairSpec, out_dir: str, config: dict, modality: str = "mri", threads: int = 1, ct_window=(40.0, 400.0)
+) -> dict:
+    """Register one pair into ``out_dir/<pair_id>`` (runs on a worker). Never raises: failures are returned.
+
+    Skips the pair when its folder is complete with the same inputs and options
+    (``run_options``); registers it again, replacing the folder, when they changed.
+    """
     import time
 
     import torch
 
     out = Path(out_dir) / spec.pair_id
-    if is_complete(out):
-        return {**_summary_from_report(out), "pair_id": spec.pair_id, "status": "skipped"}
     t0 = time.perf_counter()
     try:
+        options = run_options(config, modality, ct_window)
+        inputs = {k: file_record(p) for k in INPUT_KEYS if (p := getattr(spec, k)) and Path(p).is_file()}
+        previous = _previous_run(out)
+        if previous is not None and previous == (inputs, options):
+            return {**_summary_from_report(out), "pair_id": spec.pair_id, "status": "skipped"}
+        redone = None
+        if previous is not None:
+            redone = "inputs changed" if previous[0] != inputs else "options changed"
         import warnings
 
         from neuralreg.errors import RegistrationWarning
-        from neuralreg.io import preprocess, read_image, read_labels, read_mask
-        from neuralreg.optim.pair import register_pair
-        from neuralreg.report.outputs import write_outputs
 
         warnings.filterwarnings("ignore", category=RegistrationWarning)  # the verdict goes to the summary
         torch.set_num_threads(max(1, threads))
         cfg = RegistrationConfig.from_dict({**config, "progress": False, "threads": max(1, threads)})
         cfg.device = _worker_device(cfg.device)
-        fixed = preprocess(read_image(spec.fixed, "fixed image"), modality)
-        moving = preprocess(read_image(spec.moving, "moving image"), modality)
-        labels = {
-            k: read_labels(getattr(spec, k), k.replace("_", " ")) if getattr(spec, k) else None
-            for k in ("fixed_labels", "moving_labels")
-        }
-        masks = {
-            k: read_mask(getattr(spec, k), k.replace("_", " ")) if getattr(spec, k) else None
-            for k in ("fixed_mask", "moving_mask")
-        }
-        reg = register_pair(moving, fixed, cfg, moving_mask=masks["moving_mask"], fixed_mask=masks["fixed_mask"])
-        write_outputs(
+        register_files(
+            spec.fixed,
+            spec.moving,
             out,
-            reg,
-            moving,
-            fixed,
-            labels["moving_labels"],
-            labels["fixed_labels"],
-            extra_report={"inputs": asdict(spec)},
-            overwrite=True,  # an incomplete folder (no readable report.json) is replaced
+            cfg,
+            **{k: getattr(spec, k) for k in INPUT_KEYS[2:]},
+            modality=modality,
+            ct_window=ct_window,
+            overwrite=True,  # replaces only a folder neuralreg wrote (checked before the batch started)
+            extra_report={"options": options},
         )
         return {
             **_summary_from_report(out),
             "pair_id": spec.pair_id,
             "status": "done",
+            "redone": redone,
             "seconds": time.perf_counter() - t0,
         }
     except Exception as exc:  # recorded in the summary; the other pairs go on
@@ -157,26 +177,60 @@ def register_one(spec: PairSpec, out_dir: str, config: dict, modality: str = "mr
         return {"pair_id": spec.pair_id, "status": "failed", "error": message, "seconds": time.perf_counter() - t0}
 
 
-def is_complete(folder: Path) -> bool:
-    """A pair's folder is complete when its ``report.json`` (written last) is readable JSON."""
+def run_options(config: dict, modality: str, ct_window) -> dict:
+    """What shapes a pair's result besides its inputs: the config less ``RUN_KEYS``, the
+    modality and (for CT) the window; recorded in ``report.json`` and compared on resume."""
+    options = {k: v for k, v in RegistrationConfig.from_dict(config).to_dict().items() if k not in RUN_KEYS}
+    options["modality"] = modality
+    if modality == "ct":
+        options["ct_window"] = [float(v) for v in ct_window]
     import json
 
+    return json.loads(json.dumps(options))  # tuples as lists: equal to what report.json reads back
+
+
+def _previous_run(folder: Path) -> tuple[dict, dict] | None:
+    """(inputs, options) of the complete run in ``folder``, or None (no such folder or run)."""
+    import json
+
+    if not is_complete(folder):
+        return None
+    report = json.loads((folder / "report.json").read_text())
+    return report.get("inputs"), report.get("options")
+
+
+def is_complete(folder: Path) -> bool:
+    """A pair's folder is complete when neuralreg wrote it and its ``report.json`` is readable JSON."""
+    import json
+
+    manifest = read_manifest(folder)
+    if manifest is None or not manifest.get("complete") or "report.json" not in manifest["files"]:
+        return False
     try:
         return isinstance(json.loads((Path(folder) / "report.json").read_text()), dict)
     except (OSError, ValueError):
         return False
 
 
-def remove_stale_temporaries(out_dir: Path) -> list[str]:
-    """Remove the hidden ``.<name>.tmp-*`` folders a killed run left in ``out_dir``; their names."""
-    import shutil
-
-    removed = []
-    for p in Path(out_dir).glob(".*.tmp-*"):
-        if p.is_dir():
-            shutil.rmtree(p, ignore_errors=True)
-            removed.append(p.name)
-    return removed
+def check_batch_folder(specs: list[PairSpec], out_dir: Path) -> None:
+    """Refuse (``OutputError``, one line) an output folder whose pair folders or summary files
+    exist without being neuralreg's: nothing of the user's is ever replaced."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise OutputError(f"--out {out_dir} exists and is not a folder")
+    foreign = []
+    for spec in specs:
+        p = out_dir / spec.pair_id
+        if p.is_symlink() or (p.exists() and not p.is_dir()) or (p.is_dir() and foreign_entries(p)):
+            foreign.append(spec.pair_id)
+    manifest = read_manifest(out_dir) if out_dir.is_dir() else None
+    ours = set(manifest["files"]) if manifest else set()
+    foreign += [n for n in SUMMARY_FILES if (out_dir / n).exists() and n not in ours]
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        raise OutputError(
+            f"--out {out_dir} holds {shown}, not written by neuralreg; nothing was touched: "
+            "name another --out (or other pair_ids)"
+        )
 
 
 def _worker_device(device: str) -> str:
@@ -235,55 +289,73 @@ def register_pairs(
     threads_per_worker: int | None = None,
     modality: str = "mri",
     progress: bool = True,
+    ct_window=(40.0, 400.0),
 ) -> list[dict]:
     """Register every pair of a table (path or list of ``PairSpec``) on Dask; returns the summary rows.
 
     Args:
         pairs: CSV/TSV path or list of ``PairSpec``.
         out_dir: output folder; ``<pair_id>/`` per pair, ``summary.csv``, ``summary.png``.
+            It may hold other files (a data root, say): they are never touched, and pair
+            folders or summary files that neuralreg did not write stop the batch before it
+            starts (``check_batch_folder``).
         config: registration configuration (every pair, the same seed).
         scheduler: address of an existing Dask scheduler (default: an embedded LocalCluster).
         workers, threads_per_worker: LocalCluster size and torch threads per registration
             (defaults from ``default_workers``).
-        modality: intensity preprocessing (see ``neuralreg.io.preprocess``).
+        modality, ct_window: intensity preprocessing (see ``neuralreg.io.preprocess``).
         progress: tqdm bar over pairs.
+
+    Raises:
+        OutputError: ``out_dir`` holds files in the way, or another batch is writing it.
+        BatchInterrupted: Ctrl-C; the summary of the pairs finished was written.
     """
-    import signal
-
-    from distributed import Client, LocalCluster, as_completed
-    from tqdm.auto import tqdm
-
     specs = read_pairs(pairs) if not isinstance(pairs, list) else pairs
     cfg = config or RegistrationConfig()
     out_dir = Path(out_dir)
+    check_batch_folder(specs, out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    remove_stale_temporaries(out_dir)
+    lock = try_lock(out_dir.resolve())
+    if lock is None:
+        raise OutputError(f"another neuralreg batch is writing {out_dir}; wait for it or name another --out")
+    try:
+        check_batch_folder(specs, out_dir)  # again, under the lock
+        results, interrupted = _run(specs, out_dir, cfg, scheduler, workers, threads_per_worker, modality, progress,
+                                    ct_window)  # fmt: skip
+        if interrupted:  # a pair can finish on disk before its result reaches this process: the folder decides
+            reported = {r["pair_id"] for r in results}
+            results += [
+                {**_summary_from_report(out_dir / spec.pair_id), "pair_id": spec.pair_id, "status": "done"}
+                for spec in specs
+                if spec.pair_id not in reported and is_complete(out_dir / spec.pair_id)
+            ]
+        results.sort(key=lambda r: r["pair_id"])
+        with _sigint_deferred():
+            write_summary(results, out_dir, figure=True)
+    finally:
+        lock.release()
+    if interrupted:
+        finished = sum(r["status"] != "failed" for r in results)
+        raise BatchInterrupted(
+            f"interrupted: {finished} of {len(specs)} pairs complete, summary in {out_dir / 'summary.csv'}; "
+            "re-run the same command to finish the rest"
+        )
+    return results
+
+
+def _run(specs, out_dir, cfg, scheduler, workers, threads_per_worker, modality, progress, ct_window):
+    """Submit every pair, collect the rows as they finish (rewriting ``summary.csv`` after
+    each); (rows, whether Ctrl-C stopped it)."""
+    from distributed import as_completed
+    from tqdm.auto import tqdm
+
     n_workers, n_threads = default_workers(cfg.device)
     n_workers, n_threads = workers or n_workers, threads_per_worker or n_threads
     gpu = cfg.device.startswith("cuda")
-    cluster = None
-    if scheduler:
-        client = Client(scheduler)
-    else:
-        # worker processes inherit an ignored SIGINT (it survives exec): Ctrl-C reaches
-        # this process alone, which then stops them cleanly
-        main_thread = _is_main_thread()
-        previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if main_thread else None
-        try:
-            cluster = LocalCluster(
-                n_workers=n_workers,
-                threads_per_worker=1,
-                processes=True,
-                resources={"GPU": 1} if gpu else None,
-                dashboard_address=None,
-                silence_logs=logging.ERROR,
-            )
-        finally:
-            if main_thread:
-                signal.signal(signal.SIGINT, previous)
-        client = Client(cluster)
     results, futures, interrupted = [], [], False
+    client = cluster = None
     try:
+        client, cluster = _client(scheduler, n_workers, gpu)
         futures = [
             client.submit(
                 register_one,
@@ -292,6 +364,7 @@ def register_pairs(
                 cfg.to_dict(),
                 modality,
                 n_threads,
+                tuple(ct_window),
                 pure=False,
                 key=f"register-{spec.pair_id}",
                 resources={"GPU": 1} if gpu else None,
@@ -300,30 +373,71 @@ def register_pairs(
         ]
         with tqdm(total=len(futures), disable=not progress, desc="pairs", unit="pair") as bar:
             for future in as_completed(futures):
-                row = future.result()
-                results.append(row)
+                results.append(future.result())
+                write_summary(sorted(results, key=lambda r: r["pair_id"]), out_dir, figure=False)
                 bar.update(1)
                 bar.set_postfix(failed=sum(r["status"] == "failed" for r in results))
     except KeyboardInterrupt:
         interrupted = True
     finally:
-        _shutdown(client, cluster, futures if interrupted else [])
-    if interrupted:  # a pair can finish on disk before its result reaches this process: the folder decides
-        reported = {r["pair_id"] for r in results}
-        results += [
-            {**_summary_from_report(out_dir / spec.pair_id), "pair_id": spec.pair_id, "status": "done"}
-            for spec in specs
-            if spec.pair_id not in reported and is_complete(out_dir / spec.pair_id)
-        ]
-    results.sort(key=lambda r: r["pair_id"])
-    write_summary(results, out_dir)
-    if interrupted:
-        finished = sum(r["status"] != "failed" for r in results)
-        raise BatchInterrupted(
-            f"interrupted: {finished} of {len(specs)} pairs complete, summary in {out_dir / 'summary.csv'}; "
-            "re-run the same command to finish the rest"
+        with _sigint_deferred():
+            _shutdown(client, cluster, futures if interrupted else [])
+    return results, interrupted
+
+
+def _client(scheduler: str | None, n_workers: int, gpu: bool):
+    """A Dask client: of the scheduler at ``scheduler``, or of a new LocalCluster; (client, cluster or None)."""
+    import signal
+
+    from distributed import Client, LocalCluster
+
+    if scheduler:
+        return Client(scheduler), None
+    # worker processes inherit an ignored SIGINT (it survives exec): Ctrl-C reaches
+    # this process alone, which then stops them cleanly
+    main_thread = _is_main_thread()
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if main_thread else None
+    try:
+        cluster = LocalCluster(
+            n_workers=n_workers,
+            threads_per_worker=1,
+            processes=True,
+            resources={"GPU": 1} if gpu else None,
+            dashboard_address=None,
+            silence_logs=logging.ERROR,
         )
-    return results
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGINT, previous)
+    try:
+        return Client(cluster), cluster
+    except BaseException:
+        cluster.close()
+        raise
+
+
+class _sigint_deferred:
+    """Holds a Ctrl-C back while the summary is written or the workers stopped (main thread only):
+    a second Ctrl-C then cannot leave a run without its summary. It is raised on exit."""
+
+    def __enter__(self):
+        import signal
+
+        self.caught, self.previous = False, None
+        if _is_main_thread():
+            self.previous = signal.signal(signal.SIGINT, self._catch)
+        return self
+
+    def _catch(self, signum, frame):
+        self.caught = True
+
+    def __exit__(self, *exc):
+        import signal
+
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+        if self.caught and exc[0] is None:
+            raise KeyboardInterrupt
 
 
 def _is_main_thread() -> bool:
@@ -338,6 +452,8 @@ def _shutdown(client, cluster, futures) -> None:
 
     for name in ("distributed", "tornado", "asyncio"):
         logging.getLogger(name).setLevel(logging.CRITICAL)
+    if client is None:
+        return
     with contextlib.suppress(Exception):
         if futures:
             client.cancel(futures, force=True)
@@ -348,17 +464,27 @@ def _shutdown(client, cluster, futures) -> None:
             cluster.close(timeout=10)
 
 
-def write_summary(rows: list[dict], out_dir: Path) -> None:
-    """``summary.csv`` (one row per pair) and ``summary.png`` (Dice and folds distributions)."""
+def write_summary(rows: list[dict], out_dir: Path, figure: bool = True) -> None:
+    """``summary.csv`` (one row per pair) and, with ``figure``, ``summary.png`` (Dice and folds
+    distributions); both are listed in ``out_dir``'s manifest as neuralreg's."""
     from neuralreg.io import atomic_write
+    from neuralreg.io.folders import add_to_manifest
 
+    add_to_manifest(out_dir, SUMMARY_FILES, kind="batch")  # listed first: a crash leaves nothing unlisted
     with atomic_write(out_dir / "summary.csv") as tmp:
         with open(tmp, "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=SUMMARY_COLUMNS, extrasaction="ignore")
             writer.writeheader()
             for r in rows:
                 writer.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in SUMMARY_COLUMNS})
+    if figure:
+        _summary_figure(rows, out_dir)
+
+
+def _summary_figure(rows: list[dict], out_dir: Path) -> None:
     import matplotlib
+
+    from neuralreg.io import atomic_write
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -6,12 +6,11 @@ be evaluated with another. Inputs are clamped to [0, 1]^d before any backend see
 
 from __future__ import annotations
 
-import warnings
-
 import torch
 from torch import nn
 
 from neuralreg.config import HashGridConfig
+from neuralreg.errors import InputError
 from neuralreg.fields.hashgrid import level_layout
 from neuralreg.fields.reference import TorchHashGridIndexer, hashgrid_encode_torch
 
@@ -43,13 +42,10 @@ def resolve_backend(backend: str, device: torch.device | str = "cpu") -> str:
             return "native"
         return "torch"
     if backend == "native" and not native.hashgrid_available(device):
-        warnings.warn(
-            f"native hash-grid backend unavailable ({native.status()}); using torch",
-            stacklevel=2,
-        )
-        return "torch"
+        kind = "cuda" if device.type == "cuda" else "cpu"
+        raise InputError(f"native hash-grid backend requested but {native.status(kind)}; use backend auto or torch")
     if backend == "tcnn" and not (device.type == "cuda" and tcnn_backend.is_available()):
-        raise RuntimeError(f"tcnn backend requested but {tcnn_backend.status()} (needs CUDA)")
+        raise InputError(f"tcnn backend requested but {tcnn_backend.status()} (needs CUDA); use backend auto or torch")
     return backend
 
 

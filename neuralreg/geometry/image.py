@@ -10,6 +10,8 @@ import torch.nn.functional as F
 
 from neuralreg.geometry.interpolation import sample_image
 
+GRID_TOLERANCE = 0.05  # voxels: two grids whose corners lie closer than this are the same grid
+
 
 @dataclass
 class Image:
@@ -32,6 +34,8 @@ class Image:
             raise ValueError(f"images must be 2D or 3D, got {d} dimensions")
         if self.affine.shape != (d + 1, d + 1):
             raise ValueError(f"a {d}D image needs a {d + 1}x{d + 1} affine, got {self.affine.shape}")
+        if not np.isfinite(self.affine).all():
+            raise ValueError("the image affine has NaN or Inf entries")
         if abs(np.linalg.det(self.affine[:d, :d])) < 1e-12:
             raise ValueError("the image affine is singular")
 
@@ -58,6 +62,14 @@ class Image:
     def spacing(self) -> np.ndarray:
         d = self.n_dims
         return np.linalg.norm(self.affine[:d, :d], axis=0)
+
+    def grid_offset_mm(self, other: Image) -> float:
+        """The largest distance (mm) between the world positions of this grid's corners and
+        the same voxel indices on ``other``'s grid: 0 for the same grid."""
+        d = self.n_dims
+        corners = np.array(np.meshgrid(*[[0, n - 1] for n in self.shape], indexing="ij")).reshape(d, -1)
+        homog = np.vstack([corners, np.ones((1, corners.shape[1]))])
+        return float(np.linalg.norm((self.affine @ homog - other.affine @ homog)[:d], axis=0).max())
 
     def to(self, device) -> Image:
         return Image(self.data.to(device), self.affine)

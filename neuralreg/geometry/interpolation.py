@@ -34,6 +34,10 @@ def sample_image(
     Returns:
         (N,) for a single-channel image, else (N, C).
     """
+    if mode not in ("linear", "nearest"):
+        raise ValueError(f"mode must be 'linear' or 'nearest', not {mode!r}")
+    if padding not in ("zeros", "border"):
+        raise ValueError(f"padding must be 'zeros' or 'border', not {padding!r}")
     d = points.shape[-1]
     single = image.dim() == d
     img = image.unsqueeze(0) if single else image

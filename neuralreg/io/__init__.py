@@ -25,7 +25,7 @@ import torch
 
 from neuralreg.errors import InputError
 from neuralreg.files import atomic_write, umask  # noqa: F401  (atomic_write: also neuralreg.io's)
-from neuralreg.geometry.image import Image
+from neuralreg.geometry.image import GRID_TOLERANCE, Image
 from neuralreg.geometry.transforms import DisplacementField
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
@@ -34,6 +34,7 @@ LPS = np.array([-1.0, -1.0, 1.0])
 GZIP_MIN_SAVING = 0.2  # compress a .nii.gz only if a sample of it shrinks by this share
 _GZIP_SAMPLES = 8  # evenly spaced pieces of ...
 _GZIP_SAMPLE_BYTES = 1 << 17  # ... 128 KiB each are tried
+DESCRIP = b"written by neuralreg"  # the NIfTI header's description: ``--overwrite`` replaces only such files
 
 
 def _suffix(path: Path) -> str:
@@ -57,7 +58,21 @@ def read_image(path, what: str = "image") -> Image:
         data, affine = _read_raster(path, what)
     else:
         raise InputError(f"{what} {path}: unsupported format {suffix or '(none)'}; use .nii, .nii.gz, .png or .jpg")
-    return Image(torch.from_numpy(np.array(data, copy=True, order="C")), affine)
+    try:
+        return Image(torch.from_numpy(np.array(data, copy=True, order="C")), affine)
+    except ValueError as exc:  # the affine: NaN/Inf (a broken sform or qform) or singular
+        raise InputError(f"{what} {path}: {exc} (see its header's sform and qform)") from None
+
+
+def _slice_affine(affine: np.ndarray) -> np.ndarray:
+    """The 3x3 affine of a 2D slice (voxel axes 0 and 1) from its 4x4 NIfTI affine.
+
+    The slice's two in-plane columns are kept with the two world axes that span them best
+    (the largest 2x2 determinant): the world's z for an axial slice, x for a sagittal one.
+    """
+    rows = max(((0, 1), (0, 2), (1, 2)), key=lambda r: abs(np.linalg.det(affine[np.ix_(r, (0, 1))])))
+    keep = [*rows, 3]
+    return affine[np.ix_(keep, [0, 1, 3])]
 
 
 def _read_nifti(path: Path, what: str):
@@ -74,7 +89,7 @@ def _read_nifti(path: Path, what: str):
     if data.ndim == 3 and data.shape[2] == 1:
         data = data[:, :, 0]
     if data.ndim == 2:
-        affine = np.delete(np.delete(affine, 2, 0), 2, 1)
+        affine = _slice_affine(affine)
     if data.ndim not in (2, 3):
         raise InputError(f"{what} {path} has {data.ndim} dimensions {data.shape}; only 2D and 3D images are supported")
     if min(data.shape) < 2:
@@ -118,8 +133,10 @@ def read_mask(path, what: str = "mask") -> Image:
     return img.with_data(mask)
 
 
-def preprocess(image: Image, modality: str = "mri", ct_window=(40.0, 400.0), percentile: float = 99.9) -> Image:
-    """Intensity normalization to [0, 1].
+def preprocess(
+    image: Image, modality: str = "mri", ct_window=(40.0, 400.0), percentile: float = 99.9, what: str = "image"
+) -> Image:
+    """Intensity normalization to [0, 1] (``what`` names the image in error messages).
 
     - ``mri``: clip to [min, ``percentile``-th percentile], then scale to [0, 1];
     - ``ct``: window (center, width) in HU, clipped to [0, 1];
@@ -127,11 +144,13 @@ def preprocess(image: Image, modality: str = "mri", ct_window=(40.0, 400.0), per
     """
     data = image.data.float()
     if not bool(torch.isfinite(data).all()):
-        raise InputError("image contains NaN or Inf voxels")
+        raise InputError(f"{what} contains NaN or Inf voxels")
     if modality == "none":
         return image.with_data(data)
     if modality == "ct":
-        center, width = ct_window
+        center, width = (float(v) for v in ct_window)
+        if not (np.isfinite(center) and np.isfinite(width) and width > 0):
+            raise InputError(f"CT window must be a finite center and a width > 0, not {center:g} {width:g}")
         return image.with_data(((data - (center - width / 2)) / width).clamp(0, 1))
     if modality != "mri":
         raise InputError(f"unknown modality {modality!r}; use mri, ct or none")
@@ -143,8 +162,60 @@ def preprocess(image: Image, modality: str = "mri", ct_window=(40.0, 400.0), per
     if hi <= lo:
         hi = float(data.max())
     if hi <= lo:
-        raise InputError("image is constant: nothing to register")
+        raise InputError(f"{what} is constant: nothing to register")
     return image.with_data(((data - lo) / (hi - lo)).clamp(0, 1))
+
+
+def check_same_grid(image: Image, reference: Image, what: str, reference_what: str) -> None:
+    """Raise ``InputError`` unless ``image`` lies on ``reference``'s grid (shape and affine)."""
+    if image.shape != reference.shape:
+        raise InputError(f"{what} has shape {image.shape}, {reference_what} {reference.shape}")
+    offset = image.grid_offset_mm(reference)
+    if offset > GRID_TOLERANCE * float(reference.spacing.min()):
+        raise InputError(
+            f"{what} is not on the grid of {reference_what}: same shape, but its voxels lie up to "
+            f"{offset:.3g} mm away (another affine)"
+        )
+
+
+def read_pair(
+    fixed,
+    moving,
+    fixed_labels=None,
+    moving_labels=None,
+    fixed_mask=None,
+    moving_mask=None,
+    modality: str = "mri",
+    ct_window=(40.0, 400.0),
+) -> dict:
+    """Read a pair and its optional label maps and masks from files, checked and preprocessed.
+
+    Returns a dict with ``fixed`` and ``moving`` (``preprocess``-ed, what is registered),
+    ``moving_original`` (as read: what ``warped.nii.gz`` keeps), and ``fixed_labels``,
+    ``moving_labels``, ``fixed_mask``, ``moving_mask`` (``Image`` or None). Label maps and
+    masks must lie on their image's grid (shape and affine). Raises ``InputError``, one
+    line naming the file.
+    """
+    out, paths = {}, {"fixed": fixed, "moving": moving}
+    for key, path in paths.items():
+        original = read_image(path, f"{key} image")
+        out[f"{key}_original"] = original
+        out[key] = preprocess(original, modality, ct_window, what=f"{key} image {path}")
+    if out["fixed"].n_dims != out["moving"].n_dims:
+        raise InputError(f"fixed image is {out['fixed'].n_dims}D but moving image is {out['moving'].n_dims}D")
+    for key, path, reader in (
+        ("fixed_labels", fixed_labels, read_labels),
+        ("moving_labels", moving_labels, read_labels),
+        ("fixed_mask", fixed_mask, read_mask),
+        ("moving_mask", moving_mask, read_mask),
+    ):
+        out[key] = None
+        if path is not None:
+            side = key.split("_")[0]
+            img = reader(path, key.replace("_", " "))
+            check_same_grid(img, out[side], f"{key.replace('_', ' ')} {path}", f"the {side} image {paths[side]}")
+            out[key] = img
+    return out
 
 
 def _affine4(affine: np.ndarray) -> np.ndarray:
@@ -179,6 +250,7 @@ def write_image(image: Image, path, dtype=None) -> None:
     img = nib.Nifti1Image(data, _affine4(image.affine))
     img.set_qform(_affine4(image.affine), code=1)
     img.set_sform(_affine4(image.affine), code=1)
+    img.header["descrip"] = DESCRIP
     _save_nifti(img, path)
 
 
@@ -198,6 +270,7 @@ def write_displacement_field(displacement_ras: torch.Tensor, affine: np.ndarray,
     img.header.set_intent("vector", (), "")
     img.set_qform(_affine4(affine), code=1)
     img.set_sform(_affine4(affine), code=1)
+    img.header["descrip"] = DESCRIP
     _save_nifti(img, path)
 
 

@@ -1,7 +1,7 @@
 """The output folder of ``neuralreg register``, written whole or not at all.
 
 Files (``<fixed grid>`` = the fixed image's grid and affine):
-- ``warped.nii.gz``: moving image warped onto the fixed grid (linear);
+- ``warped.nii.gz``: the moving image, with its intensities as read, warped onto the fixed grid (linear);
 - ``warped_labels.nii.gz``: moving labels warped (nearest), when given;
 - ``displacement_forward.nii.gz``: Phi_AB - x on the fixed grid, ITK/ANTs convention
   (apply it to any moving-space image with antsApplyTransforms or SimpleITK);
@@ -15,16 +15,15 @@ Files (``<fixed grid>`` = the fixed image's grid and affine):
   consistency error, Dice when label maps are given, the global search's result, and
   ``quality``: the self-check's verdict (``good``, ``check`` or ``failed``), its reasons
   and measures (see ``neuralreg.quality``);
-- ``figure.png``: mid slices of fixed, moving, warped, checkerboard, deformed grid, Jacobian.
+- ``figure.png``: mid slices of fixed, moving, warped, checkerboard, deformed grid, Jacobian;
+- ``.neuralreg-manifest.json``: the list of the files above that neuralreg wrote (the
+  folder is replaced, with ``--overwrite``, only while it holds nothing else).
 """
 
 from __future__ import annotations
 
 import json
-import os
 import platform
-import shutil
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -35,6 +34,7 @@ import torch
 from neuralreg.files import json_safe
 from neuralreg.geometry.image import Image
 from neuralreg.io import write_displacement_field, write_image, write_itk_affine
+from neuralreg.io.folders import OutputFolder
 from neuralreg.metrics import dice, percent_folds
 from neuralreg.quality import assess, judge
 from neuralreg.report.figures import registration_figure
@@ -50,17 +50,6 @@ OUTPUT_FILES = (
     "report.json",
     "figure.png",
 )
-
-
-class OutputExists(FileExistsError):
-    pass
-
-
-def prepare_output(out, overwrite: bool) -> Path:
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise OutputExists(f"output folder {out} exists; pass --overwrite to replace it")
-    return out
 
 
 def evaluate(
@@ -113,78 +102,86 @@ def write_outputs(
     extra_report: dict | None = None,
     overwrite: bool = False,
     extra_images: dict | None = None,
+    original_moving: Image | None = None,
 ) -> dict:
-    """Write every output file into ``out`` atomically (a hidden temporary folder renamed at the end).
+    """Write every output file into the folder ``out``, whole or not at all; the report dictionary.
 
-    Returns the report dictionary.
+    ``out`` is a path or an ``OutputFolder`` the caller already holds (checked and locked
+    before the registration, see ``neuralreg.io.folders``): only a folder neuralreg wrote
+    is replaced, with ``overwrite``. ``moving`` and ``fixed`` are the images registered
+    (preprocessed); ``original_moving``, when given, is the moving image as read, whose
+    intensities ``warped.nii.gz`` keeps.
     """
-    out = prepare_output(out, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        t0 = time.perf_counter()
-        # NIfTI files are gzip-compressed in background threads (zlib releases the GIL)
-        # while the next arrays and the figure are computed; .result() re-raises errors
-        with ThreadPoolExecutor(max_workers=2) as pool:
-            writes = []
-            ev = evaluate(reg, moving, fixed, moving_labels, fixed_labels)
-            writes.append(pool.submit(write_image, ev["jacobian"], tmp / "jacobian.nii.gz", dtype=np.float32))
-            warped = reg.warp(moving, mode="linear")
-            writes.append(pool.submit(write_image, warped, tmp / "warped.nii.gz", dtype=np.float32))
-            if ev["warped_labels"] is not None:
-                writes.append(
-                    pool.submit(write_image, ev["warped_labels"], tmp / "warped_labels.nii.gz", dtype=np.int32)
-                )
-            for direction, grid, name in (
-                ("forward", fixed, "displacement_forward.nii.gz"),
-                ("inverse", moving, "displacement_inverse.nii.gz"),
-            ):
-                disp = reg.displacement_on_grid(direction=direction)
-                writes.append(pool.submit(write_displacement_field, disp, grid.affine, tmp / name))
-            write_itk_affine(reg.affine_world(), tmp / "affine.tfm")
-            reg.save(tmp / "registration.pt")
-            for name, img in (extra_images or {}).items():
-                writes.append(pool.submit(write_image, img, tmp / name))
-            phi = reg.map_on_grid(direction="forward")
-            registration_figure(tmp / "figure.png", fixed, moving, warped, phi, ev["jacobian"].data)
-            for w in writes:
-                w.result()
-        report = {
-            "config": reg.config.to_dict(),
-            "versions": _versions(),
-            "timings": {
-                "registration_seconds": reg.info.get("seconds"),
-                "registration_cpu_seconds": reg.info.get("cpu_seconds"),
-                "output_seconds": time.perf_counter() - t0,
-            },
-            "backend": reg.info.get("backend"),
-            "recoveries": reg.info.get("recoveries"),
-            "global_search": reg.info.get("search"),
-            "final_loss_terms": reg.info.get("final"),
-            "affine_world_fixed_to_moving": reg.affine_world().tolist(),
-            "fixed_grid": {"shape": list(fixed.shape), "affine": fixed.affine.tolist()},
-            "moving_grid": {"shape": list(moving.shape), "affine": moving.affine.tolist()},
-            **ev["metrics"],
-            **(extra_report or {}),
-        }
+    if not isinstance(out, OutputFolder):
+        with OutputFolder(out, overwrite) as folder:
+            return write_outputs(
+                folder, reg, moving, fixed, moving_labels, fixed_labels, extra_report, overwrite, extra_images,
+                original_moving,
+            )  # fmt: skip
+    report = {}
+
+    def write(tmp: Path) -> None:
+        report.update(_write_files(tmp, reg, moving, fixed, moving_labels, fixed_labels, extra_images, original_moving))
+        report.update(extra_report or {})
         with open(tmp / "report.json", "w") as f:
             json.dump(json_safe(report), f, indent=2, default=str, allow_nan=False)  # json_safe made arrays lists
-        from neuralreg.files import umask
 
-        os.chmod(tmp, 0o777 & ~umask())
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-        return report
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+    out.commit(write)
+    return report
+
+
+def _write_files(tmp: Path, reg, moving, fixed, moving_labels, fixed_labels, extra_images, original_moving) -> dict:
+    """Every output but ``report.json`` into ``tmp``; the report's entries."""
+    t0 = time.perf_counter()
+    # NIfTI files are gzip-compressed in background threads (zlib releases the GIL)
+    # while the next arrays and the figure are computed; .result() re-raises errors
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        writes = []
+        ev = evaluate(reg, moving, fixed, moving_labels, fixed_labels)
+        writes.append(pool.submit(write_image, ev["jacobian"], tmp / "jacobian.nii.gz", dtype=np.float32))
+        warped = reg.warp(moving, mode="linear")
+        kept = warped if original_moving is None else reg.warp(original_moving, mode="linear")
+        writes.append(pool.submit(write_image, kept, tmp / "warped.nii.gz", dtype=np.float32))
+        if ev["warped_labels"] is not None:
+            writes.append(pool.submit(write_image, ev["warped_labels"], tmp / "warped_labels.nii.gz", dtype=np.int32))
+        for direction, grid, name in (
+            ("forward", fixed, "displacement_forward.nii.gz"),
+            ("inverse", moving, "displacement_inverse.nii.gz"),
+        ):
+            disp = reg.displacement_on_grid(direction=direction)
+            writes.append(pool.submit(write_displacement_field, disp, grid.affine, tmp / name))
+        write_itk_affine(reg.affine_world(), tmp / "affine.tfm")
+        reg.save(tmp / "registration.pt")
+        for name, img in (extra_images or {}).items():
+            writes.append(pool.submit(write_image, img, tmp / name))
+        phi = reg.map_on_grid(direction="forward")
+        registration_figure(tmp / "figure.png", fixed, moving, warped, phi, ev["jacobian"].data)
+        for w in writes:
+            w.result()
+    return {
+        "config": reg.config.to_dict(),
+        "versions": _versions(),
+        "timings": {
+            "registration_seconds": reg.info.get("seconds"),
+            "registration_cpu_seconds": reg.info.get("cpu_seconds"),
+            "output_seconds": time.perf_counter() - t0,
+        },
+        "backend": reg.info.get("backend"),
+        "recoveries": reg.info.get("recoveries"),
+        "global_search": reg.info.get("search"),
+        "final_loss_terms": reg.info.get("final"),
+        "affine_world_fixed_to_moving": reg.affine_world().tolist(),
+        "fixed_grid": {"shape": list(fixed.shape), "affine": fixed.affine.tolist()},
+        "moving_grid": {"shape": list(moving.shape), "affine": moving.affine.tolist()},
+        **ev["metrics"],
+    }
 
 
 def _versions() -> dict:
     import nibabel
 
-    from neuralreg import __version__, backends
+    from neuralreg.fields.encoding import available_backends
+    from neuralreg.version import __version__
 
     return {
         "neuralreg": __version__,
@@ -192,5 +189,5 @@ def _versions() -> dict:
         "numpy": np.__version__,
         "nibabel": nibabel.__version__,
         "python": platform.python_version(),
-        "backends": backends(),
+        "backends": available_backends(),
     }

@@ -152,20 +152,28 @@ def test_existing_scheduler_address(table, tmp_path):
 
 
 def test_incomplete_folders_are_recomputed_and_stale_temporaries_removed(table, tmp_path):
+    from neuralreg.io.folders import write_manifest
+
     out = tmp_path / "out"
     out.mkdir()
-    (out / "p0").mkdir()  # an empty folder: not complete
+    (out / "p0").mkdir()  # an empty folder: nothing to lose, not complete
     (out / "p1").mkdir()
-    (out / "p1" / "report.json").write_text("{truncated")  # unreadable report: not complete
-    stale = out / ".p2.tmp-abc123"  # left by a killed run
+    (out / "p1" / "report.json").write_text("{truncated")  # neuralreg's folder with an unreadable report
+    write_manifest(out / "p1", "registration")
+    stale = out / ".p2.tmp-abc123"  # left by a killed run: its manifest says neuralreg wrote it
     stale.mkdir()
     (stale / "warped.nii.gz").write_bytes(b"partial")
+    write_manifest(stale, "registration", complete=False)
+    look_alike = out / ".p2.tmp-user"  # the same name pattern, not neuralreg's: kept
+    look_alike.mkdir()
+    (look_alike / "data.txt").write_text("mine")
     specs = [s for s in read_pairs(table) if s.pair_id != "broken"]
     rows = {
         r["pair_id"]: r for r in register_pairs(specs, out, RegistrationConfig(**CONFIG), workers=1, progress=False)
     }
     assert {k: r["status"] for k, r in rows.items()} == {"p0": "done", "p1": "done", "p2": "done"}
     assert not stale.exists()
+    assert (look_alike / "data.txt").read_text() == "mine"
     for pid in ("p0", "p1"):
         assert json.loads((out / pid / "report.json").read_text())["dice_after"]["mean"] > 0
     again = register_pairs(specs, out, RegistrationConfig(**CONFIG), workers=1, progress=False)
@@ -175,43 +183,62 @@ def test_incomplete_folders_are_recomputed_and_stale_temporaries_removed(table, 
     assert {r["quality"] for r in summary} <= {"good", "check", "failed"} and all(r["quality"] for r in summary)
 
 
+def _interrupt_table(tmp_path, n=10):
+    """A table whose first pair fails at once (a missing file) and whose others take seconds each."""
+    rows = ["q0,fixed1.nii.gz,missing.nii.gz"]
+    for i in range(1, n):
+        pair = triangles_pair(20 + i, size=40)
+        for key in ("fixed", "moving"):
+            write_image(pair[key], tmp_path / f"{key}{i}.nii.gz")
+        rows.append(f"q{i},fixed{i}.nii.gz,moving{i}.nii.gz")
+    (tmp_path / "pairs.csv").write_text("pair_id,fixed,moving\n" + "\n".join(rows) + "\n")
+    return tmp_path / "pairs.csv"
+
+
+def _summary_rows(path):
+    try:
+        with open(path) as f:
+            return list(csv.DictReader(f))
+    except OSError:
+        return []
+
+
+@pytest.mark.slow
 def test_ctrl_c_gives_one_line_stops_workers_and_keeps_a_summary(tmp_path):
+    """Ctrl-C once the summary lists a pair: the interrupt is sent while the next pairs run.
+
+    The summary is rewritten after every pair, so the test waits for the first row (a pair
+    that fails at once) rather than racing a registration: on a loaded machine the pairs
+    after it still take seconds each, far longer than the Ctrl-C needs to arrive.
+    """
     import os
     import signal
     import subprocess
     import sys
     import time
 
-    rows = []
-    for i in range(
-        10
-    ):  # many more pairs than can finish between the first report and the Ctrl-C, even on a busy machine
-        pair = triangles_pair(20 + i, size=40)
-        for key in ("fixed", "moving"):
-            write_image(pair[key], tmp_path / f"{key}{i}.nii.gz")
-        rows.append(f"q{i},fixed{i}.nii.gz,moving{i}.nii.gz")
-    (tmp_path / "pairs.csv").write_text("pair_id,fixed,moving\n" + "\n".join(rows) + "\n")
+    table = _interrupt_table(tmp_path)
     out = tmp_path / "out"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "neuralreg", "batch", "--pairs", str(tmp_path / "pairs.csv"), "--out", str(out)]
+        [sys.executable, "-m", "neuralreg", "batch", "--pairs", str(table), "--out", str(out)]
         + ["--workers", "1", "--threads-per-worker", "1", "--steps", "300", "--points", "512", "--quiet"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
         start_new_session=True,  # its own process group, as a terminal's foreground job
     )
-    deadline = time.time() + 240
-    while time.time() < deadline and not list(out.glob("q*/report.json")):
-        time.sleep(0.5)
-    assert list(out.glob("q*/report.json")), "no pair finished in time"
+    deadline = time.time() + 600
+    while time.time() < deadline and not _summary_rows(out / "summary.csv") and proc.poll() is None:
+        time.sleep(0.2)
+    assert _summary_rows(out / "summary.csv"), "no summary row in time"
     os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C: the whole foreground group gets SIGINT
-    _, err = proc.communicate(timeout=120)
-    assert len(list(out.glob("q*/report.json"))) < 10, "every pair finished before the Ctrl-C arrived"
+    _, err = proc.communicate(timeout=300)
     assert proc.returncode == 130, err
     lines = [line for line in err.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("neuralreg: interrupted:"), err
     assert "summary" in lines[0] and "Traceback" not in err
-    with open(out / "summary.csv") as f:
-        summary = list(csv.DictReader(f))
+    summary = _summary_rows(out / "summary.csv")
     finished = {p.parent.name for p in out.glob("q*/report.json")}
-    assert finished and {r["pair_id"] for r in summary if r["status"] == "done"} == finished
+    assert len(finished) < 9, "every pair finished: the Ctrl-C did not stop the batch"
+    assert {r["pair_id"] for r in summary if r["status"] == "done"} == finished
+    assert {r["pair_id"]: r["status"] for r in summary}["q0"] == "failed"

@@ -9,6 +9,7 @@ import torch
 
 from neuralreg.cli import main
 from neuralreg.io import read_displacement_field, write_image
+from neuralreg.io.folders import MANIFEST
 from neuralreg.phantoms import knee_phantom_pair, triangles_pair
 
 FAST = ["--steps", "12", "--points", "1024", "--quiet"]
@@ -58,7 +59,8 @@ def test_register_writes_every_output(registered):
         "report.json",
         "figure.png",
     }
-    assert names == expected
+    assert names == expected | {MANIFEST}
+    assert set(json.loads((registered / MANIFEST).read_text())["files"]) == expected  # what --overwrite may replace
 
     def no_nan(token):
         raise AssertionError(f"report.json holds {token}, which is not JSON")
@@ -236,12 +238,12 @@ CASES = {
         lambda f: _register(f, f["good"], f["good"], "--fixed-labels", str(f["float_labels"])),
         "not an integer label map",
     ),
-    "output exists": (lambda f: _register(f, f["good"], f["good"], out=f["dir"]), "exists; pass --overwrite"),
+    "output holds the inputs": (lambda f: _register(f, f["good"], f["good"], out=f["dir"]), "holds the input"),
     "GPU without CUDA": (lambda f: _register(f, f["good"], f["good"], "--device", "cuda"), "no CUDA GPU"),
     "bad config file": (lambda f: _register(f, f["good"], f["good"], "--config", str(f["txt"])), "error"),
     "bad edge fraction": (
         lambda f: _register(f, f["good"], f["good"], "--edge-fraction", "2"),
-        "--edge-fraction must be in [0, 1]",
+        "--edge-fraction: must be in [0, 1], not 2",
     ),
 }
 

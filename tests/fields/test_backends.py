@@ -17,20 +17,25 @@ def test_backends_report_every_backend():
     assert report["torch"].startswith("available")
 
 
-def test_native_disabled_falls_back_to_reference():
+def test_native_disabled_auto_falls_back_and_an_explicit_request_is_an_error():
     code = (
         "import neuralreg, warnings;"
-        "from neuralreg import FieldConfig, NeuralField;"
+        "from neuralreg import FieldConfig, InputError, NeuralField;"
         "print(neuralreg.backends()['native']);"
         "f = NeuralField(2, FieldConfig(backend='auto')); f.set_backend('auto'); print(f.encoding.backend);"
         "warnings.simplefilter('error');"
         "import pytest\n"
-        "with pytest.warns(UserWarning, match='unavailable'): f.set_backend('native')\n"
-        "print(f.encoding.backend)"
+        "with pytest.raises(InputError) as e: f.set_backend('native')\n"
+        "print(e.value)"
     )
     env = {**os.environ, "NEURALREG_NATIVE": "0"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True).stdout
-    assert out.split("\n")[:3] == ["unavailable (disabled by NEURALREG_NATIVE=0)", "torch", "torch"]
+    assert out.split("\n")[:3] == [
+        "unavailable (disabled by NEURALREG_NATIVE=0)",
+        "torch",
+        "native hash-grid backend requested but unavailable (disabled by NEURALREG_NATIVE=0); "
+        "use backend auto or torch",
+    ]
 
 
 @pytest.mark.skipif(not tcnn_backend.is_available(), reason=f"tinycudann backend: {tcnn_backend.status()}")

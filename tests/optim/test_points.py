@@ -114,7 +114,7 @@ def test_each_stage_and_the_affine_fit_draw_their_configured_points(
         steps=8,
         points=1024,
         stage_points=stage_points,
-        stage_fractions=(1, 1, 2),
+        stage_fractions=(0.25, 0.25, 0.5),
         affine_steps=4,
         affine_points=affine_points,
         affine_init="centroid",
