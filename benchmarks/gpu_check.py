@@ -2,16 +2,25 @@
 
     python benchmarks/gpu_check.py --out gpu.json
 
-1. builds the CUDA extension (``native.status("cuda")``, with its build time);
-2. runs the CUDA-parametrized kernel tests (``tests/test_native.py -k cuda``: values,
-   first and second derivatives, Jacobian kernels and warp against the float64 reference);
+1. builds the CUDA extension (``native.status("cuda")``, with its build time; a failed
+   build is a failed step, its first compiler error and log path in the JSON);
+2. runs the CUDA-parametrized kernel tests (``tests/fields/test_native.py -k cuda``:
+   values, first and second derivatives, Jacobian kernels and warp against the float64
+   reference); no test run, or any failure, is a failed step;
 3. times the kernels (medians): hash-grid forward+backward, encoding with Jacobian
    forward+backward, fused warp forward+backward, native and, where installed, tinycudann;
 4. registers an 80x192x192 knee phantom pair on the GPU with the native backend and, where
    installed, tinycudann (whole ``register_pair`` call: wall seconds, seconds per step,
-   bone Dice, quality verdict);
-and writes every number to one JSON file. Exit status 1 if a step failed (the JSON says
-which), 2 if there is no GPU.
+   bone Dice, quality verdict, peak GPU memory);
+5. times the whole ``neuralreg register --device cuda`` command on the knee phantom and,
+   with ``NEURALREG_DATA``, on one IXI brain pair (seconds, Dice, verdict, backend);
+6. counts aten operations and host synchronisations per field step
+   (``benchmarks/step_ops.py``) and keeps a ``torch.profiler`` table of 30 steps;
+and writes every number to one JSON file, rewritten after every step (a time-out keeps what
+ran). Exit status 1 if a step failed (the JSON says which), 2 if there is no GPU.
+
+On a GPU machine without network, carry nibabel (and tqdm, if absent) as wheels: see the
+README, "GPU and tinycudann".
 
 ``--smoke`` runs the same script on the CPU with the emulated CUDA kernels and a small
 pair, to check the script itself on a machine without a GPU.
@@ -54,11 +63,87 @@ def median_ms(fn, device: str, repeats: int = 20, warmup: int = 3) -> float:
 
 
 def run_tests(selection: str) -> dict:
-    cmd = [sys.executable, "-m", "pytest", "-q", str(ROOT / "tests" / "test_native.py"), "-k", selection]
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"]
+    cmd += [str(ROOT / "tests" / "fields" / "test_native.py"), "-k", selection]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     tail = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else proc.stderr.strip()[-300:]
     counts = {k: int(v) for v, k in re.findall(r"(\d+) (passed|failed|skipped|error)", tail)}
-    return {"command": " ".join(cmd[2:]), "exit_code": proc.returncode, "summary": tail, **counts}
+    result = {"command": " ".join(cmd[2:]), "exit_code": proc.returncode, "summary": tail, **counts}
+    if proc.returncode != 0 or not counts.get("passed"):
+        raise RuntimeError(f"kernel tests: {tail} (exit status {proc.returncode})")
+    return result
+
+
+def build(kind: str) -> dict:
+    """Build (or load) the ``kind`` extension; a failed build raises with the compiler's first error."""
+    from neuralreg.fields import native
+
+    t0 = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        status = native.status(kind)
+    if not status.startswith("available"):
+        raise RuntimeError(f"{kind} build: {status}")
+    return {"status": status, "seconds": time.perf_counter() - t0}
+
+
+def cli_register(fixed, moving, out: Path, device: str, extra=()) -> dict:
+    """The whole ``neuralreg register`` command, timed from outside (start-up, load, outputs)."""
+    cmd = [sys.executable, "-m", "neuralreg", "register", "--fixed", str(fixed), "--moving", str(moving)]
+    cmd += ["--out", str(out), "--device", device, "--quiet", *map(str, extra)]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    seconds = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise RuntimeError(f"neuralreg register: exit {proc.returncode}: {proc.stderr.strip()[-300:]}")
+    report = json.loads((out / "report.json").read_text())
+    return {
+        "command_seconds": seconds,
+        "registration_seconds": report["timings"]["registration_seconds"],
+        "backend": report["backend"],
+        "dice_after": (report.get("dice_after") or {}).get("mean"),
+        "quality": report["quality"]["verdict"],
+        "stderr": proc.stderr.strip()[-500:],
+    }
+
+
+def cli_runs(device: str, shape, work: Path) -> dict:
+    """``neuralreg register`` on the knee phantom, and on the first IXI pair with NEURALREG_DATA."""
+    import os
+
+    from neuralreg.io import write_image
+    from neuralreg.phantoms import knee_phantom_pair
+
+    pair = knee_phantom_pair(0, shape=tuple(shape))
+    for key in ("fixed", "moving", "fixed_labels", "moving_labels"):
+        write_image(pair[key], work / f"knee_{key}.nii.gz")
+    labels = [
+        "--fixed-labels",
+        work / "knee_fixed_labels.nii.gz",
+        "--moving-labels",
+        work / "knee_moving_labels.nii.gz",
+    ]
+    out = {"knee_phantom": cli_register(work / "knee_fixed.nii.gz", work / "knee_moving.nii.gz", work / "knee_out",
+                                        device, labels)}  # fmt: skip
+    data = os.environ.get("NEURALREG_DATA")
+    images = sorted((Path(data) / "ixi_brains" / "images").glob("*.nii.gz")) if data else []
+    if len(images) >= 2:
+        labels = [
+            Path(data) / "ixi_brains" / "labels" / p.name.replace(".nii.gz", "_DLMUSE.nii.gz") for p in images[:2]
+        ]
+        extra = ["--fixed-labels", labels[0], "--moving-labels", labels[1]] if all(p.is_file() for p in labels) else []
+        out["ixi_brain"] = cli_register(images[0], images[1], work / "brain_out", device, extra)
+    return out
+
+
+def op_counts(device: str) -> dict:
+    """Aten operations and host synchronisations per field step, and a profiler table of 30 steps."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import step_ops
+
+    counts = step_ops.per_step(device)
+    counts["profile_30_steps"] = step_ops.profile_table(device, 30)
+    return counts
 
 
 def time_kernels(device: str, n: int, backends: list[str]) -> dict:
@@ -157,6 +242,7 @@ def main(argv=None) -> int:
 
     def step(name, fn):
         print(f"gpu_check: {name}...", file=sys.stderr, flush=True)
+        t0 = time.perf_counter()
         try:
             report[name] = fn()
         except Exception as exc:  # keep going; the JSON says what failed
@@ -165,14 +251,14 @@ def main(argv=None) -> int:
                 "traceback": traceback.format_exc(),
             }
             report["failed_steps"].append(name)
+        if isinstance(report[name], dict):
+            report[name]["step_seconds"] = time.perf_counter() - t0
+        args.out.write_text(json.dumps(report, indent=2, default=str))  # after every step: a time-out keeps it
 
-    t0 = time.perf_counter()
     kind = "emulated" if args.smoke else "cuda"
-    step("build", lambda: {"status": native.status(kind), "seconds": time.perf_counter() - t0})
+    step("build", lambda: build(kind))
     report["backends"] = backends()
     step("tests", lambda: run_tests(selection))
-    if isinstance(report.get("tests"), dict) and report["tests"].get("exit_code", 0) != 0:
-        report["failed_steps"].append("tests")
     names = ["native"] + (["tcnn"] if backends().get("tcnn", "").startswith("available") and not args.smoke else [])
 
     def kernels():
@@ -184,7 +270,12 @@ def main(argv=None) -> int:
     step("kernels", kernels)
     for backend in names:
         step(f"register_{backend}", lambda b=backend: register(device, b, shape, steps))
-    args.out.write_text(json.dumps(report, indent=2, default=str))
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as work:
+        cli_extra = shape if args.smoke else args.shape
+        step("cli", lambda: cli_runs(device, cli_extra, Path(work)))
+    step("ops_per_step", lambda: op_counts(device))
     print(f"gpu_check: wrote {args.out}; failed steps: {report['failed_steps'] or 'none'}", file=sys.stderr)
     return 1 if report["failed_steps"] else 0
 

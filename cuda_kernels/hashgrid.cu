@@ -4,6 +4,7 @@
 // CPU twin (pointmath.h). Torch-free: the torch binding lives in native_cuda.cpp. Compiles
 // with nvcc, or as host C++ with NR_EMULATE_CUDA (cuda_compat.h).
 #include "cuda_compat.h"
+#include "launchers.h"
 #include "layout.h"
 #include "pointmath.h"
 
@@ -225,7 +226,7 @@ int launch(int d, Op op, const T* in0, const T* in1, const T* gy, const T* x, co
 
 }  // namespace
 
-// C launchers. Output buffers of the backward passes (gx, gT, g_x, g_T) must be zeroed.
+// C launchers, declared in launchers.h.
 #define NR_HASHGRID_LAUNCHERS(T, SUFFIX)                                                                               \
   int nr_hashgrid_forward_##SUFFIX(int d, const T* x, const T* table, T* y, int64_t n, int F,                          \
                                    const nr::LevelLayout* lay, bool smooth, cudaStream_t s) {                          \

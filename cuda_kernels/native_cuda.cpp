@@ -7,43 +7,24 @@
 #include <vector>
 
 #include "cuda_compat.h"
+#include "launchers.h"
 #include "layout.h"
 #include "ops.h"
 
 #if defined(NR_EMULATE_CUDA)
 #define NR_STREAM nullptr
+#define NR_DEVICE_GUARD(t)
 #define NR_ON_DEVICE(t) (t).device().is_cpu()
 #else
-#include <ATen/cuda/CUDAContext.h>
-#define NR_STREAM NR_STREAM
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+// the tensor's device made current, and torch's current stream on it: the kernels run on
+// the tensors' GPU and queue behind torch's own work there
+#define NR_DEVICE_GUARD(t) const c10::cuda::CUDAGuard nr_device_guard((t).device())
+#define NR_STREAM (c10::cuda::getCurrentCUDAStream().stream())
 #define NR_ON_DEVICE(t) (t).is_cuda()
 #endif
 
-extern "C" {
-int nr_hashgrid_forward_f32(int, const float*, const float*, float*, int64_t, int, const nr::LevelLayout*, bool,
-                            cudaStream_t);
-int nr_hashgrid_forward_f64(int, const double*, const double*, double*, int64_t, int, const nr::LevelLayout*, bool,
-                            cudaStream_t);
-int nr_hashgrid_backward_f32(int, const float*, const float*, const float*, float*, float*, int64_t, int,
-                             const nr::LevelLayout*, bool, cudaStream_t);
-int nr_hashgrid_backward_f64(int, const double*, const double*, const double*, double*, double*, int64_t, int,
-                             const nr::LevelLayout*, bool, cudaStream_t);
-int nr_hashgrid_double_backward_f32(int, const float*, const float*, const float*, const float*, const float*, float*,
-                                    float*, float*, int64_t, int, const nr::LevelLayout*, bool, cudaStream_t);
-int nr_hashgrid_double_backward_f64(int, const double*, const double*, const double*, const double*, const double*,
-                                    double*, double*, double*, int64_t, int, const nr::LevelLayout*, bool,
-                                    cudaStream_t);
-int nr_hashgrid_forward_jacobian_f32(int, const float*, const float*, float*, float*, int64_t, int,
-                                     const nr::LevelLayout*, bool, cudaStream_t);
-int nr_hashgrid_forward_jacobian_f64(int, const double*, const double*, double*, double*, int64_t, int,
-                                     const nr::LevelLayout*, bool, cudaStream_t);
-int nr_hashgrid_jacobian_backward_f32(int, const float*, const float*, const float*, const float*, float*, float*,
-                                      int64_t, int, const nr::LevelLayout*, bool, cudaStream_t);
-int nr_hashgrid_jacobian_backward_f64(int, const double*, const double*, const double*, const double*, double*,
-                                      double*, int64_t, int, const nr::LevelLayout*, bool, cudaStream_t);
-int nr_warp_f32(int, const float*, const int64_t*, const float*, float*, float*, int64_t, cudaStream_t);
-int nr_warp_f64(int, const double*, const int64_t*, const double*, double*, double*, int64_t, cudaStream_t);
-}
 
 namespace {
 
@@ -90,6 +71,7 @@ torch::Tensor hashgrid_forward(torch::Tensor x, torch::Tensor table, std::vector
   const int64_t n = x.size(0);
   const int F = (int)table.size(1), d = (int)x.size(1);
   auto y = torch::empty({n, lay.n_levels * F}, x.options());
+  NR_DEVICE_GUARD(x);
   auto stream = NR_STREAM;
   if (x.scalar_type() == torch::kFloat64)
     check_status(nr_hashgrid_forward_f64(d, x.data_ptr<double>(), table.data_ptr<double>(), y.data_ptr<double>(), n,
@@ -113,6 +95,7 @@ std::vector<torch::Tensor> hashgrid_backward(torch::Tensor gy, torch::Tensor x, 
   const int F = (int)table.size(1), d = (int)x.size(1);
   auto gx = torch::zeros_like(x);
   auto gT = torch::zeros_like(table);
+  NR_DEVICE_GUARD(x);
   auto stream = NR_STREAM;
   if (x.scalar_type() == torch::kFloat64)
     check_status(nr_hashgrid_backward_f64(d, gy.data_ptr<double>(), x.data_ptr<double>(), table.data_ptr<double>(),
@@ -143,6 +126,7 @@ std::vector<torch::Tensor> hashgrid_double_backward(c10::optional<torch::Tensor>
   auto g_gy = torch::zeros_like(gy);
   auto g_x = torch::zeros_like(x);
   auto g_T = torch::zeros_like(table);
+  NR_DEVICE_GUARD(x);
   auto stream = NR_STREAM;
   if (x.scalar_type() == torch::kFloat64)
     check_status(nr_hashgrid_double_backward_f64(
@@ -169,6 +153,7 @@ std::vector<torch::Tensor> hashgrid_forward_jacobian(torch::Tensor x, torch::Ten
   const int F = (int)table.size(1), d = (int)x.size(1);
   auto y = torch::empty({n, lay.n_levels * F}, x.options());
   auto jac = torch::empty({n, lay.n_levels * F, d}, x.options());
+  NR_DEVICE_GUARD(x);
   auto stream = NR_STREAM;
   if (x.scalar_type() == torch::kFloat64)
     check_status(nr_hashgrid_forward_jacobian_f64(d, x.data_ptr<double>(), table.data_ptr<double>(),
@@ -196,6 +181,7 @@ std::vector<torch::Tensor> hashgrid_jacobian_backward(torch::Tensor gy, torch::T
   const int F = (int)table.size(1), d = (int)x.size(1);
   auto g_x = need_x ? torch::zeros_like(x) : torch::Tensor();
   auto g_T = need_table ? torch::zeros_like(table) : torch::Tensor();
+  NR_DEVICE_GUARD(x);
   auto stream = NR_STREAM;
   if (x.scalar_type() == torch::kFloat64)
     check_status(nr_hashgrid_jacobian_backward_f64(d, gy.data_ptr<double>(), gjac.data_ptr<double>(),
@@ -221,6 +207,7 @@ std::vector<torch::Tensor> warp_forward(torch::Tensor image, torch::Tensor point
   int64_t shape[3] = {image.size(0), image.size(1), d == 3 ? image.size(2) : 1};
   auto values = torch::empty({n}, points.options());
   auto grads = with_gradient ? torch::empty({n, d}, points.options()) : torch::Tensor();
+  NR_DEVICE_GUARD(points);
   auto stream = NR_STREAM;
   if (points.scalar_type() == torch::kFloat64)
     check_status(nr_warp_f64(d, image.data_ptr<double>(), shape, points.data_ptr<double>(), values.data_ptr<double>(),

@@ -2,6 +2,7 @@
 // voxel-index points, in one pass (pointmath.h's sample_with_gradient, the same function as the CPU twin). Compiles
 // with nvcc, or as host C++ with NR_EMULATE_CUDA (cuda_compat.h).
 #include "cuda_compat.h"
+#include "launchers.h"
 #include "pointmath.h"
 
 namespace {

@@ -28,3 +28,8 @@ class ConfigError(ValueError):
     def __init__(self, key: str, message: str):
         super().__init__(f"{key}: {message}")
         self.key = key
+
+
+class NativeBuildWarning(UserWarning):
+    """A native kernel build that should have worked failed: the PyTorch reference runs instead
+    (the message names the compiler's first error and the full log's path)."""

@@ -499,6 +499,19 @@ def _version() -> str:
     return f"neuralreg {__version__}"
 
 
+_SHOW_WARNING = warnings.showwarning
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None):
+    """neuralreg's own warnings as one ``neuralreg: warning:`` line; others as Python shows them."""
+    from neuralreg.errors import NativeBuildWarning
+
+    if issubclass(category, NativeBuildWarning):
+        print(f"neuralreg: warning: {message}", file=sys.stderr)
+    else:
+        _SHOW_WARNING(message, category, filename, lineno, file, line)
+
+
 class Terminated(KeyboardInterrupt):
     """SIGTERM, raised where the program is, so that the same clean-up as for Ctrl-C runs."""
 
@@ -514,6 +527,7 @@ def main(argv=None) -> int:
 
     # the self-check's verdict is printed once, from the report (``_warn_quality``)
     warnings.filterwarnings("ignore", category=RegistrationWarning)
+    warnings.showwarning = _show_warning
     previous = None
     if threading.current_thread() is threading.main_thread():
         previous = signal.signal(signal.SIGTERM, _on_sigterm)

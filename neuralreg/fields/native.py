@@ -13,8 +13,10 @@ of this CPU's instruction-set flags, as it is built with ``-march=native``, so a
 shared by different nodes never loads a binary on a CPU that cannot run it), never during
 ``pip install``: pip may build in an isolated environment where importing torch would
 fetch another one. The sources ship inside the package (``neuralreg/_kernels`` in a
-wheel). If a build fails, the PyTorch reference runs, with one warning, and
-``neuralreg.backends()`` says why. Set ``NEURALREG_NATIVE=0`` to never try.
+wheel). If a build fails, the PyTorch reference runs, with one ``NativeBuildWarning`` that
+names the compiler's first error and the file holding the whole build output, and
+``neuralreg.backends()`` says the same; an explicitly requested ``native`` backend is then an
+error. Set ``NEURALREG_NATIVE=0`` to never try.
 
 Exposed operations (same semantics as the references, tested against them):
 - ``hashgrid_encode(x, table, layout, smoothstep)``: differentiable to second order in
@@ -37,6 +39,8 @@ from pathlib import Path
 
 import torch
 
+from neuralreg.errors import NativeBuildWarning
+
 _lock = threading.Lock()
 _modules: dict = {}
 _errors: dict = {}
@@ -45,7 +49,11 @@ KINDS = ("cpu", "cuda", "emulated")
 
 
 def kernels_dir() -> Path | None:
-    """The kernel sources: ``cuda_kernels/`` of a checkout, or ``neuralreg/_kernels`` of a wheel."""
+    """The kernel sources: ``$NEURALREG_KERNELS_DIR`` where set (kernel development; pair it with
+    its own ``TORCH_EXTENSIONS_DIR``), else ``cuda_kernels/`` of a checkout or ``neuralreg/_kernels``
+    of a wheel."""
+    if os.environ.get("NEURALREG_KERNELS_DIR"):
+        return Path(os.environ["NEURALREG_KERNELS_DIR"])
     package = Path(__file__).resolve().parents[1]  # neuralreg/
     for candidate in (package.parent / "cuda_kernels", package / "_kernels"):
         if (candidate / "ops.h").is_file():
@@ -130,14 +138,38 @@ def _load(kind: str = "cpu"):
         try:
             _modules[kind] = _build(kind, src)
         except Exception as exc:  # compiler, ninja or CUDA toolkit missing, build error
-            first = str(exc).splitlines()[0] if str(exc) else ""
-            _errors[kind] = f"build failed ({type(exc).__name__}: {first})"
+            log = _keep_build_log(kind, f"{type(exc).__name__}: {exc}")
+            _errors[kind] = f"build failed ({first_error(str(exc)) or type(exc).__name__}; full log: {log})"
             if kind == "cpu" or (kind == "cuda" and torch.cuda.is_available()):
                 warnings.warn(
-                    f"neuralreg native {kind} kernels unavailable, the slower PyTorch reference runs: {_errors[kind]}",
+                    f"native {kind.upper()} kernels unavailable, the slower PyTorch reference runs: {_errors[kind]}",
+                    NativeBuildWarning,
                     stacklevel=3,
                 )
     return _modules.get(kind)
+
+
+def first_error(text: str) -> str:
+    """The compiler's first error line in a build's output (``file:line: error: ...``), else its first line."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    for line in lines:
+        if "error:" in line:  # g++ (file:line:col: error: ...) and nvcc (file(line): error: ...) alike
+            return line[:300]
+    return lines[0][:300] if lines else ""
+
+
+def _keep_build_log(kind: str, text: str) -> str:
+    """Write a failed build's whole output where torch keeps its extensions; the file's path."""
+    from torch.utils.cpp_extension import get_default_build_root
+
+    folder = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())
+    path = folder / f"neuralreg_native_{kind}_build_error.log"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        path.write_text(text + "\n")
+    except OSError:
+        return "(not written)"
+    return str(path)
 
 
 def status(kind: str = "cpu") -> str:

@@ -46,7 +46,7 @@ def check_geometry(image: Image, name: str, cfg: RegistrationConfig) -> None:
     """Raise ``InputError`` for a grid the registration cannot work on: too few voxels for
     its coarsest level, voxels of absurd aspect, or (with the global search) a field of view
     far thinner along one axis than along the others."""
-    coarsest = max(*cfg.pyramid, *(cfg.affine_pyramid if cfg.affine_steps else ()))
+    coarsest = max((*cfg.pyramid, *(cfg.affine_pyramid if cfg.affine_steps else ())))
     need = max(4, 2 * coarsest)
     if min(image.shape) < need:
         raise InputError(

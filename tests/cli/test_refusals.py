@@ -322,3 +322,9 @@ def test_warp_names_the_input_whose_dimensions_differ(saved, tmp_path, capsys):
     code = main([*argv, "--image", str(tmp_path / "flat.nii.gz")])
     _one_line_error(capsys, code, "--image is 2D but the transform is 3D")
     assert not (tmp_path / "w.nii.gz").exists()
+
+
+def test_a_single_level_pyramid_passes_the_geometry_check():
+    pair = triangles_pair(1, size=24)
+    cfg = {**TINY, "pyramid": [1], "stage_fractions": [1.0], "affine_steps": 0}
+    assert register_pair(pair["moving"], pair["fixed"], cfg).config.pyramid == (1,)

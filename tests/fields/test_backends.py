@@ -3,6 +3,7 @@
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -54,3 +55,37 @@ def test_tcnn_matches_reference(interp):
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(ggot, gref, rtol=1e-3, atol=1e-3)
     assert FieldConfig(backend="tcnn").backend == "tcnn"
+
+
+@pytest.mark.slow
+def test_a_failed_build_is_loud_and_names_the_compilers_first_error(tmp_path):
+    """A kernel source that does not compile: one warning line with the compiler's error and
+    the log's path, the reference runs, and report.json says which backend ran."""
+    import json
+    import shutil
+
+    from neuralreg.fields import native
+    from neuralreg.io import write_image
+    from neuralreg.phantoms import triangles_pair
+
+    broken = tmp_path / "kernels"
+    shutil.copytree(native.kernels_dir(), broken)
+    source = broken / "native_cpu.cpp"
+    source.write_text(source.read_text().replace("namespace {", "namespace { this_is_not_cpp;", 1))
+    pair = triangles_pair(1, size=24)
+    write_image(pair["fixed"], tmp_path / "f.nii.gz")
+    env = {**os.environ, "NEURALREG_KERNELS_DIR": str(broken), "TORCH_EXTENSIONS_DIR": str(tmp_path / "ext")}
+    cmd = [sys.executable, "-m", "neuralreg", "register", "--fixed", str(tmp_path / "f.nii.gz")]
+    cmd += ["--moving", str(tmp_path / "f.nii.gz"), "--out", str(tmp_path / "o"), "--steps", "3", "--quiet"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stderr
+    warned = [line for line in proc.stderr.splitlines() if "native CPU kernels unavailable" in line]
+    assert len(warned) == 1 and warned[0].startswith("neuralreg: warning:"), proc.stderr
+    assert "native_cpu.cpp" in warned[0] and "error:" in warned[0] and "this_is_not_cpp" in warned[0]
+    log = Path(warned[0].split("full log: ")[1].rstrip(")"))
+    assert log.is_file() and "this_is_not_cpp" in log.read_text()
+    assert json.loads((tmp_path / "o" / "report.json").read_text())["backend"] == "torch"
+    cmd[cmd.index("--out") + 1] = str(tmp_path / "o2")
+    explicit = subprocess.run([*cmd, "--backend", "native"], capture_output=True, text=True, env=env)
+    assert explicit.returncode == 2 and "native hash-grid backend requested but unavailable" in explicit.stderr
+    assert not (tmp_path / "o2").exists()

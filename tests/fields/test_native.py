@@ -5,8 +5,11 @@
 where there is a GPU, on the CUDA kernels themselves.
 """
 
+import os
+
 import pytest
 import torch
+from torch.utils import cpp_extension
 
 from neuralreg import FieldConfig, HashGridConfig, HashGridEncoding, NeuralField
 from neuralreg.fields import native
@@ -15,25 +18,25 @@ from neuralreg.geometry.interpolation import sample_image
 from neuralreg.losses import regularizers
 from neuralreg.testing import check_derivatives
 
-pytestmark = pytest.mark.skipif(not native.hashgrid_available("cpu"), reason=f"native CPU kernels: {native.status()}")
+# A build that should work here is tested, never skipped: the CPU twin and the emulated
+# CUDA kernels need only a C++ compiler; the CUDA build wherever torch sees a GPU and a
+# CUDA toolkit is installed. A failed build fails these tests with the compiler's first
+# error (``native.status``).
+pytestmark = pytest.mark.skipif(
+    os.environ.get("NEURALREG_NATIVE") == "0", reason="native kernels switched off (NEURALREG_NATIVE=0)"
+)
+GPU_BUILD = torch.cuda.is_available() and cpp_extension.CUDA_HOME is not None
 
 DEVICES = [
     "cpu",
-    pytest.param(
-        "emulated",
-        marks=pytest.mark.skipif(
-            not native.hashgrid_available("cpu") or native._load("emulated") is None,
-            reason=f"emulated CUDA kernels: {native._errors.get('emulated')}",
-        ),
-    ),
-    pytest.param(
-        "cuda",
-        marks=pytest.mark.skipif(
-            not torch.cuda.is_available() or not native.hashgrid_available("cuda"),
-            reason="native CUDA kernels need a GPU and a CUDA build of torch",
-        ),
-    ),
+    "emulated",
+    pytest.param("cuda", marks=pytest.mark.skipif(not GPU_BUILD, reason="no GPU, or no CUDA toolkit (nvcc)")),
 ]
+
+
+def test_the_builds_that_should_work_here_do():
+    for kind in ("cpu", "emulated") + (("cuda",) if GPU_BUILD else ()):
+        assert native.status(kind).startswith("available"), f"{kind}: {native.status(kind)}"
 
 
 @pytest.fixture(params=DEVICES)
@@ -276,8 +279,6 @@ def test_every_build_exposes_the_same_ops():
     """One op table (cuda_kernels/ops.h): CPU twin, CUDA sources compiled for emulation and, with a GPU, CUDA."""
     cpu = native.ops("cpu")
     assert "hashgrid_forward_jacobian" in cpu and "hashgrid_jacobian_backward" in cpu and "warp_forward" in cpu
-    if native._load("emulated") is None:
-        pytest.skip(f"emulated CUDA kernels: {native.status('emulated')}")
     assert native.ops("emulated") == cpu
-    if torch.cuda.is_available() and native.hashgrid_available("cuda"):
+    if GPU_BUILD:
         assert native.ops("cuda") == cpu

@@ -1,0 +1,106 @@
+"""Operations and host synchronisations per step of the fields' stage, counted on any device.
+
+A GPU step built of hundreds of small kernels is bound by the host (Python and launches),
+and a step that reads a value back (``.item()``, ``nonzero``, a data-dependent shape) waits
+for the GPU. This counts both without a GPU: two registrations of one generated pair that
+differ only in their number of field steps run under a ``TorchDispatchMode`` that counts
+every aten operation and those that synchronise with the host; the difference divided by
+the difference in steps is the count per step, the fixed costs (set-up, outputs) cancelled.
+
+    python benchmarks/step_ops.py [--device cpu|cuda] [--json ops.json] [--profile 30]
+
+``--profile N`` adds a ``torch.profiler`` table of N steps (self time, top operations).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import sys
+from pathlib import Path
+
+from torch.utils._python_dispatch import TorchDispatchMode
+
+# aten operations whose result the host must wait for (a value or a shape read back)
+SYNCING = ("_local_scalar_dense", "nonzero", "item", "masked_select", "unique", "_unique2", "equal", "is_nonzero")
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts every aten operation dispatched, and those in ``SYNCING``, by name."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops: collections.Counter = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops[func.overloadpacket.__name__] += 1
+        return func(*args, **(kwargs or {}))
+
+    def syncs(self) -> dict:
+        return {name: n for name, n in self.ops.items() if any(name.startswith(s) for s in SYNCING)}
+
+
+def _register(steps: int, device: str, shape=(24, 48, 48)):
+    from neuralreg import RegistrationConfig, register_pair
+    from neuralreg.phantoms import knee_phantom_pair
+
+    pair = knee_phantom_pair(0, shape=shape)
+    cfg = RegistrationConfig(
+        steps=steps, affine_steps=0, pyramid=(1,), stage_fractions=(1.0,), device=device, progress=False, seed=0
+    )
+    counter = OpCounter()
+    import warnings
+
+    with warnings.catch_warnings(), counter:
+        warnings.simplefilter("ignore")
+        register_pair(pair["moving"], pair["fixed"], cfg)
+    return counter
+
+
+def per_step(device: str = "cpu", steps=(20, 40)) -> dict:
+    """Aten operations and host synchronisations per field step (one pyramid stage, no affine part)."""
+    a, b = (_register(n, device) for n in steps)
+    span = steps[1] - steps[0]
+    ops = {k: (b.ops[k] - a.ops[k]) / span for k in b.ops if b.ops[k] != a.ops[k]}
+    syncs = {k: (b.syncs().get(k, 0) - a.syncs().get(k, 0)) / span for k in b.syncs()}
+    return {
+        "device": device,
+        "ops_per_step": sum(ops.values()),
+        "syncs_per_step": sum(syncs.values()),
+        "syncs_by_op": {k: v for k, v in syncs.items() if v},
+        "top_ops": dict(sorted(ops.items(), key=lambda kv: -kv[1])[:25]),
+    }
+
+
+def profile_table(device: str = "cpu", steps: int = 30, rows: int = 30) -> str:
+    """``torch.profiler``'s table (self time) over a registration of ``steps`` field steps."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
+    _register(5, device)  # warm-up: kernels built, caches filled
+    with profile(activities=activities) as prof:
+        _register(steps, device)
+    key = "self_cuda_time_total" if device.startswith("cuda") else "self_cpu_time_total"
+    return prof.key_averages().table(sort_by=key, row_limit=rows)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--json", type=Path, help="write the counts here")
+    p.add_argument("--profile", type=int, default=0, help="also print a torch.profiler table of this many steps")
+    args = p.parse_args(argv)
+    counts = per_step(args.device)
+    print(json.dumps({k: v for k, v in counts.items() if k != "top_ops"}, indent=1))
+    for name, n in counts["top_ops"].items():
+        print(f"  {n:8.1f}  {name}")
+    if args.json:
+        args.json.write_text(json.dumps(counts, indent=1))
+    if args.profile:
+        print(profile_table(args.device, args.profile), file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,44 @@
+// The C launchers of the CUDA kernels: defined in hashgrid.cu and warp.cu, called by the
+// torch binding native_cuda.cpp. Both sides include this one header, so a signature that
+// changes on one side only is a compile error (C functions cannot be overloaded), not a
+// silent mismatch at link or run time.
+//
+// Output buffers of the backward passes (gx, gT, g_x, g_T, g_gy) must be zeroed. Every
+// launcher returns 0 or the CUDA error of its launch (-1: unsupported dimension).
+#pragma once
+
+#include <stdint.h>
+
+#include "cuda_compat.h"
+#include "layout.h"
+
+extern "C" {
+int nr_hashgrid_forward_f32(int d, const float* x, const float* table, float* y, int64_t n, int F,
+                            const nr::LevelLayout* lay, bool smooth, cudaStream_t s);
+int nr_hashgrid_forward_f64(int d, const double* x, const double* table, double* y, int64_t n, int F,
+                            const nr::LevelLayout* lay, bool smooth, cudaStream_t s);
+int nr_hashgrid_backward_f32(int d, const float* gy, const float* x, const float* table, float* gx, float* gT,
+                             int64_t n, int F, const nr::LevelLayout* lay, bool smooth, cudaStream_t s);
+int nr_hashgrid_backward_f64(int d, const double* gy, const double* x, const double* table, double* gx, double* gT,
+                             int64_t n, int F, const nr::LevelLayout* lay, bool smooth, cudaStream_t s);
+int nr_hashgrid_double_backward_f32(int d, const float* ggx, const float* ggT, const float* gy, const float* x,
+                                    const float* table, float* g_gy, float* g_x, float* g_T, int64_t n, int F,
+                                    const nr::LevelLayout* lay, bool smooth, cudaStream_t s);
+int nr_hashgrid_double_backward_f64(int d, const double* ggx, const double* ggT, const double* gy, const double* x,
+                                    const double* table, double* g_gy, double* g_x, double* g_T, int64_t n, int F,
+                                    const nr::LevelLayout* lay, bool smooth, cudaStream_t s);
+int nr_hashgrid_forward_jacobian_f32(int d, const float* x, const float* table, float* y, float* jac, int64_t n,
+                                     int F, const nr::LevelLayout* lay, bool smooth, cudaStream_t s);
+int nr_hashgrid_forward_jacobian_f64(int d, const double* x, const double* table, double* y, double* jac, int64_t n,
+                                     int F, const nr::LevelLayout* lay, bool smooth, cudaStream_t s);
+int nr_hashgrid_jacobian_backward_f32(int d, const float* gy, const float* gjac, const float* x, const float* table,
+                                      float* g_x, float* g_T, int64_t n, int F, const nr::LevelLayout* lay,
+                                      bool smooth, cudaStream_t s);
+int nr_hashgrid_jacobian_backward_f64(int d, const double* gy, const double* gjac, const double* x,
+                                      const double* table, double* g_x, double* g_T, int64_t n, int F,
+                                      const nr::LevelLayout* lay, bool smooth, cudaStream_t s);
+int nr_warp_f32(int d, const float* image, const int64_t* shape, const float* points, float* values, float* grads,
+                int64_t n, cudaStream_t s);
+int nr_warp_f64(int d, const double* image, const int64_t* shape, const double* points, double* values,
+                double* grads, int64_t n, cudaStream_t s);
+}
