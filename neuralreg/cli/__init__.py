@@ -166,6 +166,14 @@ def _read_config(path: Path) -> RegistrationConfig:
         raise CLIError(f"--config {path}: {exc}") from None
 
 
+def _use_threads(threads: int | None) -> None:
+    """``--threads`` for the whole command (reading and writing too, not only the registration)."""
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
 def _check_device(device: str) -> None:
     import torch
 
@@ -180,6 +188,7 @@ def cmd_register(args) -> int:
 
     cfg = _build_config(args)
     _check_device(cfg.device)
+    _use_threads(cfg.threads)
     t0 = time.perf_counter()
     _, report = register_files(
         args.fixed,
@@ -335,6 +344,7 @@ def cmd_demo(args) -> int:
         )
     except ConfigError as exc:
         raise _config_error(exc, args, {"steps", "threads", "seed"}) from None
+    _use_threads(cfg.threads)
     with OutputFolder(args.out, args.overwrite, kind="demo") as folder:
         print("generating a knee-like phantom pair (femur, tibia, cartilage; known smooth deformation)")
         pair = knee_phantom_pair(args.seed)

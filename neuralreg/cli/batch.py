@@ -150,21 +150,26 @@ def register_one(
 
         from neuralreg.errors import RegistrationWarning
 
-        warnings.filterwarnings("ignore", category=RegistrationWarning)  # the verdict goes to the summary
-        torch.set_num_threads(max(1, threads))
         cfg = RegistrationConfig.from_dict({**config, "progress": False, "threads": max(1, threads)})
         cfg.device = _worker_device(cfg.device)
-        register_files(
-            spec.fixed,
-            spec.moving,
-            out,
-            cfg,
-            **{k: getattr(spec, k) for k in INPUT_KEYS[2:]},
-            modality=modality,
-            ct_window=ct_window,
-            overwrite=True,  # replaces only a folder neuralreg wrote (checked before the batch started)
-            extra_report={"options": options},
-        )
+        previous_threads = torch.get_num_threads()  # the whole pair (reading, outputs too) on its share of cores
+        torch.set_num_threads(cfg.threads)
+        try:
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", category=RegistrationWarning)  # the verdict goes to the summary
+                register_files(
+                    spec.fixed,
+                    spec.moving,
+                    out,
+                    cfg,
+                    **{k: getattr(spec, k) for k in INPUT_KEYS[2:]},
+                    modality=modality,
+                    ct_window=ct_window,
+                    overwrite=True,  # replaces only a folder neuralreg wrote (checked before the batch started)
+                    extra_report={"options": options},
+                )
+        finally:
+            torch.set_num_threads(previous_threads)
         return {
             **_summary_from_report(out),
             "pair_id": spec.pair_id,

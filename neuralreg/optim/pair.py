@@ -10,6 +10,7 @@ normalized box, device) is one ``_Pair``.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import math
@@ -382,12 +383,30 @@ def register_pair(
     if device.type == "cuda" and not torch.cuda.is_available():
         raise InputError(f"device {cfg.device!r} requested but no CUDA GPU is available")
     check_memory(cfg, moving, fixed, device)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    with _process_state(cfg, device):
+        return _register(cfg, moving, fixed, moving_mask, fixed_mask, device)
+
+
+@contextlib.contextmanager
+def _process_state(cfg: RegistrationConfig, device: torch.device):
+    """The run's thread count (``cfg.threads``) and seed (``cfg.seed``: the fields'
+    initialization), with the caller's thread count and random state restored afterwards:
+    a library call leaves the process as it found it."""
+    threads = torch.get_num_threads()
+    with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        torch.manual_seed(cfg.seed)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(threads)
+
+
+def _register(cfg, moving, fixed, moving_mask, fixed_mask, device) -> Registration:
+    """``register_pair``'s run on checked inputs: global alignment, fields, result, self-check."""
     d = fixed.n_dims
     t_start, cpu_start = time.perf_counter(), time.process_time()
-
-    torch.manual_seed(cfg.seed)
     phi_ab = NeuralField(d, cfg.field).to(device)
     phi_ba = NeuralField(d, cfg.field).to(device)
     for f in (phi_ab, phi_ba):
@@ -461,7 +480,7 @@ def register_pair(
     quality = assess(reg, original_moving, fixed, fixed_mask=None if scored is None else scored.data > 0)
     info["quality"] = quality.to_dict()
     if quality.verdict != "good":
-        warnings.warn(f"registration quality {quality.summary()}", RegistrationWarning, stacklevel=3)
+        warnings.warn(f"registration quality {quality.summary()}", RegistrationWarning, stacklevel=4)
     return reg
 
 

@@ -151,3 +151,22 @@ def test_masks_restrict_sampling_and_empty_mask_rejected():
     mask = Image((pair["fixed_labels"].data > 0).float(), pair["fixed"].affine)
     reg = register_pair(pair["moving"], pair["fixed"], quick_config(steps=5), fixed_mask=mask)
     assert len([h for h in reg.history if h["part"] == "fields"]) == 5
+
+
+@pytest.mark.filterwarnings("ignore::neuralreg.RegistrationWarning")
+def test_register_pair_leaves_the_process_as_it_found_it():
+    """No process-wide side effects: the caller's thread count and random state are restored,
+    and the result is the same whatever the caller's random state was."""
+    pair = triangles_pair(2, size=32)
+    cfg = dict(steps=6, points=256, regularizer_points=64, affine_steps=4, progress=False, threads=1, seed=5)
+    before_threads = torch.get_num_threads()
+    assert before_threads != 1, "the test needs a caller thread count other than the config's"
+    torch.manual_seed(123)
+    expected_next = torch.rand(3)
+    torch.manual_seed(123)
+    first = register_pair(pair["moving"], pair["fixed"], cfg)
+    assert torch.get_num_threads() == before_threads
+    torch.testing.assert_close(torch.rand(3), expected_next, rtol=0, atol=0)
+    torch.manual_seed(999)  # another caller state: the same registration
+    second = register_pair(pair["moving"], pair["fixed"], cfg)
+    assert first.history[-1]["loss"] == second.history[-1]["loss"]
