@@ -41,7 +41,7 @@ setup(
         # distribution, eval/ (neuralreg-eval): pip install -e "./eval[baselines]"
         # cohort registration (neuralreg batch)
         "batch": ["dask[distributed]>=2024.1"],
-        # tinycudann: install by hand on a CUDA machine, see README ("GPU and tinycudann")
+        # tinycudann: install by hand on a CUDA machine, see docs/kernels.md ("GPU and tinycudann")
         "tcnn": [],
         # icon-registration pins torchvision, which has no CPU build here: install it with --no-deps
         "compare": [],
