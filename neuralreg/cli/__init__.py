@@ -2,9 +2,19 @@
 
 from __future__ import annotations
 
+import os
+
+# OpenMP threads that spin while they wait collapse when another process holds one of their
+# cores. A knee phantom pair (80x192x192, --threads 2) beside one busy process, whole command,
+# median of two (benchmarks/shared_cpu.py): libgomp's default spin 85 s (2.9x its 30 s alone),
+# spinning 500 rounds 44 s (1.5x, 29 s alone), passive waiting 41 s but 34 s alone. The runtime
+# reads its settings once, when torch loads it, so they are set here, before the imports
+# below; a user's own OMP_WAIT_POLICY or GOMP_SPINCOUNT wins.
+if "OMP_WAIT_POLICY" not in os.environ:
+    os.environ.setdefault("GOMP_SPINCOUNT", "500")
+
 import argparse
 import json
-import os
 import signal
 import sys
 import threading
@@ -66,7 +76,7 @@ def _add_register_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", choices=BACKENDS, help="hash-grid backend (default: auto)")
     p.add_argument("--device", help=f"cpu, cuda or cuda:N (default: {d.device})")
     p.add_argument("--seed", type=int, help=f"random seed (default: {d.seed})")
-    p.add_argument("--threads", type=int, help="CPU threads (default: torch's choice)")
+    p.add_argument("--threads", type=int, help="CPU threads (default: the CPUs this process may use)")
     p.add_argument("--config", type=Path, help="JSON file of RegistrationConfig keys; flags given override it")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -167,11 +177,13 @@ def _read_config(path: Path) -> RegistrationConfig:
 
 
 def _use_threads(threads: int | None) -> None:
-    """``--threads`` for the whole command (reading and writing too, not only the registration)."""
-    if threads:
-        import torch
+    """``--threads`` for the whole command (reading and writing too, not only the registration);
+    by default as many as the CPUs this process may use (affinity and cgroup quota)."""
+    import torch
 
-        torch.set_num_threads(threads)
+    from neuralreg.cli.cpus import available_cpus
+
+    torch.set_num_threads(threads or min(torch.get_num_threads(), available_cpus()))
 
 
 def _check_device(device: str) -> None:
@@ -531,16 +543,35 @@ def _on_sigterm(signum, frame):
 
 
 def main(argv=None) -> int:
+    """The command: one line on stderr for every error, exit status 0, 1 (batch: a pair
+    failed), 2 (error), 130 (Ctrl-C) or 143 (SIGTERM). The warning filters, the SIGTERM
+    handler and the thread count it sets are undone on return, for callers that run it in
+    their own process."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    from neuralreg.errors import InputError, RegistrationDiverged, RegistrationFileError, RegistrationWarning
+    import torch
 
-    # the self-check's verdict is printed once, from the report (``_warn_quality``)
-    warnings.filterwarnings("ignore", category=RegistrationWarning)
-    warnings.showwarning = _show_warning
-    previous = None
+    from neuralreg.errors import RegistrationWarning
+
+    previous, threads = None, torch.get_num_threads()
     if threading.current_thread() is threading.main_thread():
         previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        with warnings.catch_warnings():
+            # the self-check's verdict is printed once, from the report (``_warn_quality``)
+            warnings.filterwarnings("ignore", category=RegistrationWarning)
+            warnings.showwarning = _show_warning
+            return _run(args)
+    finally:
+        torch.set_num_threads(threads)
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _run(args) -> int:
+    """``args.func(args)`` with every error turned into one line and an exit status."""
+    from neuralreg.errors import InputError, RegistrationDiverged, RegistrationFileError
+
     try:
         return args.func(args)
     except (CLIError, InputError, ConfigError, RegistrationDiverged, RegistrationFileError) as exc:
@@ -558,9 +589,6 @@ def main(argv=None) -> int:
             f"neuralreg: error: {type(exc).__name__}: {exc} (set NEURALREG_DEBUG=1 for a traceback)".splitlines()[0],
             file=sys.stderr,
         )
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
     return 2
 
 

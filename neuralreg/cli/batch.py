@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import csv
 import logging
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -275,12 +274,15 @@ def _summary_from_report(folder: Path) -> dict:
 
 
 def default_workers(device: str) -> tuple[int, int]:
-    """(workers, torch threads per worker): one per GPU, else about one per two cores (at least 1)."""
+    """(workers, torch threads per worker): one per GPU, else about one per two of the CPUs this
+    process may use (``cpus.available_cpus``: affinity and cgroup quota), at least 1."""
     import torch
+
+    from neuralreg.cli.cpus import available_cpus
 
     if device.startswith("cuda") and torch.cuda.is_available():
         return torch.cuda.device_count(), 2
-    cores = os.cpu_count() or 1
+    cores = available_cpus()
     workers = max(1, min(cores, cores // 2 if cores >= 4 else cores))
     return workers, max(1, cores // workers)
 
@@ -487,15 +489,13 @@ def write_summary(rows: list[dict], out_dir: Path, figure: bool = True) -> None:
 
 
 def _summary_figure(rows: list[dict], out_dir: Path) -> None:
-    import matplotlib
+    from matplotlib.figure import Figure  # no pyplot: no backend switched, nothing global
 
     from neuralreg.io import atomic_write
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     ok = [r for r in rows if r["status"] != "failed"]
-    fig, ax = plt.subplots(1, 2, figsize=(9, 3.5))
+    fig = Figure(figsize=(9, 3.5))
+    ax = fig.subplots(1, 2)
     before = [r["dice_before"] for r in ok if r.get("dice_before") is not None]
     after = [r["dice_after"] for r in ok if r.get("dice_after") is not None]
     if after:
@@ -512,4 +512,3 @@ def _summary_figure(rows: list[dict], out_dir: Path) -> None:
     fig.tight_layout()
     with atomic_write(out_dir / "summary.png") as tmp:
         fig.savefig(tmp, dpi=80, format="png")
-    plt.close(fig)

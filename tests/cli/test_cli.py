@@ -288,3 +288,39 @@ def test_console_script_exit_code_and_stderr(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "not found" in proc.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_main_leaves_the_callers_warnings_and_signals_as_they_were(tmp_path, capsys):
+    import signal
+    import warnings
+
+    filters, show, handler = list(warnings.filters), warnings.showwarning, signal.getsignal(signal.SIGTERM)
+    threads = torch.get_num_threads()
+    assert main(["evaluate", "--warped-labels", str(tmp_path / "nope.nii.gz"), "--reference-labels", "x"]) == 2
+    assert "not found" in capsys.readouterr().err
+    assert warnings.filters == filters and warnings.showwarning is show and signal.getsignal(signal.SIGTERM) == handler
+    pair = triangles_pair(1, size=24)
+    write_image(pair["fixed"], tmp_path / "f.nii.gz")
+    argv = ["register", "--fixed", str(tmp_path / "f.nii.gz"), "--moving", str(tmp_path / "f.nii.gz"), "--out"]
+    assert main([*argv, str(tmp_path / "o"), "--steps", "3", "--threads", str(threads + 1), "--quiet"]) == 0
+    assert torch.get_num_threads() == threads
+
+
+def test_the_command_spins_briefly_unless_the_user_says_otherwise():
+    import os
+    import subprocess
+    import sys
+
+    code = "import neuralreg.cli, os; print(os.environ.get('GOMP_SPINCOUNT'))"
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+
+    def spin(**extra):
+        run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**env, **extra})
+        return run.stdout.strip()
+
+    assert spin() == "500"
+    assert spin(GOMP_SPINCOUNT="7") == "7"
+    assert spin(OMP_WAIT_POLICY="ACTIVE") == "None"  # the user's policy decides
+    lazy = "import sys, neuralreg; print('torch' in sys.modules, neuralreg.RegistrationConfig().steps)"
+    out = subprocess.run([sys.executable, "-c", lazy], capture_output=True, text=True, env=env, check=True).stdout
+    assert out.split() == ["False", "500"]  # `import neuralreg` alone loads no torch; its names load on use
