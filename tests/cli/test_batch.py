@@ -50,6 +50,7 @@ def table(tmp_path_factory):
     return d / "pairs.csv"
 
 
+@pytest.mark.slow
 def test_batch_records_failures_resumes_and_matches_register(table, tmp_path):
     out = tmp_path / "out"
     cfg = RegistrationConfig(**CONFIG)
@@ -136,6 +137,7 @@ def test_bad_tables_are_one_line_errors(tmp_path, capsys):
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.slow
 def test_existing_scheduler_address(table, tmp_path):
     from distributed import LocalCluster
 
@@ -151,6 +153,7 @@ def test_existing_scheduler_address(table, tmp_path):
     assert sorted(r["status"] for r in rows) == ["done", "done", "done", "failed"]
 
 
+@pytest.mark.slow
 def test_incomplete_folders_are_recomputed_and_stale_temporaries_removed(table, tmp_path):
     from neuralreg.io.folders import write_manifest
 

@@ -183,6 +183,7 @@ def test_batch_never_touches_a_data_root(data, tmp_path, capsys):
 
 
 # 4. resume ignored changed options and changed inputs
+@pytest.mark.slow
 def test_batch_resume_redoes_what_changed_and_says_how_many(data, tmp_path, capsys):
     pytest.importorskip("distributed", reason="pip install 'dask[distributed]'")
     d = tmp_path / "cohort"

@@ -11,6 +11,7 @@ from neuralreg.metrics import dice
 from neuralreg.result import Registration
 
 
+@pytest.mark.slow
 def test_brain_benchmark_scores_the_whole_command_and_beats_identity(shared_data, tmp_path):
     bench = load_example("brain_benchmark")
     out = tmp_path / "bb"

@@ -87,6 +87,7 @@ def phantom_pair_dir(tmp_path_factory):
     return d
 
 
+@pytest.mark.slow
 def test_ants_baseline_improves_overlap_repeatably_in_the_isolated_runner(phantom_pair_dir):
     pytest.importorskip("ants", reason="antspyx not installed (pip install 'neuralreg[baselines]')")
     from neuralreg_eval import benchmark
@@ -107,6 +108,7 @@ def test_ants_baseline_improves_overlap_repeatably_in_the_isolated_runner(phanto
         assert second[key] == pytest.approx(first[key], abs=1e-6)
 
 
+@pytest.mark.slow
 def test_elastix_baseline_runs_and_improves_overlap(phantom_pair_dir, tmp_path, monkeypatch):
     from neuralreg_eval import baselines
 
@@ -145,6 +147,7 @@ def test_fireants_baseline_runs_and_improves_overlap(tmp_path):
     assert s["inverse_consistency_error_mm"] < 2.0
 
 
+@pytest.mark.slow
 def test_knee_benchmark_on_oai_labels(shared_data, tmp_path):
     bench = load_example("knee_benchmark")
     methods = "neuralreg,ants" if importlib.util.find_spec("ants") else "neuralreg"
@@ -198,6 +201,7 @@ def test_register_knee_pair_flips_and_scores(tmp_path, capsys):
     assert capsys.readouterr().err.count("\n") == 1 and not (tmp_path / "o2").exists()
 
 
+@pytest.mark.slow
 def test_compare_gradicon_plumbing_with_an_untrained_model(tmp_path, monkeypatch, capsys):
     pytest.importorskip("icon_registration", reason="icon_registration not installed")
     ex = load_example("compare_gradicon")
