@@ -101,12 +101,17 @@ def check_output_folder(path, overwrite: bool, inputs: Iterable = (), flag: str 
             )
         if not overwrite and any(path.iterdir()):
             raise OutputError(f"{flag} {path} exists; pass --overwrite to replace it")
+    _check_parent(path, real, flag)
+    return path
+
+
+def _check_parent(path: Path, real: Path, flag: str) -> None:
+    """Refuse an output whose nearest existing ancestor is a file or cannot be written in."""
     parent = _existing_ancestor(real.parent)
     if not parent.is_dir():
         raise OutputError(f"{flag} {path}: {parent} is a file, not a folder")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise OutputError(f"{flag} {path}: cannot write in {parent} (permission denied)")
-    return path
 
 
 def _existing_ancestor(path: Path) -> Path:
@@ -295,11 +300,7 @@ def check_output_file(path, overwrite: bool, inputs: Iterable = (), flag: str = 
             raise OutputError(f"{flag} {path} exists; pass --overwrite to replace it")
         if path.is_symlink() or not written_by_neuralreg(path):
             raise OutputError(f"{flag} {path} was not written by neuralreg; it is not replaced: name a new file")
-    parent = _existing_ancestor(real.parent)
-    if not parent.is_dir():
-        raise OutputError(f"{flag} {path}: {parent} is a file, not a folder")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise OutputError(f"{flag} {path}: cannot write in {parent} (permission denied)")
+    _check_parent(path, real, flag)
     return path
 
 
