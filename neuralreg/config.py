@@ -139,10 +139,10 @@ class FieldConfig:
     Attributes:
         encoding: the hash-grid encoding.
         hidden_width: neurons per hidden layer.
-        hidden_layers: number of hidden layers. One (two before): on the canonical
-            knee benchmark one layer gave +0.018 cartilage Dice (higher on 10 of 10 pairs)
-            and cheaper steps; the hash grid holds the detail, the MLP decodes it. 0 is
-            a linear read-out of the features (no decoding of hash collisions).
+        hidden_layers: number of hidden layers. One: the hash grid holds the detail and
+            the MLP decodes it; a second layer costs time and, on the canonical knee
+            benchmark, cartilage Dice (docs/configuration.md). 0 is a linear read-out of the
+            features (no decoding of hash collisions).
         activation: ``"relu"``, ``"silu"``, ``"softplus"`` or ``"tanh"``.
         backend: hash-grid implementation: ``"torch"`` (reference), ``"native"``,
             ``"tcnn"`` or ``"auto"`` (fastest available).
@@ -252,12 +252,8 @@ class RegistrationConfig:
         stage_points: share of ``points`` drawn per step in each stage (same length as
             ``pyramid``); None (the default): all of them in every stage
             (``stage_point_shares``). Fewer points make a coarse stage's steps cheaper but
-            cost accuracy: on the canonical knee benchmark (10 pairs, seeds 0, 1, 2, 2026-12-02) half the points in
-            the two coarse stages gave cartilage Dice 0.7735 / 0.7759 / 0.7753 against
-            0.7788 / 0.7766 / 0.7747 with all of them (mean -0.002) in 5-10 % less time, and
-            with half the affine points and the faster kernels as well 0.7727 / 0.7702 /
-            0.7713 (mean -0.005, the line a default may cost); (0.25, 0.5, 1) cost 0.010 on
-            3 pairs: the coarse stages decide the capture and need their points.
+            cost accuracy: the coarse stages decide the capture and need their points
+            (the measurements: docs/configuration.md).
         affine_steps: Adam steps of the global affine part, fitted before the fields
             (0: no affine part, the fields alone).
         affine_learning_rate: Adam learning rate of the affine part (cosine-decayed).
@@ -266,15 +262,13 @@ class RegistrationConfig:
         affine_points: similarity points per direction and step of the affine fit;
             None (the default): half the similarity points (``affine_fit_points``; 8192
             for the knee grid). The starts are judged with all the similarity points
-            whatever this is. On the canonical knee benchmark (10 pairs, seeds 0, 1 and 2,
-            2026-12-02) half the points gave cartilage Dice 0.7763 / 0.7783 / 0.7767 against
-            0.7788 / 0.7766 / 0.7747 with all of them, affine-part bone Dice unchanged; an
-            affine step's cost is linear in its points (100 coarse steps: 1.21 s at 16384,
-            0.62 s at 8192).
+            whatever this is. An affine step's cost is linear in its points; half of them
+            keep the canonical knee benchmark's Dice within seed noise
+            (docs/configuration.md).
         affine_similarity: similarity of the affine fit: ``"lncc"`` (local windows on edges:
             the soft tissue of two subjects does not correspond, their bones do; on the
             hard knee benchmark it lifted the worst pair's bone Dice from 0.81 to 0.95)
-            or ``"ncc"`` (global, as before 0.2).
+            or ``"ncc"`` (global).
         affine_init: how the global alignment starts: ``"search"`` (exhaustive search over
             rotations and, by FFT, translations, at a coarse resolution; each of the best
             ``search_starts`` rigid candidates is fitted as an affine, and the one with the
@@ -300,7 +294,7 @@ class RegistrationConfig:
             and the soft tissue near the outline follows the regularizer. On the hard
             knee benchmark's worst pair (soft tissue 5.4 and 13.3 mm thick over the
             bones) bone Dice 0.833 -> 0.909, cartilage 0.598 -> 0.673. False: the fields
-            draw from everywhere (as before 2026-12-02 15:00).
+            draw from everywhere.
         margin: margin added to each side of the pair's world box, as a fraction of its extent.
         seed: seeds initialization and point sampling (deterministic on CPU).
         device: ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.

@@ -23,8 +23,8 @@ noise and a knee) 0.51-0.67. Between 0.70 and 0.85 the verdict is ``check``, wit
 (b) unrelated images score 0.03; knees of two subjects 0.11, two brains 0.26. Knees whose
 soft tissue does not correspond can score 0.049 after a right affine part and reach a
 global NCC of 0.90 after the fields: a good final similarity overrules this check. It
-no longer fails a pair (it did until 2026-12-02): unrelated images score 0.08-0.12 on the
-knee phantom, so it does not separate them; the global NCC does.
+never fails a pair alone: unrelated images score 0.08-0.12 on the knee phantom, so it does
+not separate them; the global NCC does.
 
 (c) with ``config.field_interior`` the fields fit inside the body and the points are
 scored there too (``scored_inside_mask``): the outline, which no longer follows, does not
