@@ -45,7 +45,14 @@ def read_manifest(folder) -> dict | None:
         return None
     if not isinstance(data, dict) or data.get("written_by") != "neuralreg" or not isinstance(data.get("files"), list):
         return None
+    if not all(_plain_name(name) for name in data["files"]):
+        return None  # a name with a path in it is no name neuralreg writes: never follow it out of the folder
     return data
+
+
+def _plain_name(name) -> bool:
+    """A file name without any path: no separator, not '.', '..' or empty."""
+    return isinstance(name, str) and name not in ("", ".", "..") and "/" not in name and "\\" not in name
 
 
 def foreign_entries(folder) -> list[str]:
@@ -172,10 +179,29 @@ def remove_stale(path: Path) -> list[str]:
     removed = []
     for pattern in (f".{path.name}.tmp-*", f".{path.name}.old-*"):
         for p in path.parent.glob(pattern):
-            if p.is_dir() and not p.is_symlink() and read_manifest(p) is not None:
+            if p.is_dir() and not p.is_symlink() and _only_outputs(p):
                 shutil.rmtree(p, ignore_errors=True)
                 removed.append(p.name)
     return removed
+
+
+OUTPUT_SUFFIXES = (".nii.gz", ".nii", ".tfm", ".pt", ".json", ".png")
+
+
+def _only_outputs(folder: Path) -> bool:
+    """Whether ``folder`` has neuralreg's manifest and holds nothing but plain files that it
+    lists or that neuralreg writes (outputs by their suffixes, and atomic writes' ``.tmp-*``
+    partials): a killed run's temporary folder, not something of the user's."""
+    manifest = read_manifest(folder)
+    if manifest is None:
+        return False
+    listed = set(manifest["files"])
+    for p in folder.iterdir():
+        plain = p.is_file() and not p.is_symlink()
+        ours = p.name in listed or p.name == MANIFEST or p.name.startswith(".tmp-") or p.name.endswith(OUTPUT_SUFFIXES)
+        if not (plain and ours):
+            return False
+    return True
 
 
 class OutputFolder:

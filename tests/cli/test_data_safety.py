@@ -120,9 +120,14 @@ def test_stale_temporaries_of_a_killed_run_are_removed_only_if_ours(data, tmp_pa
     look_alike = tmp_path / ".out.tmp-mine"
     look_alike.mkdir()
     (look_alike / "x").write_text("mine")
+    crafted = tmp_path / ".out.tmp-crafted"  # neuralreg's manifest, but a file neuralreg never writes
+    crafted.mkdir()
+    write_manifest(crafted, "registration", complete=False)
+    (crafted / "thesis.docx").write_text("mine")
     argv = ["register", "--fixed", str(data / "b1.nii.gz"), "--moving", str(data / "b2.nii.gz"), *FAST]
     _ok(capsys, main([*argv, "--out", str(out)]))
     assert not stale.exists() and (look_alike / "x").read_text() == "mine"
+    assert (crafted / "thesis.docx").read_text() == "mine"
 
 
 def test_sigterm_while_writing_leaves_no_temporary(tmp_path):
@@ -243,3 +248,17 @@ def test_batch_holds_a_lock_and_refuses_reserved_or_hidden_pair_ids(tmp_path, ca
     finally:
         lock.release()
     assert os.listdir(out) == []
+
+
+def test_a_crafted_manifest_cannot_reach_out_of_its_folder(data, tmp_path, capsys):
+    """A manifest that lists '../notes.txt' is no manifest of neuralreg's: the folder is foreign."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (tmp_path / "notes.txt").write_text("outside")
+    (out / "report.json").write_text("{}")
+    (out / MANIFEST).write_text(
+        json.dumps({"written_by": "neuralreg", "complete": True, "files": ["report.json", "../notes.txt"]})
+    )
+    argv = ["register", "--fixed", str(data / "b1.nii.gz"), "--moving", str(data / "b2.nii.gz"), *FAST]
+    _one_line(capsys, main([*argv, "--out", str(out), "--overwrite"]), "holds files neuralreg did not write")
+    assert (tmp_path / "notes.txt").read_text() == "outside" and (out / "report.json").exists()
