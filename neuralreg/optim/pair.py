@@ -98,6 +98,19 @@ def check_memory(cfg: RegistrationConfig, moving: Image, fixed: Image, device: t
         )
 
 
+def checked_mask(mask: Image, image: Image, name: str) -> Image:
+    """``mask`` as 0/1 (inside: its non-zero voxels, as ``io.read_mask`` reads a mask file);
+    ``InputError`` when it is not on ``image``'s grid or is empty."""
+    if mask.shape != image.shape:
+        raise InputError(f"{name} has shape {mask.shape}, its image {image.shape}")
+    offset = mask.grid_offset_mm(image)
+    if offset > GRID_TOLERANCE * float(image.spacing.min()):
+        raise InputError(f"{name} is not on its image's grid: its voxels lie up to {offset:.3g} mm away")
+    if not bool((mask.data != 0).any()):
+        raise InputError(f"{name} is empty")
+    return mask.with_data((mask.data != 0).to(torch.uint8))
+
+
 def check_image(image: Image, name: str) -> None:
     """Raise ``InputError`` for non-finite or constant images."""
     data = image.data
@@ -363,21 +376,9 @@ def register_pair(
     check_image(fixed, "fixed image")
     for img, name in ((moving, "moving image"), (fixed, "fixed image")):
         check_geometry(img, name, cfg)
-    for mask, img, name in (
-        (moving_mask, moving, "moving mask"),
-        (fixed_mask, fixed, "fixed mask"),
-    ):
-        if mask is not None:
-            if mask.shape != img.shape:
-                raise InputError(f"{name} has shape {mask.shape}, its image {img.shape}")
-            offset = mask.grid_offset_mm(img)
-            if offset > GRID_TOLERANCE * float(img.spacing.min()):
-                raise InputError(f"{name} is not on its image's grid: its voxels lie up to {offset:.3g} mm away")
-            if not bool((mask.data != 0).any()):
-                raise InputError(f"{name} is empty")
-    # inside a mask: its non-zero voxels, as io.read_mask reads a mask file
     moving_mask, fixed_mask = (
-        None if m is None else m.with_data((m.data != 0).to(torch.uint8)) for m in (moving_mask, fixed_mask)
+        None if m is None else checked_mask(m, img, name)
+        for m, img, name in ((moving_mask, moving, "moving mask"), (fixed_mask, fixed, "fixed mask"))
     )
     device = torch.device(cfg.device)
     if device.type == "cuda" and not torch.cuda.is_available():
