@@ -17,7 +17,8 @@ The contract:
   second run on the same folder stops at once with a one-line error instead of racing.
 - Hidden temporaries and set-aside folders of killed runs (``.<name>.tmp-*``,
   ``.<name>.old-*``) are removed by the next run on that folder, under its lock, and only
-  when their manifest says neuralreg wrote them.
+  while their manifest says neuralreg wrote them and they hold nothing else
+  (``_only_outputs``).
 """
 
 from __future__ import annotations
@@ -58,10 +59,9 @@ def _plain_name(name) -> bool:
 def foreign_entries(folder) -> list[str]:
     """Names in ``folder`` that neuralreg did not write there (sorted; empty: the folder is ours)."""
     folder = Path(folder)
-    names = sorted(p.name for p in folder.iterdir())
     manifest = read_manifest(folder)
     listed = set(manifest["files"]) if manifest else set()
-    return [n for n in names if n != MANIFEST and n not in listed] if manifest else [n for n in names if n != MANIFEST]
+    return sorted(p.name for p in folder.iterdir() if p.name != MANIFEST and p.name not in listed)
 
 
 def write_manifest(folder, kind: str, complete: bool = True) -> None:
@@ -74,8 +74,9 @@ def write_manifest(folder, kind: str, complete: bool = True) -> None:
     (folder / MANIFEST).write_text(json.dumps(data, indent=1) + "\n")
 
 
-def _describe(names: list[str]) -> str:
-    shown = ", ".join(repr(n) for n in names[:3])
+def describe(names: list[str], quote: bool = True) -> str:
+    """The first three names (quoted) and how many more: for one-line messages."""
+    shown = ", ".join(repr(n) if quote else n for n in names[:3])
     return shown + (f" and {len(names) - 3} more" if len(names) > 3 else "")
 
 
@@ -103,7 +104,7 @@ def check_output_folder(path, overwrite: bool, inputs: Iterable = (), flag: str 
         foreign = foreign_entries(path)
         if foreign:
             raise OutputError(
-                f"{flag} {path} holds files neuralreg did not write ({_describe(foreign)}); "
+                f"{flag} {path} holds files neuralreg did not write ({describe(foreign)}); "
                 "nothing was touched: name a new folder"
             )
         if not overwrite and any(path.iterdir()):
@@ -127,23 +128,43 @@ def _existing_ancestor(path: Path) -> Path:
     return path
 
 
+LOCK_MARK = b"neuralreg lock\n"  # written into a lock file as it is created: only such a file is removed
+
+
 class _Lock:
-    """An exclusive, non-blocking lock on ``path`` (a file created for it, removed on release)."""
+    """An exclusive, non-blocking lock on ``path``: a file neuralreg creates with ``LOCK_MARK``
+    in it, locked with ``flock``, and removed on release only while it still holds the mark
+    (a file of the user's that happens to bear the name is locked, never removed)."""
 
     def __init__(self, path: Path):
         self.path, self.fd = path, None
 
+    def _open(self) -> int | None:
+        """The lock file, created with its mark where it is missing; None if it vanished meanwhile."""
+        try:
+            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o644)
+            os.write(fd, LOCK_MARK)
+            return fd
+        except FileExistsError:
+            try:
+                return os.open(self.path, os.O_RDWR)
+            except FileNotFoundError:
+                return None
+
     def acquire(self) -> bool:
         try:
             import fcntl
-        except ImportError:  # no flock (Windows): an exclusively created file
+        except ImportError:  # no flock (Windows): the exclusively created file is the lock
             try:
-                self.fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-                return True
+                self.fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o644)
             except FileExistsError:
                 return False
+            os.write(self.fd, LOCK_MARK)
+            return True
         while True:
-            fd = os.open(self.path, os.O_CREAT | os.O_RDWR, 0o644)
+            fd = self._open()
+            if fd is None:
+                continue
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError:
@@ -158,11 +179,14 @@ class _Lock:
             os.close(fd)
 
     def release(self) -> None:
-        if self.fd is not None:
-            with contextlib.suppress(OSError):
+        if self.fd is None:
+            return
+        with contextlib.suppress(OSError):
+            os.lseek(self.fd, 0, os.SEEK_SET)
+            if os.stat(self.path).st_ino == os.fstat(self.fd).st_ino and os.read(self.fd, 64) == LOCK_MARK:
                 os.unlink(self.path)
-            os.close(self.fd)
-            self.fd = None
+        os.close(self.fd)
+        self.fd = None
 
 
 def try_lock(path: Path) -> _Lock | None:
@@ -177,9 +201,9 @@ def remove_stale(path: Path) -> list[str]:
     Call with ``path``'s lock held: no other run is then writing them. Returns their names.
     """
     removed = []
-    for pattern in (f".{path.name}.tmp-*", f".{path.name}.old-*"):
+    for pattern, partial in ((f".{path.name}.tmp-*", True), (f".{path.name}.old-*", False)):
         for p in path.parent.glob(pattern):
-            if p.is_dir() and not p.is_symlink() and _only_outputs(p):
+            if p.is_dir() and not p.is_symlink() and _only_outputs(p, partial):
                 shutil.rmtree(p, ignore_errors=True)
                 removed.append(p.name)
     return removed
@@ -188,18 +212,19 @@ def remove_stale(path: Path) -> list[str]:
 OUTPUT_SUFFIXES = (".nii.gz", ".nii", ".tfm", ".pt", ".json", ".png")
 
 
-def _only_outputs(folder: Path) -> bool:
+def _only_outputs(folder: Path, partial: bool) -> bool:
     """Whether ``folder`` has neuralreg's manifest and holds nothing but plain files that it
-    lists or that neuralreg writes (outputs by their suffixes, and atomic writes' ``.tmp-*``
-    partials): a killed run's temporary folder, not something of the user's."""
+    lists or, in a ``partial`` folder (a temporary one whose run was killed before its
+    manifest listed its files), that neuralreg writes: outputs by their suffixes and atomic
+    writes' ``.tmp-*`` partials. A set-aside ``.old-*`` folder was a complete folder of
+    neuralreg's: everything in it must be listed."""
     manifest = read_manifest(folder)
     if manifest is None:
         return False
-    listed = set(manifest["files"])
+    listed = {*manifest["files"], MANIFEST}
     for p in folder.iterdir():
-        plain = p.is_file() and not p.is_symlink()
-        ours = p.name in listed or p.name == MANIFEST or p.name.startswith(".tmp-") or p.name.endswith(OUTPUT_SUFFIXES)
-        if not (plain and ours):
+        written = p.name.startswith(".tmp-") or p.name.endswith(OUTPUT_SUFFIXES)
+        if not (p.is_file() and not p.is_symlink() and (p.name in listed or (partial and written))):
             return False
     return True
 

@@ -120,6 +120,11 @@ def test_stale_temporaries_of_a_killed_run_are_removed_only_if_ours(data, tmp_pa
     look_alike = tmp_path / ".out.tmp-mine"
     look_alike.mkdir()
     (look_alike / "x").write_text("mine")
+    set_aside = tmp_path / ".out.old-kept"  # a complete folder set aside, and a NIfTI it does not list
+    set_aside.mkdir()
+    (set_aside / "report.json").write_text("{}")
+    write_manifest(set_aside, "registration")
+    (set_aside / "mine.nii.gz").write_text("mine")
     crafted = tmp_path / ".out.tmp-crafted"  # neuralreg's manifest, but a file neuralreg never writes
     crafted.mkdir()
     write_manifest(crafted, "registration", complete=False)
@@ -128,6 +133,7 @@ def test_stale_temporaries_of_a_killed_run_are_removed_only_if_ours(data, tmp_pa
     _ok(capsys, main([*argv, "--out", str(out)]))
     assert not stale.exists() and (look_alike / "x").read_text() == "mine"
     assert (crafted / "thesis.docx").read_text() == "mine"
+    assert (set_aside / "mine.nii.gz").read_text() == "mine"
 
 
 def test_sigterm_while_writing_leaves_no_temporary(tmp_path):
@@ -262,3 +268,14 @@ def test_a_crafted_manifest_cannot_reach_out_of_its_folder(data, tmp_path, capsy
     argv = ["register", "--fixed", str(data / "b1.nii.gz"), "--moving", str(data / "b2.nii.gz"), *FAST]
     _one_line(capsys, main([*argv, "--out", str(out), "--overwrite"]), "holds files neuralreg did not write")
     assert (tmp_path / "notes.txt").read_text() == "outside" and (out / "report.json").exists()
+
+
+def test_a_file_of_the_users_named_like_the_lock_is_never_removed(data, tmp_path, capsys):
+    out = tmp_path / "out"
+    theirs = tmp_path / ".out.neuralreg-lock"
+    theirs.write_text("the user's")
+    argv = ["register", "--fixed", str(data / "b1.nii.gz"), "--moving", str(data / "b2.nii.gz"), *FAST]
+    _ok(capsys, main([*argv, "--out", str(out)]))
+    assert theirs.read_text() == "the user's" and (out / "report.json").is_file()
+    _ok(capsys, main([*argv, "--out", str(tmp_path / "other")]))
+    assert not (tmp_path / ".other.neuralreg-lock").exists()  # neuralreg's own lock file is removed
