@@ -62,6 +62,7 @@ def register_files(
     ct_window=(40.0, 400.0),
     overwrite: bool = False,
     extra_report: dict | None = None,
+    input_records: dict | None = None,
 ) -> tuple[Registration, dict]:
     """Register the image files ``moving`` to ``fixed`` and write the output folder ``out``.
 
@@ -70,7 +71,9 @@ def register_files(
     with ``overwrite``); the images are read and preprocessed (``io.read_pair``: label maps
     and masks on their image's grid), registered, and every output written whole or not at
     all (``report.outputs.write_outputs``). ``report.json`` records each input's path, size
-    and SHA-256 under ``inputs``, and ``extra_report``'s entries.
+    and SHA-256 under ``inputs`` (``input_records``: the ``files.file_record`` s the caller
+    already took, e.g. ``batch`` to decide whether to register; else they are taken here),
+    and ``extra_report``'s entries.
 
     Returns the ``Registration`` and the report dictionary. Raises ``InputError`` (bad
     input), ``OutputError`` (an output folder it may not write) or ``RegistrationDiverged``.
@@ -78,7 +81,7 @@ def register_files(
     paths = dict(zip(INPUT_KEYS, (fixed, moving, fixed_labels, moving_labels, fixed_mask, moving_mask), strict=True))
     with OutputFolder(out, overwrite, inputs=paths.values()) as folder:
         images = read_pair(**paths, modality=modality, ct_window=ct_window)
-        records = {k: file_record(p) for k, p in paths.items() if p is not None}
+        records = input_records or {k: file_record(p) for k, p in paths.items() if p is not None}
         try:
             reg = pair.register_pair(
                 images["moving"], images["fixed"], config, images["moving_mask"], images["fixed_mask"]

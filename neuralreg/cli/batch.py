@@ -41,7 +41,7 @@ from neuralreg.api import INPUT_KEYS, register_files
 from neuralreg.config import RegistrationConfig
 from neuralreg.errors import InputError, OutputError
 from neuralreg.files import file_record
-from neuralreg.io.folders import foreign_entries, read_manifest, try_lock
+from neuralreg.io.folders import describe, foreign_entries, read_manifest, try_lock
 
 SUMMARY_FILES = ("summary.csv", "summary.png")
 RUN_KEYS = ("device", "threads", "progress")  # how a pair runs, not what it computes: no reason to redo it
@@ -166,6 +166,7 @@ def register_one(
                     ct_window=ct_window,
                     overwrite=True,  # replaces only a folder neuralreg wrote (checked before the batch started)
                     extra_report={"options": options},
+                    input_records=inputs,  # hashed above to decide; every input exists once read_pair passed
                 )
         finally:
             torch.set_num_threads(previous_threads)
@@ -195,25 +196,27 @@ def run_options(config: dict, modality: str, ct_window) -> dict:
 
 def _previous_run(folder: Path) -> tuple[dict, dict] | None:
     """(inputs, options) of the complete run in ``folder``, or None (no such folder or run)."""
-    import json
-
-    if not is_complete(folder):
-        return None
-    report = json.loads((folder / "report.json").read_text())
-    return report.get("inputs"), report.get("options")
+    report = _complete_report(folder)
+    return None if report is None else (report.get("inputs"), report.get("options"))
 
 
 def is_complete(folder: Path) -> bool:
     """A pair's folder is complete when neuralreg wrote it and its ``report.json`` is readable JSON."""
+    return _complete_report(folder) is not None
+
+
+def _complete_report(folder: Path) -> dict | None:
+    """The ``report.json`` of a complete folder neuralreg wrote, or None."""
     import json
 
     manifest = read_manifest(folder)
     if manifest is None or not manifest.get("complete") or "report.json" not in manifest["files"]:
-        return False
+        return None
     try:
-        return isinstance(json.loads((Path(folder) / "report.json").read_text()), dict)
+        report = json.loads((Path(folder) / "report.json").read_text())
     except (OSError, ValueError):
-        return False
+        return None
+    return report if isinstance(report, dict) else None
 
 
 def check_batch_folder(specs: list[PairSpec], out_dir: Path) -> None:
@@ -230,9 +233,8 @@ def check_batch_folder(specs: list[PairSpec], out_dir: Path) -> None:
     ours = set(manifest["files"]) if manifest else set()
     foreign += [n for n in SUMMARY_FILES if (out_dir / n).exists() and n not in ours]
     if foreign:
-        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
         raise OutputError(
-            f"--out {out_dir} holds {shown}, not written by neuralreg; nothing was touched: "
+            f"--out {out_dir} holds {describe(foreign, quote=False)}, not written by neuralreg; nothing was touched: "
             "name another --out (or other pair_ids)"
         )
 

@@ -63,6 +63,11 @@ class Image:
         d = self.n_dims
         return np.linalg.norm(self.affine[:d, :d], axis=0)
 
+    def same_grid(self, other: Image) -> bool:
+        """Whether this image lies on ``other``'s grid: the same shape, and every corner within
+        ``GRID_TOLERANCE`` of ``other``'s voxel size of the same voxel on ``other``."""
+        return self.shape == other.shape and self.grid_offset_mm(other) <= GRID_TOLERANCE * float(other.spacing.min())
+
     def grid_offset_mm(self, other: Image) -> float:
         """The largest distance (mm) between the world positions of this grid's corners and
         the same voxel indices on ``other``'s grid: 0 for the same grid."""

@@ -25,7 +25,7 @@ import torch
 
 from neuralreg.errors import InputError
 from neuralreg.files import atomic_write, umask  # noqa: F401  (atomic_write: also neuralreg.io's)
-from neuralreg.geometry.image import GRID_TOLERANCE, Image
+from neuralreg.geometry.image import Image
 from neuralreg.geometry.transforms import DisplacementField
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
@@ -170,11 +170,10 @@ def check_same_grid(image: Image, reference: Image, what: str, reference_what: s
     """Raise ``InputError`` unless ``image`` lies on ``reference``'s grid (shape and affine)."""
     if image.shape != reference.shape:
         raise InputError(f"{what} has shape {image.shape}, {reference_what} {reference.shape}")
-    offset = image.grid_offset_mm(reference)
-    if offset > GRID_TOLERANCE * float(reference.spacing.min()):
+    if not image.same_grid(reference):
         raise InputError(
             f"{what} is not on the grid of {reference_what}: same shape, but its voxels lie up to "
-            f"{offset:.3g} mm away (another affine)"
+            f"{image.grid_offset_mm(reference):.3g} mm away (another affine)"
         )
 
 
@@ -199,7 +198,8 @@ def read_pair(
     out, paths = {}, {"fixed": fixed, "moving": moving}
     for key, path in paths.items():
         original = read_image(path, f"{key} image")
-        out[f"{key}_original"] = original
+        if key == "moving":
+            out["moving_original"] = original
         out[key] = preprocess(original, modality, ct_window, what=f"{key} image {path}")
     if out["fixed"].n_dims != out["moving"].n_dims:
         raise InputError(f"fixed image is {out['fixed'].n_dims}D but moving image is {out['moving'].n_dims}D")

@@ -32,7 +32,7 @@ from neuralreg.errors import InputError, RegistrationDiverged, RegistrationWarni
 from neuralreg.fields.affine import AffineMap, ComposedMap, intensity_centroid, world_matrix
 from neuralreg.fields.field import NeuralField
 from neuralreg.geometry.coordinates import NormalizedBox, apply_affine, grid_corners_world
-from neuralreg.geometry.image import GRID_TOLERANCE, Image
+from neuralreg.geometry.image import Image
 from neuralreg.losses import REGULARIZERS, SIMILARITIES
 from neuralreg.optim.adam import Adam
 from neuralreg.optim.points import VoxelSampler, edge_weights, interior_mask
@@ -103,8 +103,8 @@ def checked_mask(mask: Image, image: Image, name: str) -> Image:
     ``InputError`` when it is not on ``image``'s grid or is empty."""
     if mask.shape != image.shape:
         raise InputError(f"{name} has shape {mask.shape}, its image {image.shape}")
-    offset = mask.grid_offset_mm(image)
-    if offset > GRID_TOLERANCE * float(image.spacing.min()):
+    if not mask.same_grid(image):
+        offset = mask.grid_offset_mm(image)
         raise InputError(f"{name} is not on its image's grid: its voxels lie up to {offset:.3g} mm away")
     if not bool((mask.data != 0).any()):
         raise InputError(f"{name} is empty")
