@@ -17,9 +17,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from neuralreg.losses import regularizers
-from neuralreg.losses.similarity import lncc, mse, ncc
+from neuralreg.losses.similarity import lncc, mi, mse, ncc
 
-SIMILARITIES: dict[str, Callable] = {"mse": mse, "ncc": ncc, "lncc": lncc}
+SIMILARITIES: dict[str, Callable] = {"mse": mse, "ncc": ncc, "lncc": lncc, "mi": mi}
 
 
 @dataclass(frozen=True)

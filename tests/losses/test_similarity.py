@@ -1,0 +1,72 @@
+"""Similarity measures: mutual information against its definition and what it is for."""
+
+import math
+
+import pytest
+import torch
+
+from neuralreg.losses import SIMILARITIES
+from neuralreg.losses.similarity import joint_histogram, mi, normalized_mi
+
+
+def _samples(n=20000, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    a = torch.rand(n, generator=g, dtype=torch.float64)
+    return a, g
+
+
+def test_mi_gradients_match_finite_differences():
+    """gradcheck in float64; the samples' range (which scales the bins, detached by design) is
+    pinned by two constant anchors outside the checked values."""
+    a, g = _samples(60)
+    b = (a**2 + 0.05 * torch.randn(60, generator=g, dtype=torch.float64)).detach()
+    anchors = torch.tensor([0.0, 1.0], dtype=torch.float64)
+    x = (0.1 + 0.8 * a).requires_grad_(True)
+
+    def f(x):
+        return mi(torch.cat([x, anchors]), torch.cat([b, torch.tensor([-0.2, 1.3], dtype=torch.float64)]))
+
+    assert torch.autograd.gradcheck(f, (x,))
+    assert torch.autograd.gradgradcheck(f, (x,))
+
+
+def test_mi_does_not_care_which_tissue_is_brighter():
+    """An inverted or squared contrast has the mutual information of the original (a global
+    NCC of the inverted one is -1: the reason ``mi`` is the global stage's default)."""
+    a, g = _samples()
+    b = a + 0.02 * torch.randn(a.shape, generator=g, dtype=torch.float64)
+    same = float(mi(a, b))
+    assert float(mi(a, 1.0 - b)) == pytest.approx(same, abs=1e-9)
+    assert float(mi(a, b**2)) == pytest.approx(same, rel=0.1)
+    assert same < -1.5  # strongly dependent: well above a nat of information
+
+
+def test_mi_of_independent_samples_is_near_zero():
+    a, g = _samples()
+    b = torch.rand(a.shape, generator=g, dtype=torch.float64)
+    assert abs(float(mi(a, b))) < 0.03
+
+
+def test_joint_histogram_is_a_probability_whose_marginals_are_the_samples():
+    a, g = _samples(5000)
+    joint = joint_histogram(a, a.flip(0))
+    assert float(joint.sum()) == pytest.approx(1.0, abs=1e-12)
+    assert bool((joint >= 0).all())
+    # a constant sample fills one window (three bins) whatever its value, and tells nothing
+    constant = torch.full((100,), 3.0, dtype=torch.float64)
+    assert int((joint_histogram(constant, a[:100]).sum(1) > 0).sum()) == 3
+    assert abs(float(mi(constant, a[:100]))) < 1e-12
+
+
+def test_normalized_mi_runs_from_independent_to_identical():
+    a, g = _samples()
+    independent = normalized_mi(a, torch.rand(a.shape, generator=g, dtype=torch.float64))
+    identical = normalized_mi(a, a)
+    assert independent == pytest.approx(1.0, abs=0.01)
+    assert 1.4 < identical <= 2.0  # below 2: the Parzen window spreads each value over three bins
+    assert normalized_mi(a, 1 - a) == pytest.approx(identical, abs=1e-9)
+
+
+def test_mi_is_a_registered_similarity():
+    assert SIMILARITIES["mi"] is mi
+    assert math.isfinite(float(SIMILARITIES["mi"](torch.rand(100), torch.rand(100))))
