@@ -265,10 +265,13 @@ class RegistrationConfig:
             whatever this is. An affine step's cost is linear in its points; half of them
             keep the canonical knee benchmark's Dice within seed noise
             (docs/configuration.md).
-        affine_similarity: similarity of the affine fit: ``"lncc"`` (local windows on edges:
-            the soft tissue of two subjects does not correspond, their bones do; on the
-            hard knee benchmark it lifted the worst pair's bone Dice from 0.81 to 0.95)
-            or ``"ncc"`` (global).
+        affine_similarity: similarity of the affine fits and of the choice between
+            starts: ``"mi"`` (mutual information: which tissue is brighter does not
+            matter, so it holds where the soft tissue of two subjects has intensities of
+            its own, and across contrasts), ``"lncc"`` (local windows on edges) or
+            ``"ncc"`` (global). On knees whose soft tissue fills the field of view and
+            does not correspond, ``"lncc"`` drew the bones apart even from a right start;
+            see docs/benchmarks.md (families).
         affine_init: how the global alignment starts: ``"search"`` (exhaustive search over
             rotations and, by FFT, translations, at a coarse resolution; each of the best
             ``search_starts`` rigid candidates is fitted as an affine, and the one with the
@@ -334,7 +337,7 @@ class RegistrationConfig:
     affine_learning_rate: float = 5e-3
     affine_pyramid: tuple = (4, 2)
     affine_points: int | None = None
-    affine_similarity: str = "lncc"
+    affine_similarity: str = "mi"
     affine_init: str = "search"
     search_max_angle: float = 40.0
     search_starts: int = 4

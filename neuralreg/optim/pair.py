@@ -631,9 +631,11 @@ _WHOLE = 0.95  # an interior this share of the grid (or of the mask given) is th
 
 
 def _choose_start(pair: _Pair):
-    """The global alignment: rigid starts from ``search.global_search``, each fitted as an
-    affine (``_AffineFit``); the one whose symmetric similarity at the finest affine level
-    (inside the body, ``_Pair.interior``) is lowest wins.
+    """The global alignment: rigid starts from ``search.global_search`` (the scanners' own
+    orientation always among them), each fitted as an affine (``_AffineFit``); the one whose
+    symmetric similarity (``config.affine_similarity``) at the finest affine level (inside
+    the body, ``_Pair.interior``) is lowest wins, unless a start rotated far less comes
+    close to it (``search.prefer_small_rotation``).
 
     Where the images have an interior apart from their outline, each start is fitted
     twice: drawing from the interior on every level, and drawing from everything on the
@@ -652,7 +654,7 @@ def _choose_start(pair: _Pair):
         ``prealign`` S, fixed -> moving world; facts: what the choice rested on, the
         ``candidate_*`` lists one entry per fit, in the order above).
     """
-    from neuralreg.optim.search import global_search
+    from neuralreg.optim.search import global_search, prefer_small_rotation
 
     cfg = pair.cfg
     candidates = global_search(pair.moving, pair.fixed, max_angle_deg=cfg.search_max_angle, keep=cfg.search_starts)
@@ -683,7 +685,7 @@ def _choose_start(pair: _Pair):
         fits[k].run(range(1, levels), bar=bar)
         final[k] = fits[k].loss(levels - 1)
     bar.close()
-    best = min(distinct, key=lambda k: final[k])
+    best = prefer_small_rotation(distinct, final, [fits[k].rotation_deg() for k in range(len(fits))])
     others = [k for k in distinct if k != best]
     runner_up = min(others, key=lambda k: final[k]) if others else None
     chosen = candidates[starts[best][0]]
@@ -699,6 +701,7 @@ def _choose_start(pair: _Pair):
         "candidate_coarse_losses": [float(v) for v in coarse],
         # None: the same map as a fit listed before it
         "candidate_losses": [None if math.isnan(v) else float(v) for v in final],
+        "candidate_rotations_deg": [round(f.rotation_deg(), 2) for f in fits],
         "distinct_starts": len(distinct),
         "chosen": best,
         # how clearly the winner beat the best start that ended on another map
@@ -869,6 +872,14 @@ class _AffineFit:
     def world(self) -> np.ndarray:
         """The fitted global map, pre-alignment included: (d+1, d+1) world mm, fixed -> moving."""
         return self.prealign @ world_matrix(self.affine.matrix().detach().double().cpu().numpy(), self.pair.box)
+
+    def rotation_deg(self) -> float:
+        """Angle (degrees) of the rotation nearest the fitted global map's linear part (polar decomposition)."""
+        d = self.pair.fixed.n_dims
+        u, _, vt = np.linalg.svd(self.world()[:d, :d])
+        rotation = u @ vt
+        cos = (np.trace(rotation) - 1) / 2 if d == 3 else rotation[0, 0]
+        return float(np.degrees(np.arccos(np.clip(cos, -1.0, 1.0))))
 
     def distance_mm(self, other: _AffineFit) -> float:
         """Mean distance (mm) between the two fits' images of the fixed grid's corners and centre."""

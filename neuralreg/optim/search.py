@@ -150,7 +150,9 @@ def global_search(
 
     Returns:
         up to ``keep`` distinct ``SearchResult`` s, best score first (the world matrix
-        fixed -> moving); seeds refined to the same candidate count once.
+        fixed -> moving), and the best shift at the physical orientation (no rotation,
+        refined like the others) wherever it did not rank among them; seeds refined to
+        the same candidate count once.
     """
     d = fixed.n_dims
     lo_f, hi_f = grid_world_box(fixed.shape, fixed.affine)
@@ -161,12 +163,16 @@ def global_search(
     grid = [tuple(a) for a in itertools.product(steps, repeat=1 if d == 2 else 3)]
     coarse = _Pass(moving, fixed, c_f, c_m, extent, resolution, min_overlap, overlap_power)(grid)
     seeds = sorted(coarse, key=lambda r: -r[0])[: 2 * keep]
+    # the scanners' own orientation (no rotation) is always a candidate: two scans of one
+    # body part are rarely far apart, and a score that ties must not rotate them away
+    physical = [r for r in coarse if not any(r[1])]
+    seeds = physical + [r for r in seeds if any(r[1])]
     half = angle_step_deg / 2 if max_angle_deg > 0 else 0.0
     ident = identity_score(moving, fixed, refine_resolution)
     refine = _Pass(moving, fixed, c_f, c_m, extent, refine_resolution, min_overlap, overlap_power)
     out = []
     for seed in seeds:
-        if len(out) == keep:
+        if len(out) == keep + len(physical):
             break
         local = [seed[1]] + [  # one axis at a time: 2 d' + 1 rotations around the seed
             tuple(float(a + (o if k == axis else 0.0)) for k, a in enumerate(seed[1]))
@@ -240,4 +246,23 @@ def identity_score(moving: Image, fixed: Image, resolution: int = 48) -> float:
     return float((a * b).sum() / torch.sqrt((a * a).sum() * (b * b).sum() + 1e-12))
 
 
-__all__ = ["SearchResult", "global_search", "identity_score", "rotation_matrix"]
+ROTATION_MARGIN_DEG = 15.0
+LOSS_MARGIN = 0.2
+
+
+def prefer_small_rotation(candidates: list[int], losses: list[float], angles: list[float]) -> int:
+    """The start to keep: the lowest loss, unless a start rotated at least ``ROTATION_MARGIN_DEG``
+    less (from the scanners' orientation) comes within ``LOSS_MARGIN`` of it (a share of the
+    loss's magnitude); then the lowest loss among those.
+
+    Two scans of one body part are rarely tens of degrees apart, and where soft tissue does
+    not correspond the similarity of starts rotated by 20-60 degrees can tie with the right
+    one: a large rotation has to win by a clear margin.
+    """
+    best = min(candidates, key=lambda k: losses[k])
+    within = losses[best] + LOSS_MARGIN * abs(losses[best])
+    near = [k for k in candidates if angles[k] <= angles[best] - ROTATION_MARGIN_DEG and losses[k] <= within]
+    return min(near, key=lambda k: losses[k]) if near else best
+
+
+__all__ = ["SearchResult", "global_search", "identity_score", "prefer_small_rotation", "rotation_matrix"]
