@@ -25,8 +25,12 @@ seconds).
 gives each image its own extra rotation (up to 20 degrees), world offset (up to 50 mm per
 axis), size (0.9-1.1) and field of view (each axis cropped or padded by up to 15 %), and
 soft tissue of its own (muscle, fat in layers, skin, air), bias field, blur and noise: the
-hard benchmark. A pair is a gross failure when its bone Dice after registration is below
-0.85 or below its affine stage's alone.
+hard benchmark. ``--geometry filled`` and ``--geometry contrast`` are two more families
+(``neuralreg_eval.families``): soft tissue to the edge of the field of view and cut bones,
+and each image with its own fat contrast, the moving one in thick slices.
+``--longitudinal N`` adds N pairs of one knee scanned twice (same tissue, own pose, field
+of view and noise). A pair is a gross failure when its bone Dice after registration is
+below 0.85 or below its affine stage's alone, or its cartilage Dice below 0.30.
 The data folder defaults to $NEURALREG_DATA/oai_zib_labels.
 """
 
@@ -68,12 +72,18 @@ def parse_args(argv=None):
     p.add_argument("--shape", type=int, nargs=3, default=(80, 192, 192), help="registration grid (default: 80 192 192)")
     p.add_argument(
         "--geometry",
-        choices=("canonical", "realistic"),
+        choices=("canonical", "realistic", "filled", "contrast"),
         default="canonical",
         help="canonical: every label map on one axis-aligned grid at the origin (the OAI protocol); realistic: "
         "each scan keeps its own oblique affine and table offset, then gets its own extra rotation (up to 20 deg), "
         "world offset (up to 50 mm per axis), size and field of view, and subject-specific soft tissue "
-        "(default: canonical)",
+        "(default: canonical); filled, contrast: see above",
+    )
+    p.add_argument(
+        "--longitudinal",
+        type=int,
+        default=0,
+        help="also register this many pairs of one knee scanned twice (not with --geometry canonical; default: 0)",
     )
     p.add_argument(
         "--no-isolate",
@@ -103,8 +113,10 @@ def prepare_pair(files, i, j, folder: Path, shape, seed: int, geometry: str = "c
     facts_path = folder / "pair.json"
     if facts_path.exists():
         return json.loads(facts_path.read_text())
-    if geometry == "realistic":
-        pair = knee.realistic_pair(files[i], files[j], seed, shape)
+    if geometry != "canonical":
+        from neuralreg_eval import families
+
+        pair = families.family_pair(geometry, files[i], files[j], seed, shape)
         flip, moving_labels, fixed_labels = pair["flipped"], pair["moving_labels"], pair["fixed_labels"]
     else:
         fixed_labels = knee.load_oai_labels(files[i], shape)
@@ -120,8 +132,9 @@ def prepare_pair(files, i, j, folder: Path, shape, seed: int, geometry: str = "c
     facts = {
         "fixed": files[i].name,
         "moving": files[j].name,
-        "flipped": flip,
+        "flipped": bool(flip),
         "geometry": geometry,
+        "longitudinal": i == j,
         "initial_bone": knee.physical_bone_dice(moving_labels, fixed_labels),
     }
     facts_path.write_text(json.dumps(facts, indent=2))
@@ -136,9 +149,12 @@ FIELDS = (
     "tibial",
     "cartilage",
     "bone",
+    "bone_in_view",
+    "cartilage_in_view",
     "affine_bone",
     "gross_failure",
     "quality",
+    "quality_measures",
     "percent_folds_forward",
     "inverse_consistency_error_mm",
     "field_correction_mm",
@@ -178,10 +194,14 @@ def main(argv=None) -> int:
     rows = _read_rows(results_path)
     done = {(r["pair"], r["method"]) for r in rows if not r.get("error")}
     rows = [r for r in rows if (r["pair"], r["method"]) in done]
-    pairs = pair_list(len(files), args.pairs)
+    if args.longitudinal and args.geometry == "canonical":
+        return _fail("--longitudinal needs --geometry realistic, filled or contrast")
+    pairs = pair_list(len(files), args.pairs) + [(i, i) for i in range(min(args.longitudinal, len(files)))]
     with tqdm(total=len(pairs) * len(methods), desc="knee benchmark", dynamic_ncols=True) as bar:
         for k, (i, j) in enumerate(pairs):
             pair_id = f"{files[i].name.split('_')[0]}-{files[j].name.split('_')[0]}"
+            if i == j:
+                pair_id += "-longitudinal"
             facts = prepare_pair(files, i, j, args.out / "pairs" / pair_id, tuple(args.shape), k, args.geometry)
             for m in methods:
                 bar.set_postfix(pair=pair_id, method=m)
@@ -190,7 +210,12 @@ def main(argv=None) -> int:
                     try:
                         row.update(
                             benchmark.run_method(
-                                m, args.out / "pairs" / pair_id, config, args.threads, isolate=not args.no_isolate
+                                m,
+                                args.out / "pairs" / pair_id,
+                                config,
+                                args.threads,
+                                isolate=not args.no_isolate,
+                                keep=args.out / "registrations" / f"{pair_id}.pt",
                             )
                         )
                     except RuntimeError as exc:

@@ -14,6 +14,7 @@ import json
 import math
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -108,7 +109,13 @@ def command(method: str, pair_dir: Path, out: Path, config: dict, threads: int) 
 
 
 def run_method(
-    method: str, pair_dir, config: dict | None = None, threads: int = 2, isolate: bool = True, scorer=None
+    method: str,
+    pair_dir,
+    config: dict | None = None,
+    threads: int = 2,
+    isolate: bool = True,
+    scorer=None,
+    keep: Path | None = None,
 ) -> dict:
     """Register one prepared pair with ``method`` by its whole command, in its own process,
     and score it (``knee.score_maps`` keys).
@@ -120,7 +127,8 @@ def run_method(
     call in this process instead, on the images as read (neuralreg through the Python API:
     no ``--modality`` normalization; no command figures, no peak memory). ``scorer(forward,
     inverse, affine_only, pair_dir) -> dict`` scores the maps (default: the knee protocol).
-    Raises RuntimeError if the method failed.
+    ``keep``: where to copy neuralreg's ``registration.pt`` (its self-check can then be
+    measured again offline). Raises RuntimeError if the method failed.
     """
     config = config or {}
     scorer = scorer or _score
@@ -146,9 +154,14 @@ def run_method(
         usage = json.loads(usage_file.read_text())
         forward, inverse, affine_only, quality, seconds, cpu = _maps(method, out)
         scores = scorer(forward, inverse, affine_only, pair_dir)
+        measures = json.loads((out / "report.json").read_text())["quality"]["measures"] if method == "neuralreg" else {}
+        if keep is not None and method == "neuralreg":
+            Path(keep).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(out / "registration.pt", keep)
     return {
         **scores,
         "quality": quality,
+        "quality_measures": json.dumps(measures) if measures else "",
         "seconds": seconds,
         "cpu_seconds": cpu,
         "command_seconds": wall,
@@ -213,7 +226,7 @@ def _score(forward, inverse, affine_only, pair_dir: Path) -> dict:
         if affine_only is not None
         else math.nan
     )
-    scores["gross_failure"] = knee.gross_failure(scores["bone"], scores["affine_bone"])
+    scores["gross_failure"] = knee.gross_failure(scores["bone"], scores["affine_bone"], scores["cartilage"])
     return scores
 
 

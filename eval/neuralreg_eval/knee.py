@@ -140,21 +140,43 @@ def score_maps(forward, inverse, moving_labels: Image, fixed_labels: Image, max_
     """
     warped, regularity = warp_labels_and_regularity(forward, inverse, moving_labels, fixed_labels, max_points)
     cart = cartilage_dice(warped, fixed_labels.data)
+    view = in_view(forward, moving_labels, fixed_labels)
     return {
         "femoral": cart["femoral"],
         "tibial": cart["tibial"],
         "cartilage": cart["mean"],
         "bone": dice(warped, fixed_labels.data, BONES)["mean"],
+        # the same where the moving image has data: anatomy outside its field of view cannot be placed
+        "bone_in_view": dice(warped[view], fixed_labels.data[view], BONES)["mean"],
+        "cartilage_in_view": cartilage_dice(warped[view], fixed_labels.data[view])["mean"],
         **regularity,
     }
 
 
+def in_view(forward, moving_labels: Image, fixed_labels: Image) -> torch.Tensor:
+    """Fixed voxels (bool, fixed shape) that ``forward`` maps inside the moving grid."""
+    from neuralreg.geometry.coordinates import apply_affine
+    from neuralreg.geometry.transforms import map_grid
+
+    shape = fixed_labels.shape
+    phi = map_grid(forward, shape, fixed_labels.affine, chunk=int(np.prod(shape)), dtype=torch.float64)
+    vox = apply_affine(np.linalg.inv(moving_labels.affine), phi.reshape(-1, 3)).reshape(phi.shape)
+    upper = torch.tensor(moving_labels.shape, dtype=vox.dtype) - 1
+    return ((vox >= -0.5) & (vox <= upper + 0.5)).all(-1)
+
+
 GROSS_FAILURE_BONE_DICE = 0.85
+GROSS_FAILURE_CARTILAGE_DICE = 0.30
 
 
-def gross_failure(bone: float, affine_bone: float = float("nan")) -> bool:
-    """A registration lost the knee: bone Dice below 0.85, or below its affine stage's alone."""
-    return bool(bone < GROSS_FAILURE_BONE_DICE or (np.isfinite(affine_bone) and bone < affine_bone))
+def gross_failure(bone: float, affine_bone: float = float("nan"), cartilage: float = float("nan")) -> bool:
+    """A registration lost the knee: bone Dice below 0.85, or more than 0.02 below its affine
+    stage's alone (the fields undid the global alignment), or cartilage Dice below 0.30."""
+    return bool(
+        bone < GROSS_FAILURE_BONE_DICE
+        or (np.isfinite(affine_bone) and bone < affine_bone - 0.02)
+        or (np.isfinite(cartilage) and cartilage < GROSS_FAILURE_CARTILAGE_DICE)
+    )
 
 
 def registration_maps(reg):
@@ -199,6 +221,7 @@ def perturb_geometry(
     max_offset_mm: float = 50.0,
     max_fov_change: float = 0.15,
     scale_range: tuple = (0.9, 1.1),
+    fov_range: tuple | None = None,
 ) -> tuple[Image, torch.Tensor]:
     """What another scanner or session does to a scan: new pose, field of view and size.
 
@@ -206,7 +229,8 @@ def perturb_geometry(
       and a world offset of up to ``max_offset_mm`` per axis (the affine changes, not the voxels);
     - an isotropic world scale drawn from ``scale_range`` (a bigger or smaller knee);
     - each axis cropped or padded by up to ``max_fov_change`` of its length, split at random
-      between its two ends (the knee is no longer centred alike).
+      between its two ends (the knee is no longer centred alike); ``fov_range`` (low, high)
+      replaces (-max_fov_change, max_fov_change), e.g. (-0.3, 0.0) crops only (cut bones).
 
     Returns:
         the label map on its new grid, and a boolean (shape) mask of the voxels inside the
@@ -215,8 +239,9 @@ def perturb_geometry(
     shape = np.asarray(labels.shape)
     lo = np.zeros(3, dtype=int)
     new_shape = shape.copy()
+    low, high = fov_range if fov_range is not None else (-max_fov_change, max_fov_change)
     for a in range(3):
-        change = round(rng.uniform(-max_fov_change, max_fov_change) * shape[a])
+        change = round(rng.uniform(low, high) * shape[a])
         first = round(rng.uniform(0, 1) * change)
         lo[a] = -first  # new voxel i is old voxel i + lo (negative lo: padding at the start)
         new_shape[a] = shape[a] + change
