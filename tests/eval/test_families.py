@@ -7,12 +7,12 @@ from neuralreg_eval import families, headers
 
 from neuralreg import Image
 from neuralreg.geometry.transforms import DisplacementField
-from neuralreg.phantoms import knee_phantom_pair
+from neuralreg.phantoms import _blur, knee_phantom_pair
 
 SHAPE = (40, 96, 96)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def files(shared_data):
     return sorted((shared_data / "oai_zib_labels").glob("*_labels.nii.gz"))
 
@@ -63,7 +63,7 @@ def test_unknown_family_is_refused(files):
 def test_header_pair_truth_maps_fixed_points_onto_the_same_anatomy(tmp_path):
     """The known answer is right: the moving image read at Phi(x) equals the fixed one at x."""
     p = knee_phantom_pair(0, shape=(24, 40, 40))
-    fixed = p["fixed"]
+    fixed = p["fixed"].with_data(_blur(p["fixed"].data, 1.5))  # smooth: two linear interpolations agree
     pair = headers.perturbed_pair(fixed, p["fixed_labels"], seed=3, noise=0.0, amplitude_mm=3.0)
     moving, truth = pair["moving"], pair["truth"]
     assert not np.allclose(moving.affine, fixed.affine)
@@ -76,7 +76,7 @@ def test_header_pair_truth_maps_fixed_points_onto_the_same_anatomy(tmp_path):
     inside = ((vox >= 1) & (vox <= upper - 1)).all(1) & pair["body"].reshape(-1)
     read = moving.sample(vox)[inside]
     want = fixed.data.reshape(-1)[inside]
-    assert float((read - want).abs().mean()) < 0.02 * float(want.abs().mean())
+    assert float((read - want).abs().mean()) < 0.01 * float(want.abs().mean())  # measured: 0.6 %
     # scored from files, the true map has no error and the identity map a gross one
     from neuralreg.io import write_displacement_field, write_image
 

@@ -48,7 +48,7 @@ def test_mi_of_independent_samples_is_near_zero():
 
 
 def test_joint_histogram_is_a_probability_whose_marginals_are_the_samples():
-    a, g = _samples(5000)
+    a, _ = _samples(5000)
     joint = joint_histogram(a, a.flip(0))
     assert float(joint.sum()) == pytest.approx(1.0, abs=1e-12)
     assert bool((joint >= 0).all())
