@@ -32,6 +32,7 @@ FIELDS = (
     "percent_folds_forward",
     "inverse_consistency_error_mm",
     "quality",
+    "quality_measures",
     "command_seconds",
     "command_cpu_seconds",
     "seconds",

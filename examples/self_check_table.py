@@ -21,6 +21,8 @@ import json
 import sys
 from pathlib import Path
 
+from neuralreg_eval import knee
+
 from neuralreg.quality import judge
 
 VERDICTS = ("good", "check", "failed")
@@ -37,6 +39,9 @@ def rows_of(path: Path) -> list[dict]:
             measures.setdefault("percent_folds", float(r["percent_folds_forward"]))
         gross = str(r.get("gross_failure")) == "True"
         bone = r.get("bone")
+        if bone not in (None, "") and r.get("cartilage") not in (None, ""):  # the knee rule of the installed eval
+            affine = float(r["affine_bone"]) if r.get("affine_bone") not in (None, "") else float("nan")
+            gross = knee.gross_failure(float(bone), affine, float(r["cartilage"]))
         good_result = float(bone) >= 0.90 if bone not in (None, "") else not gross
         out.append({"pair": r["pair"], "gross": gross, "good_result": good_result, "verdict": judge(measures).verdict})
     return out

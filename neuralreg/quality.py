@@ -10,7 +10,7 @@ is no dissimilarity), and the maps are checked against each other:
 |---|---|
 | share of fixed points that the map sends inside the moving image >= 50 % | failed |
 | inverse-consistency error <= max(2 mm, 2 x the largest voxel side) | failed |
-| local NCC of the full maps not below the affine part's (margin 0.02) | failed |
+| local NCC of the full maps not below the affine part's (margin 0.02) (e) | check |
 | normalized mutual information of the registered images >= 1.03 (a) | failed |
 | global NCC of the registered images >= 0.85 (0.80 scored inside the body (c)) | check |
 | the fields move points <= 9 mm beyond the affine part, on average (d) | check |
@@ -37,6 +37,10 @@ two subjects differ).
 points far to repair it, and on knees they rarely do so whole. Knee pairs of two subjects
 registered well: 4.7-9.0 mm; pairs whose bones ended up misplaced: mostly 9.6-18 mm;
 unrelated images 19-61 mm. See docs/benchmarks.md (self-check) for the confusion table.
+(e) one knee scanned twice in two contrasts, registered with cartilage Dice 0.96, scored
+local NCC 0.06-0.07 below its affine part (and normalized MI 0.03-0.05 below): the fields
+fit inside the body what these windows score everywhere. Until 2026-12-04 this failed a pair;
+no pair of the families failed it alone.
 
 ``verdict`` is ``"good"`` when every check passes, ``"check"`` when only the milder ones
 fail (look at the result), ``"failed"`` when the result is probably wrong.
@@ -187,7 +191,7 @@ def judge(measures: dict) -> Quality:
         m[k] for k in ("lncc_identity", "lncc_affine", "lncc_final", "ncc_final")
     )
     if lncc_final < lncc_affine - AFFINE_MARGIN:
-        failed.append(
+        check.append(
             f"the deformable fields lowered the similarity below the affine part's (local NCC {lncc_final:.3f} "
             f"< {lncc_affine:.3f})"
         )

@@ -10,6 +10,7 @@ import torch
 from neuralreg.cli import main
 from neuralreg.io import read_displacement_field, write_image
 from neuralreg.io.folders import MANIFEST
+from neuralreg.optim.search import prefer_small_rotation
 from neuralreg.phantoms import knee_phantom_pair, triangles_pair
 
 FAST = ["--steps", "12", "--points", "1024", "--quiet"]
@@ -72,7 +73,9 @@ def test_register_writes_every_output(registered):
     assert 0 < timings["registration_cpu_seconds"] <= 4 * timings["registration_seconds"] + 1
     search = report["global_search"]
     assert 1 <= search["distinct_starts"] <= len(search["candidate_losses"])
-    assert search["candidate_losses"][search["chosen"]] == min(v for v in search["candidate_losses"] if v is not None)
+    losses, rotations = search["candidate_losses"], search["candidate_rotations_deg"]
+    distinct = [k for k, v in enumerate(losses) if v is not None]
+    assert search["chosen"] == prefer_small_rotation(distinct, losses, rotations)
     assert 0 <= report["dice_after"]["mean"] <= 1
     assert report["inverse_consistency_error_mm"] >= 0
     warped = nib.load(registered / "warped.nii.gz")
