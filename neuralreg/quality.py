@@ -99,6 +99,27 @@ def _lncc_points(shape, n_windows: int, k: int, window: float, seed: int, mask=N
     return (centres[:, None] + offsets).reshape(-1, len(shape)).clamp(min=0).minimum(upper)
 
 
+def _similarities(moving: Image, mapped_world: torch.Tensor, fixed_vals: torch.Tensor) -> tuple:
+    """(local NCC, share of points inside the moving grid, global NCC, normalized MI) of the
+    moving image at world points (W * K, d) against ``fixed_vals`` (W windows, K points),
+    where both images have data: points mapped outside the moving grid, and windows reaching
+    outside it, are left out (a cropped field of view is no dissimilarity); NaN when too few remain."""
+    n_windows = fixed_vals.shape[0]
+    upper = torch.tensor([n - 1 for n in moving.shape], dtype=torch.float64)
+    mv = apply_affine(np.linalg.inv(moving.affine), mapped_world.double())
+    inside = ((mv >= 0) & (mv <= upper)).all(1)
+    vals = moving.sample(mv.float()).reshape(n_windows, -1)
+    both = inside.reshape(n_windows, -1)
+    whole = both.all(1)
+    enough = int(both.sum()) > MIN_SCORED_POINTS
+    return (
+        float(1.0 - lncc(vals[whole], fixed_vals[whole])) if int(whole.sum()) > MIN_SCORED_WINDOWS else math.nan,
+        float(inside.double().mean()),
+        float(1.0 - ncc(vals[both], fixed_vals[both])) if enough else math.nan,
+        normalized_mi(vals[both], fixed_vals[both]) if enough else math.nan,
+    )
+
+
 @torch.no_grad()
 def assess(
     reg,
@@ -118,33 +139,14 @@ def assess(
     vox = _lncc_points(fixed.shape, n_windows, points_per_window, window, seed, fixed_mask)
     x = apply_affine(fixed.affine, vox)
     fixed_vals = fixed.sample(vox.float()).reshape(n_windows, -1)
-    inv_moving = np.linalg.inv(moving.affine)
-    upper = torch.tensor([n - 1 for n in moving.shape], dtype=torch.float64)
-
-    def score(mapped_world: torch.Tensor):
-        """(local NCC, share of points inside the moving grid, global NCC, normalized MI), the
-        similarities where both images have data: points mapped outside the moving grid, and
-        windows reaching outside it, are left out (a cropped field of view is no dissimilarity)."""
-        mv = apply_affine(inv_moving, mapped_world.double())
-        inside = ((mv >= 0) & (mv <= upper)).all(1)
-        vals = moving.sample(mv.float()).reshape(n_windows, -1)
-        both = inside.reshape(n_windows, -1)
-        whole = both.all(1)
-        enough = int(both.sum()) > MIN_SCORED_POINTS
-        return (
-            float(1.0 - lncc(vals[whole], fixed_vals[whole])) if int(whole.sum()) > MIN_SCORED_WINDOWS else math.nan,
-            float(inside.double().mean()),
-            float(1.0 - ncc(vals[both], fixed_vals[both])) if enough else math.nan,
-            normalized_mi(vals[both], fixed_vals[both]) if enough else math.nan,
-        )
 
     affine_world = reg.affine_world()
     affine_points = apply_affine(affine_world, x)
-    lncc_identity, overlap_identity, ncc_identity, nmi_identity = score(x)
-    lncc_affine, _, ncc_affine, nmi_affine = score(affine_points)
+    lncc_identity, overlap_identity, ncc_identity, nmi_identity = _similarities(moving, x, fixed_vals)
+    lncc_affine, _, ncc_affine, nmi_affine = _similarities(moving, affine_points, fixed_vals)
     forward = reg.map_points(x.float(), "forward")
     correction = float(torch.linalg.norm(forward.double() - affine_points, dim=1).mean())
-    lncc_final, overlap_final, ncc_final, nmi_final = score(forward)
+    lncc_final, overlap_final, ncc_final, nmi_final = _similarities(moving, forward, fixed_vals)
     # inverse consistency on the same points: Phi_BA(Phi_AB(x)) ~ x
     ice = float(torch.linalg.norm(reg.map_points(forward, "inverse").double() - x, dim=1).mean())
     spacing = float(max(fixed.spacing.max(), moving.spacing.max()))
