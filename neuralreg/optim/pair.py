@@ -685,7 +685,8 @@ def _choose_start(pair: _Pair):
         fits[k].run(range(1, levels), bar=bar)
         final[k] = fits[k].loss(levels - 1)
     bar.close()
-    best = prefer_small_rotation(distinct, final, [fits[k].rotation_deg() for k in range(len(fits))])
+    rotations = [fit.rotation_deg() for fit in fits]
+    best = prefer_small_rotation(distinct, final, rotations)
     others = [k for k in distinct if k != best]
     runner_up = min(others, key=lambda k: final[k]) if others else None
     chosen = candidates[starts[best][0]]
@@ -701,7 +702,7 @@ def _choose_start(pair: _Pair):
         "candidate_coarse_losses": [float(v) for v in coarse],
         # None: the same map as a fit listed before it
         "candidate_losses": [None if math.isnan(v) else float(v) for v in final],
-        "candidate_rotations_deg": [round(f.rotation_deg(), 2) for f in fits],
+        "candidate_rotations_deg": [round(r, 2) for r in rotations],
         "distinct_starts": len(distinct),
         "chosen": best,
         # how clearly the winner beat the best start that ended on another map
