@@ -17,7 +17,7 @@ from neuralreg.geometry.image import Image
 from neuralreg.geometry.transforms import DisplacementField
 from neuralreg.metrics import dice
 from neuralreg.phantoms import synthesize_mr
-from neuralreg_eval.scoring import warp_labels_and_regularity
+from neuralreg_eval.scoring import forward_on_grid, warp_labels_and_regularity
 
 OAI_SHAPE = (80, 192, 192)
 OAI_SPACING = (1.4, 0.729, 0.729)
@@ -138,9 +138,10 @@ def score_maps(forward, inverse, moving_labels: Image, fixed_labels: Image, max_
         cartilage Dice (femoral, tibial, mean), bone Dice, % negative Jacobian determinant
         of Phi_AB on the fixed grid, and mean inverse-consistency error (mm, moving grid).
     """
-    warped, regularity = warp_labels_and_regularity(forward, inverse, moving_labels, fixed_labels, max_points)
+    phi = forward_on_grid(forward, fixed_labels)
+    warped, regularity = warp_labels_and_regularity(forward, inverse, moving_labels, fixed_labels, max_points, phi)
     cart = cartilage_dice(warped, fixed_labels.data)
-    view = in_view(forward, moving_labels, fixed_labels)
+    view = in_view(phi, moving_labels)
     return {
         "femoral": cart["femoral"],
         "tibial": cart["tibial"],
@@ -153,13 +154,11 @@ def score_maps(forward, inverse, moving_labels: Image, fixed_labels: Image, max_
     }
 
 
-def in_view(forward, moving_labels: Image, fixed_labels: Image) -> torch.Tensor:
-    """Fixed voxels (bool, fixed shape) that ``forward`` maps inside the moving grid."""
+def in_view(phi: torch.Tensor, moving_labels: Image) -> torch.Tensor:
+    """Fixed voxels (bool, fixed shape) whose mapped world points ``phi`` (*fixed shape, 3)
+    (``scoring.forward_on_grid``) lie inside the moving grid."""
     from neuralreg.geometry.coordinates import apply_affine
-    from neuralreg.geometry.transforms import map_grid
 
-    shape = fixed_labels.shape
-    phi = map_grid(forward, shape, fixed_labels.affine, chunk=int(np.prod(shape)), dtype=torch.float64)
     vox = apply_affine(np.linalg.inv(moving_labels.affine), phi.reshape(-1, 3)).reshape(phi.shape)
     upper = torch.tensor(moving_labels.shape, dtype=vox.dtype) - 1
     return ((vox >= -0.5) & (vox <= upper + 0.5)).all(-1)
