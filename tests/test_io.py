@@ -52,3 +52,15 @@ def test_plain_nii_is_written_uncompressed(tmp_path):
     with open(tmp_path / "a.nii", "rb") as f:
         assert f.read(2) != b"\x1f\x8b"  # not gzip
     np.testing.assert_array_equal(np.asarray(nib.load(str(tmp_path / "a.nii")).dataobj), data.numpy())
+
+
+def test_a_nii_gz_is_the_same_bytes_whatever_its_name_and_time(tmp_path):
+    """No file name and no time in the gzip header: an image written twice, under two names,
+    is the same bytes, and nibabel reads it back."""
+    image = Image.from_array(torch.arange(24 * 20 * 16, dtype=torch.float32).reshape(24, 20, 16) % 7)
+    io.write_image(image, tmp_path / "a.nii.gz")
+    io.write_image(image, tmp_path / "b.nii.gz")
+    data = (tmp_path / "a.nii.gz").read_bytes()
+    assert data == (tmp_path / "b.nii.gz").read_bytes()
+    assert data[3] & 0x08 == 0 and data[4:8] == bytes(4)  # gzip header: no FNAME flag, MTIME 0
+    np.testing.assert_array_equal(np.asarray(nib.load(tmp_path / "b.nii.gz").dataobj), image.data.numpy())

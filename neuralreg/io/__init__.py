@@ -289,7 +289,8 @@ def _save_nifti(img, path) -> None:
         step = max(1, len(data) // _GZIP_SAMPLES)
         sample = b"".join(data[i : i + _GZIP_SAMPLE_BYTES] for i in range(0, len(data), step))
         level = 1 if len(zlib.compress(sample, 1)) < (1 - GZIP_MIN_SAVING) * len(sample) else 0
-        with gzip.GzipFile(tmp, "wb", compresslevel=level, mtime=0) as f:
+        # no name and no time in the gzip header: a run under a seed writes the same bytes
+        with open(tmp, "wb") as raw, gzip.GzipFile("", "wb", compresslevel=level, fileobj=raw, mtime=0) as f:
             f.write(data)
 
 
