@@ -29,20 +29,19 @@ import torch
 from neuralreg import cli, io, losses, quality, result
 from neuralreg.fields import encoding, field, native
 from neuralreg.geometry import image
-from neuralreg.optim import adam, search
-from neuralreg.optim import pair as registration
+from neuralreg.optim import adam, alignment, registration, search, stage, watchdog
 from neuralreg.report import outputs
 
 # (module or class, attribute, label): the phases timed
 PHASES = (
     (cli, "cmd_register", "neuralreg register (after start-up)"),
     (io, "read_image", "read images"),
-    (registration, "_choose_start", "global search + an affine fit per start"),
+    (registration, "choose_start", "global search + an affine fit per start"),
     (search, "global_search", "exhaustive rotation/FFT search"),
-    (registration._AffineFit, "run", "affine fits (every start)"),
-    (registration._Stage, "__init__", "stage set-up (down-sampling, edge weights)"),
-    (registration, "_similarity_term", "similarity terms (forward)"),
-    (registration, "_regularizer_term", "GradICON term (forward)"),
+    (alignment.AffineFit, "run", "affine fits (every start)"),
+    (stage.Stage, "__init__", "stage set-up (down-sampling, edge weights)"),
+    (stage.Stage, "similarity", "similarity terms (forward)"),
+    (stage.Stage, "regularizer", "GradICON term (forward)"),
     (encoding.HashGridEncoding, "forward", "hash-grid encoding"),
     (encoding.HashGridEncoding, "forward_with_jacobian", "hash-grid encoding with Jacobian"),
     (field.NeuralField, "displacement", "field: encoding + MLP"),
@@ -53,7 +52,7 @@ PHASES = (
     (losses.SIMILARITIES, "lncc", "local NCC"),
     (torch.autograd, "backward", "backward"),
     (adam.Adam, "step", "Adam step"),
-    (registration, "_snapshot", "snapshots (watchdog)"),
+    (watchdog.Snapshot, "__init__", "snapshots (watchdog)"),
     (quality, "assess", "self-check"),
     (outputs, "write_outputs", "write outputs"),
     (result.Registration, "displacement_on_grid", "displacement fields on grids"),

@@ -26,6 +26,7 @@ _HOMES = {
     "HashGridEncoding": "neuralreg.fields.encoding",
     "NeuralField": "neuralreg.fields.field",
     "Image": "neuralreg.geometry.image",
+    "PairRegistration": "neuralreg.optim.registration",
     "Registration": "neuralreg.result",
 }
 

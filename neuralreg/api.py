@@ -2,7 +2,7 @@
 goes from files to an output folder.
 
 It sits above ``io`` (it reads files) and ``report`` (it writes the output folder) and below
-the CLI; the optimizer itself (``neuralreg.optim.pair.register_pair``) takes ``Image`` s only
+the CLI; the optimizer itself (``neuralreg.optim.registration.PairRegistration``) takes ``Image`` s only
 and never imports ``io``. ``register_files`` is the one read -> register -> write path: the
 CLI's ``register`` and every pair of ``batch`` go through it.
 """
@@ -16,7 +16,7 @@ from neuralreg.files import file_record
 from neuralreg.geometry.image import Image
 from neuralreg.io import read_image, read_pair
 from neuralreg.io.folders import OutputFolder
-from neuralreg.optim import pair
+from neuralreg.optim.registration import PairRegistration
 from neuralreg.report.outputs import write_outputs
 from neuralreg.result import Registration
 
@@ -40,12 +40,12 @@ def register_pair(
 
     ``moving``, ``fixed`` and the masks may be ``Image`` s or paths of image files (read
     with ``io.read_image``); ``config`` a ``RegistrationConfig``, a dict of its keys or
-    None (defaults). Everything else is ``neuralreg.optim.pair.register_pair``'s: see there
+    None (defaults). Everything else is ``neuralreg.optim.registration.PairRegistration``'s: see there
     for the loss, the returned ``Registration``, ``InputError``/``RegistrationDiverged`` and
     the ``RegistrationWarning`` of a doubtful result.
     """
     masks = [None if m is None else _read(m, n) for m, n in ((moving_mask, "moving_mask"), (fixed_mask, "fixed_mask"))]
-    return pair.register_pair(_read(moving, "moving"), _read(fixed, "fixed"), config, *masks)
+    return PairRegistration(_read(moving, "moving"), _read(fixed, "fixed"), config, *masks).run()
 
 
 def register_files(
@@ -83,9 +83,10 @@ def register_files(
         images = read_pair(**paths, modality=modality, ct_window=ct_window)
         records = input_records or {k: file_record(p) for k, p in paths.items() if p is not None}
         try:
-            reg = pair.register_pair(
+            run = PairRegistration(
                 images["moving"], images["fixed"], config, images["moving_mask"], images["fixed_mask"]
             )
+            reg = run.run()
         except InputError as exc:  # the optimizer names the image, not its file
             raise InputError(_with_path(str(exc), paths)) from None
         report = write_outputs(

@@ -341,7 +341,7 @@ def cmd_evaluate(args) -> int:
 def cmd_demo(args) -> int:
     from neuralreg.io.folders import OutputFolder
     from neuralreg.metrics import dice
-    from neuralreg.optim.pair import register_pair
+    from neuralreg.optim.registration import register_pair
     from neuralreg.phantoms import knee_phantom_pair
     from neuralreg.report.outputs import write_outputs
 

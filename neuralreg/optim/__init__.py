@@ -1,6 +1,8 @@
-"""Fitting a pair: point sampling, the global search, the affine stage and the optimizer.
+"""Fitting a pair: the run, its global alignment, its stages and the optimizer.
 
-``points`` (voxel samplers, edge weights), ``search`` (global rotations + FFT
-translation), ``pair`` (``register_pair`` on ``Image`` s: the affine stage, the pyramid of
-field stages, the watchdog, the self-check).
+``registration`` (``PairRegistration``, one run from checked images to a ``Registration``),
+``inputs`` (the checks before a run), ``alignment`` (rigid starts fitted as affines),
+``search`` (global rotations + FFT translation), ``stage`` (one pyramid level: samplers
+and loss terms), ``points`` (voxel samplers, edge weights), ``watchdog`` (rollback
+guards), ``adam`` (the optimizer).
 """

@@ -296,9 +296,9 @@ def test_image_refuses_a_non_finite_affine_and_masks_mean_non_zero():
 
 # 10. the working set is checked against the memory free before anything runs
 def test_a_working_set_larger_than_the_free_memory_is_refused(tmp_path, capsys, monkeypatch):
-    from neuralreg.optim import pair as pair_module
+    from neuralreg.optim import inputs
 
-    monkeypatch.setattr(pair_module, "available_memory", lambda device: 64 * 2**20)  # a machine with 64 MiB free
+    monkeypatch.setattr(inputs, "available_memory", lambda device: 64 * 2**20)  # a machine with 64 MiB free
     pair = triangles_pair(1, size=24)
     write_image(pair["fixed"], tmp_path / "f.nii.gz")
     code = main(["register", "--fixed", str(tmp_path / "f.nii.gz"), "--moving", str(tmp_path / "f.nii.gz")] + [
@@ -306,7 +306,7 @@ def test_a_working_set_larger_than_the_free_memory_is_refused(tmp_path, capsys, 
     ])  # fmt: skip
     _one_line_error(capsys, code, "this registration needs about 0.2 GiB (100000 points per step")
     assert not (tmp_path / "o").exists()
-    monkeypatch.setattr(pair_module, "available_memory", lambda device: 2**40)
+    monkeypatch.setattr(inputs, "available_memory", lambda device: 2**40)
     assert main(["register", "--fixed", str(tmp_path / "f.nii.gz"), "--moving", str(tmp_path / "f.nii.gz")] + [
         "--out", str(tmp_path / "o"), *FAST,
     ]) == 0  # fmt: skip

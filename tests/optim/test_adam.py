@@ -7,9 +7,9 @@ import sys
 import pytest
 import torch
 
-import neuralreg.optim.pair as pair_module
 from neuralreg import RegistrationConfig, register_pair
 from neuralreg.optim.adam import Adam
+from neuralreg.optim.registration import PairRegistration
 from neuralreg.phantoms import triangles_pair
 
 
@@ -61,7 +61,7 @@ def test_steps_are_bit_for_bit_those_of_torch_optim_adam_with_a_schedule_and_a_r
 
 
 @pytest.mark.filterwarnings("ignore::neuralreg.RegistrationWarning")  # 30 steps: bits, not quality
-def test_a_registration_is_bit_for_bit_the_one_torch_optim_adam_gives(monkeypatch):
+def test_a_registration_is_bit_for_bit_the_one_torch_optim_adam_gives():
     pair = triangles_pair(1)
     cfg = RegistrationConfig(steps=30, affine_steps=20, points=512, progress=False)
     ours = register_pair(pair["moving"], pair["fixed"], cfg)
@@ -82,15 +82,14 @@ def test_a_registration_is_bit_for_bit_the_one_torch_optim_adam_gives(monkeypatc
         def zero_grad(self):
             super().zero_grad(set_to_none=True)
 
-    monkeypatch.setattr(pair_module, "Adam", TorchAdam)
-    theirs = register_pair(pair["moving"], pair["fixed"], cfg)
+    theirs = PairRegistration(pair["moving"], pair["fixed"], cfg, optimizer=TorchAdam).run()
     for a, b in ((ours.phi_ab, theirs.phi_ab), (ours.phi_ba, theirs.phi_ba)):
         for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
             assert torch.equal(x, y), name
     assert torch.equal(ours.affine.matrix(), theirs.affine.matrix())
 
 
-@pytest.mark.parametrize("module", ["neuralreg.cli", "neuralreg.optim.pair"])
+@pytest.mark.parametrize("module", ["neuralreg.cli", "neuralreg.optim.registration"])
 def test_registering_does_not_import_torch_dynamo(module):
     """torch.optim's first optimizer imports torch._dynamo (about 1 s of every command)."""
     code = (

@@ -94,21 +94,21 @@ def test_config_rejects_a_bad_edge_power():
         (None, None, [512] * 8, [1024] * 4 + [1024] * 4 + [1024] * 8),
     ],
 )
-def test_each_stage_and_the_affine_fit_draw_their_configured_points(
-    monkeypatch, stage_points, affine_points, affine, fields
-):
-    from neuralreg import RegistrationConfig, register_pair
-    from neuralreg.optim import pair as registration
+def test_each_stage_and_the_affine_fit_draw_their_configured_points(stage_points, affine_points, affine, fields):
+    from neuralreg import RegistrationConfig
+    from neuralreg.losses import SIMILARITIES
+    from neuralreg.optim.registration import PairRegistration
     from neuralreg.phantoms import triangles_pair
 
     drawn = []
-    inner = registration._similarity_term
 
-    def spy(cfg, stage, *args, **kwargs):
-        drawn.append(stage.points)
-        return inner(cfg, stage, *args, **kwargs)
+    def counted(loss):
+        def spy(warped, target):
+            drawn.append(warped.numel())  # points (lncc: windows x points per window)
+            return loss(warped, target)
 
-    monkeypatch.setattr(registration, "_similarity_term", spy)
+        return spy
+
     pair = triangles_pair(size=32)
     cfg = RegistrationConfig(
         steps=8,
@@ -123,7 +123,8 @@ def test_each_stage_and_the_affine_fit_draw_their_configured_points(
     )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # 8 steps: the self-check's verdict is not the point here
-        register_pair(pair["moving"], pair["fixed"], cfg)
+        similarities = {name: counted(loss) for name, loss in SIMILARITIES.items()}
+        PairRegistration(pair["moving"], pair["fixed"], cfg, similarities=similarities).run()
     # affine steps (2 terms each) first, then the fields' stages: 2 + 2 + 4 steps, 2 terms each
     assert drawn == affine + fields
 
@@ -206,16 +207,16 @@ def test_interior_mask_keeps_away_from_the_outline_not_the_grid_edge():
 def test_no_interior_without_depth_or_room():
     """depth 0, an object too small for the depth, or a body filling the grid: no interior to draw from."""
     from neuralreg import Image
-    from neuralreg.optim.pair import _interior
+    from neuralreg.optim.alignment import interior_within
     from neuralreg.optim.points import interior_mask
 
     image, _ = _limb()
     assert interior_mask(image, 0.0) is None
     assert interior_mask(_limb(radius=5.0, shell=(0, -1), hole=0)[0], 6.0) is None
     full = Image.from_array(0.5 + 0.1 * torch.rand(20, 30, 30, generator=torch.Generator().manual_seed(0)))
-    assert _interior(full, None, 6.0) is None  # (nearly) the whole grid: the fits draw from everywhere
+    assert interior_within(full, None, 6.0) is None  # (nearly) the whole grid: the fits draw from everywhere
     mask = image.with_data((torch.arange(60) < 30).float().expand(40, 60, 60).clone())  # axis 2 < 30
-    within = _interior(image, mask, 6.0)  # the interior within a mask given
+    within = interior_within(image, mask, 6.0)  # the interior within a mask given
     assert within is not mask and not bool(within.data[..., 30:].any()) and bool(within.data[..., :30].any())
 
 

@@ -174,3 +174,21 @@ def test_register_pair_leaves_the_process_as_it_found_it():
     torch.manual_seed(999)  # another caller state: the same registration
     second = register_pair(pair["moving"], pair["fixed"], cfg)
     assert first.history[-1]["loss"] == second.history[-1]["loss"]
+
+
+def test_the_self_checks_warning_names_the_callers_line():
+    """Through ``register_pair`` or a ``PairRegistration`` run, a doubtful result's warning
+    points at the line that asked for the registration, not at neuralreg's own."""
+    import warnings
+
+    from neuralreg import PairRegistration, RegistrationWarning
+
+    pair = triangles_pair(3, size=32)
+    cfg = quick_config(steps=4, affine_steps=2, points=256, affine_init="centroid")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", RegistrationWarning)
+        register_pair(pair["moving"], pair["fixed"], cfg)
+        run = PairRegistration(pair["moving"], pair["fixed"], cfg)
+        reg = run.run()
+    assert [w.filename for w in caught] == [__file__, __file__]
+    assert run.history is reg.history and len(run.history) == 6 and run.search is None

@@ -164,31 +164,28 @@ def _in_air(image: Image, pad: int = 10) -> Image:
     return Image(torch.nn.functional.pad(image.data.float(), (pad,) * 6), image.affine @ shift)
 
 
-def test_fits_draw_inside_the_body_the_regularizer_everywhere(phantom, monkeypatch):
+def test_fits_draw_inside_the_body_the_regularizer_everywhere(phantom):
     """Knees in air under a 20 deg tilt and 40 mm offset: each start is fitted drawing from the
     body's interior, and again with the outline on the coarsest level; the fields' similarity
     points come from the interior too, their regularizer points from everywhere; the self-check
     scores inside the body; the bones are aligned. (A 48 mm phantom has no interior 12 mm deep:
     6 mm here.) ``affine_interior_mm=0`` fits the starts once, and everything from everywhere."""
-    from neuralreg.optim import pair as pair_module
+    from neuralreg.optim.registration import PairRegistration
 
     truth = _tilt()
     moving = _moved(_in_air(phantom["moving"]), truth)
     moving_labels = _moved(_in_air(phantom["moving_labels"]), truth)
     fixed, fixed_labels = _in_air(phantom["fixed"]), _in_air(phantom["fixed_labels"])
     stages = []
-    fit_fields, make_stage = pair_module._fit_fields, pair_module._Pair.stage
 
-    def spy(pair, *args):
-        monkeypatch.setattr(
-            pair_module._Pair, "stage", lambda *a, **k: stages.append(make_stage(*a, **k)) or stages[-1]
-        )
-        return fit_fields(pair, *args)
+    class Watched(PairRegistration):  # records the fields' stages
+        def field_stage(self, s):
+            stages.append(super().field_stage(s))
+            return stages[-1]
 
-    monkeypatch.setattr(pair_module, "_fit_fields", spy)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RegistrationWarning)
-        reg = register_pair(moving, fixed, RegistrationConfig(**CONFIG, affine_interior_mm=6.0))  # a small knee
+        reg = Watched(moving, fixed, RegistrationConfig(**CONFIG, affine_interior_mm=6.0)).run()  # a small knee
     shares = reg.info["affine_interior"]
     assert 0.05 < shares["moving"] < 0.95 and 0.05 < shares["fixed"] < 0.95
     ways = reg.info["search"]["candidate_outline_first"]
@@ -201,7 +198,6 @@ def test_fits_draw_inside_the_body_the_regularizer_everywhere(phantom, monkeypat
     assert reg.info["quality"]["measures"]["scored_inside_mask"] is True
     assert _bone_dice(reg, moving_labels, fixed_labels) > 0.85
 
-    monkeypatch.setattr(pair_module, "_fit_fields", fit_fields)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RegistrationWarning)
         plain = register_pair(moving, fixed, RegistrationConfig(**{**CONFIG, "steps": 1, "affine_interior_mm": 0}))
@@ -377,42 +373,40 @@ def test_realistic_pairs_keep_scanner_geometry(shared_data):
 
 
 def test_watchdog_flags_a_jump_not_noise():
-    from neuralreg.optim.pair import _Watchdog
+    from neuralreg.optim.watchdog import Watchdog
 
     rng = np.random.default_rng(0)
-    calm = _Watchdog(0.25, relative=False)
+    calm = Watchdog(0.25, relative=False)
     assert not any(calm.update(0.4 + 0.03 * rng.standard_normal(), 0.4) for _ in range(300))
-    jump = _Watchdog(0.25, relative=False)
+    jump = Watchdog(0.25, relative=False)
     series = [0.42] * 5 + [0.47, 0.73, 0.92, 0.99, 0.98, 0.96]  # the real knee pair's sim_ba
     fired = [jump.update(0.4, v) for v in series]
     assert fired.index(True) == 8 and jump.healthy()  # fired, then the window restarts
-    mse = _Watchdog(0.5, relative=True)  # relative to its best: 1e-3 -> 1.6e-3 is a jump, +0.2 of nothing
+    mse = Watchdog(0.5, relative=True)  # relative to its best: 1e-3 -> 1.6e-3 is a jump, +0.2 of nothing
     assert [mse.update(v) for v in [1e-3] * 5 + [1.6e-3] * 5].index(True) == 9
 
 
-def test_a_field_that_jumps_away_is_rolled_back(phantom, monkeypatch):
+def test_a_field_that_jumps_away_is_rolled_back(phantom):
     """A constant 30 % shift of Phi_BA injected mid-run (GradICON cannot see it): rolled back, maps consistent."""
     from neuralreg.optim.adam import Adam
-
-    adam_step = Adam.step
+    from neuralreg.optim.registration import PairRegistration
 
     def run(tolerance):
         calls = {"n": 0}
 
-        def kicked_step(optimizer):
-            adam_step(optimizer)
-            params = optimizer.params
-            if len(params) > 2:  # the fields' optimizer, not the affine one
-                calls["n"] += 1
-                if calls["n"] == 100:
-                    with torch.no_grad():
-                        params[-1].add_(0.3)  # last bias of Phi_BA: a constant displacement
+        class Kicked(Adam):  # the run's optimizer, with a kick at the fields' 100th step
+            def step(self):
+                super().step()
+                if len(self.params) > 2:  # the fields' optimizer, not the affine one
+                    calls["n"] += 1
+                    if calls["n"] == 100:
+                        with torch.no_grad():
+                            self.params[-1].add_(0.3)  # last bias of Phi_BA: a constant displacement
 
-        monkeypatch.setattr(Adam, "step", kicked_step)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RegistrationWarning)
             cfg = RegistrationConfig(**{**CONFIG, "divergence_tolerance": tolerance, "affine_init": "centroid"})
-            return register_pair(phantom["moving"], phantom["fixed"], cfg)
+            return PairRegistration(phantom["moving"], phantom["fixed"], cfg, optimizer=Kicked).run()
 
     guarded, unguarded = run(0.25), run(0.0)
     assert guarded.info["rollbacks"] >= 1 and unguarded.info["rollbacks"] == 0
@@ -440,41 +434,19 @@ def test_the_self_check_measures_how_far_the_fields_move_beyond_the_affine_part(
     assert moved == pytest.approx(0.005 * box.scale, rel=1e-3)
 
 
-def test_shared_affine_draws_change_no_bit(phantom, monkeypatch):
-    """The starts' fits replay each other's draws (``_SharedDraws``): the same registration, bit
+def test_shared_affine_draws_change_no_bit(phantom):
+    """The starts' fits replay each other's draws (``SharedDraws``): the same registration, bit
     for bit, as every fit drawing its own points; and the replays happen."""
-    import neuralreg.optim.pair as pair_module
+    from neuralreg.optim.registration import PairRegistration
 
     moving = _moved(phantom["moving"], _tilt(15.0))
     cfg = RegistrationConfig(**{**CONFIG, "steps": 20, "affine_steps": 40, "search_starts": 3})
-    hits = []
-
-    class Counted(dict):
-        def get(self, key, default=None):
-            value = super().get(key, default)
-            hits.append(value is not None)
-            return value
-
-    class Counting(pair_module._SharedDraws):
-        def __init__(self):
-            self.levels = Counted()
-
-    monkeypatch.setattr(pair_module, "_SharedDraws", Counting)
+    runs = [PairRegistration(moving, phantom["fixed"], cfg, share_draws=share) for share in (True, False)]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RegistrationWarning)
-        shared = register_pair(moving, phantom["fixed"], cfg)
-
-        class Forgetful(dict):  # nothing recorded: every fit draws its own points
-            def __setitem__(self, key, value):
-                pass
-
-        class Unshared(pair_module._SharedDraws):
-            def __init__(self):
-                self.levels = Forgetful()
-
-        monkeypatch.setattr(pair_module, "_SharedDraws", Unshared)
-        alone = register_pair(moving, phantom["fixed"], cfg)
-    assert sum(hits) >= 3  # fits of both ways and their judging replayed draws
+        shared, alone = (run.run() for run in runs)
+    assert runs[0].draws.replays >= 3  # fits of both ways and their judging replayed draws
+    assert runs[1].draws.replays == 0 and not runs[1].draws.levels
     for a, b in ((shared.phi_ab, alone.phi_ab), (shared.phi_ba, alone.phi_ba)):
         for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
             assert torch.equal(x, y), name
@@ -486,16 +458,17 @@ def test_shared_affine_draws_change_no_bit(phantom, monkeypatch):
 def test_a_fit_replaying_shared_draws_is_the_fit_drawing_its_own(phantom):
     """Level by level, a fit that replays another's draws ends where drawing them itself would
     have left it: the same affine and the same generator state (the fields draw on from it)."""
-    import neuralreg.optim.pair as pair_module
     from neuralreg.geometry.coordinates import NormalizedBox
+    from neuralreg.optim.alignment import AffineFit, SharedDraws
+    from neuralreg.optim.stage import PairData
 
     cfg = RegistrationConfig(**{**CONFIG, "affine_steps": 30})
     moving, fixed = phantom["moving"], phantom["fixed"]
     box = NormalizedBox.around([(moving.shape, moving.affine), (fixed.shape, fixed.affine)], cfg.margin)
-    pair = pair_module._Pair(cfg, moving, fixed, None, None, box, torch.device("cpu"), True, 4096)
-    draws = pair_module._SharedDraws()
-    first, replay = (pair_module._AffineFit(pair, draws=draws) for _ in range(2))
-    alone = pair_module._AffineFit(pair)
+    pair = PairData(cfg, moving, fixed, None, None, box, torch.device("cpu"), True, 4096)
+    draws = SharedDraws()
+    first, replay = (AffineFit(pair, draws=draws) for _ in range(2))
+    alone = AffineFit(pair)
     for fit in (first, replay, alone):
         fit.run(range(len(cfg.affine_pyramid)))
     assert len(draws.levels) == len(cfg.affine_pyramid)  # the replay recorded nothing new

@@ -1,0 +1,392 @@
+"""``PairRegistration``: one run that registers a pair with two neural fields.
+
+A run owns what a registration needs from start to end: the checked images and masks,
+the config, the two fields Phi_AB and Phi_BA, the global part (rigid start and affine),
+the optimizer, the point generator and the history. Its phases are methods, called in
+this order by ``run``:
+
+1. ``make_fields``: two new fields (the identity), initialized under ``config.seed``;
+2. ``align``: the global part, from the global search's rigid starts fitted as affines
+   (``alignment.choose_start``), or one affine fit from the identity or the centroids;
+3. ``fit_fields``: the fields coarse to fine (``fit_stage``, ``field_step``), with NaN
+   recovery and the watchdog's rollback;
+4. ``result``: the ``Registration`` and its self-check (``quality.assess``).
+
+``register_pair`` is ``PairRegistration(...).run()``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import math
+import os
+import time
+import warnings
+from collections.abc import Callable, Mapping
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from neuralreg.config import RegistrationConfig, regularizer_points, similarity_points, stage_point_shares
+from neuralreg.errors import InputError, RegistrationDiverged, RegistrationWarning
+from neuralreg.fields.affine import AffineMap, ComposedMap
+from neuralreg.fields.field import NeuralField
+from neuralreg.geometry.coordinates import NormalizedBox
+from neuralreg.geometry.image import Image
+from neuralreg.losses import SIMILARITIES
+from neuralreg.optim import inputs
+from neuralreg.optim.adam import Adam
+from neuralreg.optim.alignment import AffineFit, SharedDraws, choose_start, interior_within
+from neuralreg.optim.stage import PairData, Stage, stage_steps
+from neuralreg.optim.watchdog import Snapshot, Watchdog
+from neuralreg.quality import assess
+from neuralreg.result import Registration
+
+SNAPSHOT_EVERY = 50  # steps between snapshots of the fields a rollback may return to
+
+
+class PairRegistration:
+    """Register ``moving`` (A) to ``fixed`` (B) with two neural fields: one run.
+
+    Minimizes sim(A o Phi_AB, B) + sim(B o Phi_BA, A) + lambda * regularizer(Phi_AB, Phi_BA)
+    with Adam, resampling points every step, coarse to fine: the images are box-averaged
+    by ``config.pyramid[s]`` and the finest hash levels are switched on stage by stage.
+
+    Args:
+        moving, fixed: 2D or 3D ``Image`` s with affines (world mm); intensities as given
+            (see ``neuralreg.io`` for MRI/CT preprocessing).
+        config: ``RegistrationConfig``, a dict of its keys, or None (defaults).
+        moving_mask, fixed_mask: optional masks on the images' grids; similarity points
+            are drawn inside them.
+        optimizer: ``(parameters, learning_rate) ->`` optimizer (``lr``, ``zero_grad``,
+            ``step``, ``state_dict``, ``load_state_dict``) of the affine fits and the fields.
+        similarities: similarity name -> ``(warped, target) -> loss``: the table the
+            config's ``similarity`` and ``affine_similarity`` are looked up in.
+        share_draws: the starts' affine fits replay each other's draws (``SharedDraws``;
+            the same result either way, faster).
+
+    Raises:
+        InputError: unusable input (at construction, before anything is allocated).
+
+    Attributes (filled as the phases run): ``phi_ab``, ``phi_ba``, ``affine``,
+    ``prealign`` ((d+1, d+1) rigid world map, fixed -> moving), ``pair`` (``PairData``
+    in the frame of the chosen start), ``generator``, ``history`` (one dict per step),
+    ``search`` (the start's facts, or None), ``draws`` (``SharedDraws`` of the starts).
+    """
+
+    def __init__(
+        self,
+        moving: Image,
+        fixed: Image,
+        config: RegistrationConfig | dict | None = None,
+        moving_mask: Image | None = None,
+        fixed_mask: Image | None = None,
+        *,
+        optimizer: Callable = Adam,
+        similarities: Mapping[str, Callable] | None = None,
+        share_draws: bool = True,
+    ):
+        self.config = cfg = inputs.as_config(config)
+        self.moving, self.fixed = inputs.as_image(moving, "moving"), inputs.as_image(fixed, "fixed")
+        masks = [
+            None if m is None else inputs.as_image(m, n)
+            for m, n in ((moving_mask, "moving_mask"), (fixed_mask, "fixed_mask"))
+        ]
+        if self.moving.n_dims != self.fixed.n_dims:
+            raise InputError(f"moving image is {self.moving.n_dims}D but fixed image is {self.fixed.n_dims}D")
+        inputs.check_image(self.moving, "moving image")
+        inputs.check_image(self.fixed, "fixed image")
+        for img, name in ((self.moving, "moving image"), (self.fixed, "fixed image")):
+            inputs.check_geometry(img, name, cfg)
+        self.moving_mask, self.fixed_mask = (
+            None if m is None else inputs.checked_mask(m, img, name)
+            for m, img, name in zip(masks, (self.moving, self.fixed), ("moving mask", "fixed mask"), strict=True)
+        )
+        self.device = torch.device(cfg.device)
+        inputs.check_device(self.device, cfg.device)
+        inputs.check_memory(cfg, self.moving, self.fixed, self.device)
+        self.make_optimizer = optimizer
+        self.similarities = dict(SIMILARITIES if similarities is None else similarities)
+        self.draws = SharedDraws(record=share_draws)
+        self.history: list[dict] = []
+        self.search: dict | None = None
+        self.interior_shares: dict | None = None
+        self.prealign = np.eye(self.fixed.n_dims + 1)
+
+    def run(self) -> Registration:
+        """All phases, under the run's thread count and seed (the caller's restored after).
+
+        Raises ``RegistrationDiverged`` (NaN loss beyond recovery); warns
+        ``RegistrationWarning`` when the self-check finds the result doubtful or probably
+        wrong (the verdict and its reasons are in ``info["quality"]``)."""
+        with _scoped_process_state(self.config, self.device):
+            self.clock = (time.perf_counter(), time.process_time())
+            self.make_fields()
+            self.align()
+            self.fit_fields()
+            return self.result()
+
+    def make_fields(self) -> None:
+        """Phi_AB and Phi_BA, new (the identity), on the run's device and backend; the pair's
+        box around both images."""
+        cfg, d = self.config, self.fixed.n_dims
+        self.phi_ab = NeuralField(d, cfg.field).to(self.device)
+        self.phi_ba = NeuralField(d, cfg.field).to(self.device)
+        for f in (self.phi_ab, self.phi_ba):
+            f.set_backend(cfg.field.backend)
+        shapes = [(self.moving.shape, self.moving.affine), (self.fixed.shape, self.fixed.affine)]
+        self.pair = PairData(
+            cfg,
+            self.moving,
+            self.fixed,
+            self.moving_mask,
+            self.fixed_mask,
+            NormalizedBox.around(shapes, cfg.margin),
+            self.device,
+            self.phi_ab.encoding.backend == "native",
+            similarity_points(cfg, self.fixed.shape),
+            similarities=self.similarities,
+            optimizer=self.make_optimizer,
+        )
+
+    def align(self) -> None:
+        """The global part: ``affine`` (frozen after), ``prealign``, ``pair`` in the frame of
+        the chosen start, and the generator the fields draw on from (seeded by ``config.seed``)."""
+        cfg = self.config
+        if cfg.affine_steps == 0:
+            self.affine = AffineMap(self.fixed.n_dims).to(self.device)
+            self.generator = torch.Generator(device=self.device).manual_seed(cfg.seed)
+            self.affine.requires_grad_(False)
+            return
+        self._find_interior()
+        if cfg.affine_init == "search":
+            fit, self.search = choose_start(self.pair, self.draws, cfg.progress)
+        else:
+            fit = AffineFit(self.pair)
+            fit.run(range(len(cfg.affine_pyramid)), cfg.progress)
+        self.pair, self.prealign = fit.pair, fit.prealign
+        self.history, self.affine, self.generator = list(fit.history), fit.affine, fit.generator
+        self.affine.requires_grad_(False)
+
+    def _find_interior(self) -> None:
+        """The masks of the body's interior the affine fits draw from (``interior_within``,
+        ``config.affine_interior_mm``), and each grid's share of them, where there is one."""
+        cfg, pair = self.config, self.pair
+        given = (pair.moving_mask, pair.fixed_mask)
+        masks = tuple(
+            interior_within(img, mask, cfg.affine_interior_mm)
+            for img, mask in zip((pair.moving, pair.fixed), given, strict=True)
+        )
+        if all(m is g for m, g in zip(masks, given, strict=True)):
+            return
+        pair.interior_masks = masks
+        self.interior_shares = {
+            k: None if m is g else float((m.data > 0).float().mean())
+            for k, m, g in zip(("moving", "fixed"), masks, given, strict=True)
+        }
+
+    def fit_fields(self) -> None:
+        """Fit the two fields (the affine part fixed), coarse to fine: the pyramid's stages
+        switch on the hash levels in turn; a NaN step or a similarity jump (``Watchdog``)
+        rolls both fields back to the last healthy snapshot at half the learning rate."""
+        cfg = self.config
+        self.maps = (ComposedMap(self.phi_ab, self.affine, False), ComposedMap(self.phi_ba, self.affine, True))
+        self.learning_rate = cfg.learning_rate
+        params = list(self.phi_ab.parameters()) + list(self.phi_ba.parameters())
+        self.optimizer = self.make_optimizer(params, self.learning_rate)
+        self.watchdog = Watchdog(cfg.divergence_tolerance, relative=cfg.similarity == "mse")
+        self.snapshot, self.candidate = self._snapshot(), None  # committed, and awaiting a healthy check
+        self.recoveries = self.rollbacks = self.step = 0
+        self.bar = tqdm(total=cfg.steps, disable=not cfg.progress, desc="register", dynamic_ncols=True)
+        try:
+            for s, n_steps in enumerate(stage_steps(cfg)):
+                self.fit_stage(s, n_steps)
+        finally:
+            self.bar.close()
+
+    def field_stage(self, s: int) -> Stage:
+        """Pyramid stage ``s`` of the fields: its share of the similarity points, drawn
+        inside the body with ``config.field_interior``."""
+        cfg, pair = self.config, self.pair
+        points = max(8, round(pair.points * stage_point_shares(cfg)[s]))
+        return pair.stage(cfg.pyramid[s], self.generator, points, cfg.field_interior)
+
+    def fit_stage(self, s: int, n_steps: int) -> None:
+        """``n_steps`` steps of stage ``s``, the loss read every ``check_every`` steps (one host
+        synchronisation each); a read that finds a NaN or a jump rolls back."""
+        check_every = self.pair.check_every
+        cfg, stage = self.config, self.field_stage(s)
+        active = math.ceil(cfg.field.encoding.n_levels * (s + 1) / len(cfg.pyramid))
+        for f in (self.phi_ab, self.phi_ba):
+            f.encoding.set_active_levels(active)
+        self.watchdog.reset()
+        pending: list[tuple[int, int, torch.Tensor]] = []  # (step, stage, [loss, sim_ab, sim_ba, reg]) not yet read
+        i = 0
+        while i < n_steps:
+            if self.step % SNAPSHOT_EVERY == 0 and self.candidate is None:
+                self.candidate = self._snapshot()
+            step = self.step
+            terms, taken = self.field_step(stage, s, i, n_steps)
+            pending.append((step, s, terms))
+            i += taken
+            if len(pending) < check_every and i < n_steps:
+                continue
+            event, read = self._read(pending), len(pending)
+            pending = []
+            if event is not None:
+                self._roll_back(event)
+                continue
+            if self.candidate is not None and self.watchdog.healthy():
+                self.snapshot, self.candidate = self.candidate, None
+            self._show_progress(s, read)
+
+    def field_step(self, stage: Stage, s: int, i: int, n_steps: int) -> tuple[torch.Tensor, bool]:
+        """Step ``i`` of ``n_steps`` in stage ``s``: the loss, and the optimizer's update unless
+        the loss is NaN where it is read every step (the CPU: the step is retried). Returns
+        ([loss, sim_ab, sim_ba, reg] detached, whether the update was taken)."""
+        cfg, optimizer = self.config, self.optimizer
+        if s == len(cfg.pyramid) - 1 and cfg.final_lr_fraction != 1.0:
+            frac = cfg.final_lr_fraction
+            cosine = 0.5 * (1 + math.cos(math.pi * i / max(n_steps, 1)))
+            optimizer.lr = self.learning_rate * (frac + (1 - frac) * cosine)
+        optimizer.zero_grad()
+        map_ab, map_ba = self.maps
+        sim_ab = stage.similarity(map_ab, "moving", "fixed", cfg.similarity)
+        sim_ba = stage.similarity(map_ba, "fixed", "moving", cfg.similarity)
+        reg = stage.regularizer(map_ab, map_ba, regularizer_points(cfg, self.pair.points))
+        loss = sim_ab + sim_ba + cfg.regularizer_weight * reg
+        terms = torch.stack([loss, sim_ab, sim_ba, reg.to(loss.dtype)]).detach()
+        if self.pair.check_every == 1 and not bool(torch.isfinite(loss)):
+            return terms, False
+        loss.backward()
+        optimizer.step()
+        self.step += 1
+        self.bar.update(1)
+        return terms, True
+
+    def _read(self, pending: list) -> str | None:
+        """The pending steps' terms, read in one host synchronisation, into ``history`` in
+        order; "nan" or "jump" (the watchdog, while rollbacks are left) ends the read."""
+        rows = torch.stack([t for _, _, t in pending]).tolist()
+        for (k, s, _), (v_loss, v_ab, v_ba, v_reg) in zip(pending, rows, strict=True):
+            if not math.isfinite(v_loss):
+                return "nan"
+            self.history.append(
+                {"step": k, "stage": s, "part": "fields", "loss": v_loss, "sim_ab": v_ab, "sim_ba": v_ba, "reg": v_reg}
+            )
+            if self.watchdog.update(v_ab, v_ba) and self.rollbacks < self.config.max_recoveries:
+                return "jump"
+        return None
+
+    def _roll_back(self, event: str) -> None:
+        """Back to the last healthy snapshot at half the learning rate; ``RegistrationDiverged``
+        after ``config.max_recoveries`` NaN recoveries."""
+        cfg = self.config
+        if event == "nan":
+            self.recoveries += 1
+            if self.recoveries > cfg.max_recoveries:
+                raise RegistrationDiverged(
+                    f"loss became non-finite at step {self.step} after {cfg.max_recoveries} recoveries; "
+                    "lower the learning rate or raise the regularizer weight"
+                )
+        else:
+            self.rollbacks += 1
+        self.snapshot.restore(self.phi_ab, self.phi_ba, self.optimizer)
+        self.candidate = None
+        self.learning_rate /= 2
+        self.optimizer.lr = self.learning_rate
+
+    def _show_progress(self, s: int, read: int) -> None:
+        """The progress bar's terms, every 10 steps."""
+        last = self.history[-1] if self.history else None
+        if last and self.config.progress and last["step"] // 10 != (last["step"] - read) // 10:
+            self.bar.set_postfix(stage=s, sim=f"{last['sim_ab']:.4f}/{last['sim_ba']:.4f}", reg=f"{last['reg']:.2e}")
+
+    def _snapshot(self) -> Snapshot:
+        return Snapshot(self.phi_ab, self.phi_ba, self.optimizer)
+
+    def result(self) -> Registration:
+        """The ``Registration`` (both fields, the global part, history, run facts) with its
+        self-check in ``info["quality"]``; a ``RegistrationWarning`` unless it is ``good``."""
+        cfg, pair = self.config, self.pair
+        elapsed = time.perf_counter() - self.clock[0]
+        info = {
+            "seconds": elapsed,
+            "cpu_seconds": time.process_time() - self.clock[1],  # all threads of this process
+            "seconds_per_step": elapsed / max(cfg.steps, 1),
+            "recoveries": self.recoveries,
+            "rollbacks": self.rollbacks,
+            "final_learning_rate": self.learning_rate,
+            "backend": self.phi_ab.encoding.backend,
+            "points": pair.points,
+            "regularizer_points": regularizer_points(cfg, pair.points),
+            "final": self.history[-1] if self.history else {},
+            "affine_steps": cfg.affine_steps,
+            "search": self.search,
+            # share of each grid the affine fits (and with field_interior the fields' similarity
+            # points) drew from (None: all of it, or the mask given)
+            "affine_interior": self.interior_shares,
+        }
+        reg = Registration(
+            self.phi_ab,
+            self.phi_ba,
+            pair.box,
+            (self.fixed.shape, self.fixed.affine),
+            (self.moving.shape, self.moving.affine),
+            cfg,
+            self.history,
+            info,
+            affine=self.affine.matrix().detach().cpu().double().numpy(),
+            prealign=self.prealign,
+        )
+        # scored where the fields drew their similarity points: inside the body with field_interior
+        scored = pair.interior_masks[1] if cfg.field_interior and pair.interior_masks is not None else None
+        quality = assess(reg, self.moving, self.fixed, fixed_mask=None if scored is None else scored.data > 0)
+        info["quality"] = quality.to_dict()
+        if quality.verdict != "good":
+            warnings.warn(f"registration quality {quality.summary()}", RegistrationWarning, stacklevel=_caller_level())
+        return reg
+
+
+def register_pair(
+    moving: Image,
+    fixed: Image,
+    config: RegistrationConfig | dict | None = None,
+    moving_mask: Image | None = None,
+    fixed_mask: Image | None = None,
+) -> Registration:
+    """Register ``moving`` (A) to ``fixed`` (B): ``PairRegistration(...).run()``.
+
+    Returns a ``Registration`` holding both fields (``forward`` = Phi_AB maps fixed-space
+    points into the moving space). Raises ``InputError`` (unusable input) or
+    ``RegistrationDiverged``; warns ``RegistrationWarning`` on a doubtful result.
+    """
+    return PairRegistration(moving, fixed, config, moving_mask, fixed_mask).run()
+
+
+def _caller_level() -> int:
+    """The ``stacklevel`` of the first frame outside the neuralreg package, as seen from the
+    function that calls this: a warning then names the user's line, whichever door they used."""
+    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    frame, level = inspect.currentframe().f_back, 1
+    while frame is not None and frame.f_code.co_filename.startswith(package + os.sep):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+@contextlib.contextmanager
+def _scoped_process_state(cfg: RegistrationConfig, device: torch.device):
+    """The run's thread count (``cfg.threads``) and seed (``cfg.seed``: the fields'
+    initialization), with the caller's thread count and random state restored afterwards:
+    a library call leaves the process as it found it."""
+    threads = torch.get_num_threads()
+    with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        torch.manual_seed(cfg.seed)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(threads)

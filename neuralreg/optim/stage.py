@@ -1,0 +1,175 @@
+"""What one step of a fit reads: the pair (``PairData``) and one level of its pyramid (``Stage``).
+
+Coordinates: a stage's points are voxel indices (N, d) of its down-sampled image, in
+array-axis order; the maps take normalized coordinates of the pair's ``NormalizedBox``
+(``Stage.vox_to_u``/``u_to_vox`` convert). The similarity of a term is a name looked up
+in ``PairData.similarities`` (``losses.SIMILARITIES`` unless a run is given its own table).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+
+import numpy as np
+import torch
+
+from neuralreg.config import RegistrationConfig
+from neuralreg.geometry.coordinates import NormalizedBox, apply_affine
+from neuralreg.geometry.image import Image
+from neuralreg.losses import REGULARIZERS, SIMILARITIES
+from neuralreg.optim.adam import Adam
+from neuralreg.optim.points import VoxelSampler, edge_weights
+
+
+@dataclasses.dataclass
+class PairData:
+    """One pair as every step of a fit reads it: the moving image (and mask) in the frame of
+    a start, the fixed image, the normalized box around both, and how the run computes.
+
+    ``interior_masks``: (moving, fixed) masks of the body's interior
+    (``alignment.interior_within``) that the affine fits, and the fields with
+    ``config.field_interior``, draw their similarity points from; the moving one in the
+    frame of the start; None: the masks given. ``similarities``: similarity name -> loss
+    ``(warped, target) -> scalar``. ``optimizer``: ``(parameters, learning_rate) ->`` an
+    optimizer with ``lr``, ``zero_grad``, ``step``, ``state_dict`` and ``load_state_dict``.
+    """
+
+    cfg: RegistrationConfig
+    moving: Image
+    fixed: Image
+    moving_mask: Image | None
+    fixed_mask: Image | None
+    box: NormalizedBox
+    device: torch.device
+    fused_warp: bool
+    points: int  # similarity points per direction and step (``config.similarity_points``)
+    interior_masks: tuple | None = None
+    similarities: Mapping[str, Callable] = dataclasses.field(default_factory=lambda: dict(SIMILARITIES))
+    optimizer: Callable = Adam
+
+    def stage(self, factor: int, generator: torch.Generator, points: int, inside_body: bool = False) -> Stage:
+        """The pyramid level ``factor`` with ``points`` similarity points per step, drawn from
+        the interior masks where ``inside_body`` (and there are some)."""
+        return Stage(self, factor, generator, points, inside_body)
+
+    @property
+    def check_every(self) -> int:
+        """Steps between host reads of the loss (``config.check_every``; 1 on the CPU, 10 on a GPU)."""
+        return self.cfg.check_every or (1 if self.device.type == "cpu" else 10)
+
+
+class Stage:
+    """One pyramid level of a pair: down-sampled images, their voxel <-> normalized maps, the
+    samplers of similarity points (edge-weighted as configured, within the masks) and of
+    regularizer points (uniform; everywhere the given masks allow when the similarity
+    draws inside the body)."""
+
+    def __init__(self, pair: PairData, factor: int, generator: torch.Generator, points: int, inside_body: bool):
+        cfg, device = pair.cfg, pair.device
+        self.pair, self.points = pair, points  # similarity points per direction and step
+        given = (pair.moving_mask, pair.fixed_mask)
+        masks = pair.interior_masks if inside_body and pair.interior_masks is not None else given
+        self.moving = pair.moving.to(device).downsample(factor)
+        self.fixed = pair.fixed.to(device).downsample(factor)
+        self.moving_sampler, self.fixed_sampler = (
+            VoxelSampler(
+                img.shape,
+                stage_mask(mask, factor, device),
+                generator,
+                weights=edge_weights(img.data, cfg.edge_power) if cfg.edge_fraction > 0 else None,
+                weighted_fraction=cfg.edge_fraction,
+                device=device,
+            )
+            for img, mask in ((self.moving, masks[0]), (self.fixed, masks[1]))
+        )
+        self.regularizer_samplers = (self.moving_sampler, self.fixed_sampler)
+        if masks is not given:
+            self.regularizer_samplers = tuple(
+                VoxelSampler(img.shape, stage_mask(mask, factor, device), generator, device=device)
+                for img, mask in zip((self.moving, self.fixed), given, strict=True)
+            )
+        self.vox_to_u = {
+            "moving": pair.box.voxel_to_normalized_matrix(self.moving.affine),
+            "fixed": pair.box.voxel_to_normalized_matrix(self.fixed.affine),
+        }
+        self.u_to_vox = {k: np.linalg.inv(v) for k, v in self.vox_to_u.items()}
+
+    def draw(self, target: str, similarity: str, fused: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The similarity's points in the ``target``'s domain ("moving" or "fixed"), voxel
+        indices (N, d), and the target's values there (N,): all that a term draws from the
+        generator and reads of its target. ``fused``: the native kernel reads the values
+        (default: ``PairData.fused_warp``)."""
+        cfg, device = self.pair.cfg, self.pair.device
+        sampler = self.fixed_sampler if target == "fixed" else self.moving_sampler
+        image = self.fixed if target == "fixed" else self.moving
+        if similarity == "lncc":
+            k = cfg.lncc_patch_points
+            vox = sampler.sample_windows(max(1, self.points // k), k, cfg.lncc_window).to(device)
+        else:
+            vox = sampler.sample(self.points).to(device)
+        if self.pair.fused_warp if fused is None else fused:
+            from neuralreg.fields import native
+
+            return vox, native.sample_values(image.data.float(), vox.float())
+        return vox, image.sample(vox)
+
+    def similarity(
+        self, mapping, source: str, target: str, similarity: str, draw: tuple | None = None, fused: bool | None = None
+    ) -> torch.Tensor:
+        """sim(source o mapping, target) at points drawn in the target's domain (``draw``: a
+        ``draw`` to use instead of a new one); ``mapping`` takes and returns normalized points."""
+        cfg = self.pair.cfg
+        fused = self.pair.fused_warp if fused is None else fused
+        source_img = self.moving if source == "moving" else self.fixed
+        vox, target_vals = draw if draw is not None else self.draw(target, similarity, fused)
+        u = apply_affine(self.vox_to_u[target], vox)
+        warped_vox = apply_affine(self.u_to_vox[source], mapping(u))
+        if fused:  # native fused value + gradient kernel
+            from neuralreg.fields import native
+
+            warped = native.warp(source_img.data.float(), warped_vox)
+        else:
+            warped = source_img.sample(warped_vox)
+        if similarity == "lncc":
+            warped = warped.reshape(-1, cfg.lncc_patch_points)
+            target_vals = target_vals.reshape(-1, cfg.lncc_patch_points)
+        return self.pair.similarities[similarity](warped, target_vals)
+
+    def regularizer(self, map_ab, map_ba, n_points: int) -> torch.Tensor:
+        """lambda's term; ``map_*`` are the full maps (affine o field), ``n_points`` points a step.
+
+        Inverse-consistency terms are evaluated both ways, half the points each:
+        Phi_AB o Phi_BA at points of the moving domain and Phi_BA o Phi_AB at points of the
+        fixed domain, so that neither map is left unregularized where the other does not
+        reach (e.g. fixed points that the affine part maps outside the moving image).
+        """
+        cfg, device = self.pair.cfg, self.pair.device
+        if cfg.regularizer == "none" or cfg.regularizer_weight == 0:
+            return torch.zeros((), device=device)
+        n = max(1, n_points // 2)
+        moving_sampler, fixed_sampler = self.regularizer_samplers
+        u_moving = apply_affine(self.vox_to_u["moving"], moving_sampler.sample(n, weighted=False).to(device))
+        u_fixed = apply_affine(self.vox_to_u["fixed"], fixed_sampler.sample(n, weighted=False).to(device))
+        entry = REGULARIZERS[cfg.regularizer]
+        term = entry.make(cfg, self.pair.box)
+        if entry.fields_only:  # the fields only, not the global affine part
+            return term(map_ab.field, map_ba.field, torch.cat([u_moving, u_fixed]))
+        return 0.5 * (term(map_ab, map_ba, u_moving) + term(map_ba, map_ab, u_fixed))
+
+
+def stage_mask(mask: Image | None, factor: int, device) -> torch.Tensor | None:
+    """``mask`` at pyramid factor ``factor`` (bool): the coarse voxels it covers at least half of."""
+    if mask is None:
+        return None
+    share = mask.with_data((mask.data != 0).float()).to(device).downsample(factor).data
+    inside = share > 0.5
+    return inside if bool(inside.any()) else share > 0  # a mask thinner than a coarse voxel: where it reaches
+
+
+def stage_steps(config: RegistrationConfig) -> list[int]:
+    """Steps of each pyramid stage (they add up to ``config.steps``)."""
+    total = sum(config.stage_fractions)
+    steps = [round(config.steps * f / total) for f in config.stage_fractions]
+    steps[-1] = config.steps - sum(steps[:-1])
+    return steps
