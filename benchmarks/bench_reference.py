@@ -54,9 +54,9 @@ def step_timings(n_points: int, backend: str = "torch") -> dict:
 def end_to_end() -> dict:
     out = {}
     pair = triangles_pair(0)
-    cfg = RegistrationConfig(steps=800, points=4096, regularizer_points=1024, regularizer_weight=2.0, progress=False)
+    cfg = RegistrationConfig(steps=800, points=4096, regularizer_points=1024, regularizer_weight=2.0)
     t = time.perf_counter()
-    reg = register_pair(pair["moving"], pair["fixed"], cfg)
+    reg = register_pair(pair["moving"], pair["fixed"], cfg, run={"progress": False})
     out["2D triangles (800 steps)"] = {
         "seconds": time.perf_counter() - t,
         "dice_before": dice(pair["moving_labels"].data, pair["fixed_labels"].data)["mean"],
@@ -64,9 +64,9 @@ def end_to_end() -> dict:
         "folds_%": reg.percent_folds(),
     }
     pair = knee_phantom_pair(0)
-    cfg = RegistrationConfig(steps=250, points=4096, regularizer_points=1024, progress=False)
+    cfg = RegistrationConfig(steps=250, points=4096, regularizer_points=1024)
     t = time.perf_counter()
-    reg = register_pair(pair["moving"], pair["fixed"], cfg)
+    reg = register_pair(pair["moving"], pair["fixed"], cfg, run={"progress": False})
     lab = [2, 4]
     out["3D phantom 40x64x64 (250 steps)"] = {
         "seconds": time.perf_counter() - t,

@@ -191,13 +191,13 @@ def register(device: str, backend: str, shape, steps: int | None) -> dict:
 
     pair = knee_phantom_pair(0, shape=tuple(shape))
     kw = {"steps": steps} if steps else {}
-    cfg = RegistrationConfig(device=device, progress=False, **kw)
+    cfg = RegistrationConfig(**kw)
     cfg.field.backend = backend
     _sync(device)
     t0 = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        reg = register_pair(pair["moving"], pair["fixed"], cfg)
+        reg = register_pair(pair["moving"], pair["fixed"], cfg, run={"device": device, "progress": False})
     _sync(device)
     seconds = time.perf_counter() - t0
     warped = reg.warp(pair["moving_labels"], mode="nearest")

@@ -46,15 +46,13 @@ def _register(steps: int, device: str, shape=(24, 48, 48)):
     from neuralreg.phantoms import knee_phantom_pair
 
     pair = knee_phantom_pair(0, shape=shape)
-    cfg = RegistrationConfig(
-        steps=steps, affine_steps=0, pyramid=(1,), stage_fractions=(1.0,), device=device, progress=False, seed=0
-    )
+    cfg = RegistrationConfig(steps=steps, affine_steps=0, pyramid=(1,), stage_fractions=(1.0,), seed=0)
     counter = OpCounter()
     import warnings
 
     with warnings.catch_warnings(), counter:
         warnings.simplefilter("ignore")
-        register_pair(pair["moving"], pair["fixed"], cfg)
+        register_pair(pair["moving"], pair["fixed"], cfg, run={"device": device, "progress": False})
     return counter
 
 

@@ -122,7 +122,11 @@ def main(argv=None) -> int:
         return 2
     import neuralreg
 
-    config = neuralreg.RegistrationConfig(threads=args.threads)
+    config = neuralreg.RegistrationConfig()
+    if args.threads:  # this script's process, every registration in it
+        import torch
+
+        torch.set_num_threads(args.threads)
     if args.steps:
         config.steps = args.steps
     args.out.mkdir(parents=True, exist_ok=True)

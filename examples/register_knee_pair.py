@@ -84,8 +84,9 @@ def _register(args, folder: OutputFolder):
             lab = knee.resample_to_shape(lab, args.shape, labels=True)
             labels[key] = knee.flip_left_right(lab) if flip else lab
     steps = {"steps": args.steps} if args.steps else {}
-    config = neuralreg.RegistrationConfig(device=args.device, threads=args.threads, **steps)
-    reg = neuralreg.register_pair(images["moving"], images["fixed"], config)
+    config = neuralreg.RegistrationConfig(**steps)
+    run = neuralreg.RunConfig(device=args.device, threads=args.threads)
+    reg = neuralreg.register_pair(images["moving"], images["fixed"], config, run=run)
     extra = {}
     if labels:
         warped = reg.warp(labels["moving"], mode="nearest")

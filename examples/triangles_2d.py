@@ -34,14 +34,13 @@ def main() -> None:
             points=4096,
             regularizer_points=1024,
             regularizer_weight=args.lam,
-            progress=False,
             # the set draws shapes in one frame: a rotation search would turn a triangle to fit
             # a circle's outline, so the global part starts from the centroids, as GradICON's model
             affine_init="centroid",
             affine_similarity="lncc",  # binary shapes of unlike form: mutual information misplaces them (Dice 0.005)
         )
         t = time.perf_counter()
-        reg = register_pair(pair["moving"], pair["fixed"], cfg)
+        reg = register_pair(pair["moving"], pair["fixed"], cfg, run={"progress": False})
         seconds = time.perf_counter() - t
         before = dice(pair["moving_labels"].data, pair["fixed_labels"].data)["mean"]
         warped = reg.warp(pair["moving_labels"], mode="nearest")

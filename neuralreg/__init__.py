@@ -17,6 +17,7 @@ _HOMES = {
     "FieldConfig": "neuralreg.config",
     "HashGridConfig": "neuralreg.config",
     "RegistrationConfig": "neuralreg.config",
+    "RunConfig": "neuralreg.config",
     "ConfigError": "neuralreg.errors",
     "InputError": "neuralreg.errors",
     "OutputError": "neuralreg.errors",

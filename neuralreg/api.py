@@ -35,17 +35,19 @@ def register_pair(
     config=None,
     moving_mask: Image | str | os.PathLike | None = None,
     fixed_mask: Image | str | os.PathLike | None = None,
+    run=None,
 ) -> Registration:
     """Register ``moving`` (A) to ``fixed`` (B) with two neural fields.
 
     ``moving``, ``fixed`` and the masks may be ``Image`` s or paths of image files (read
     with ``io.read_image``); ``config`` a ``RegistrationConfig``, a dict of its keys or
-    None (defaults). Everything else is ``neuralreg.optim.registration.PairRegistration``'s: see there
+    None (defaults); ``run`` a ``RunConfig`` (device, threads, progress), a dict of its keys
+    or None. Everything else is ``neuralreg.optim.registration.PairRegistration``'s: see there
     for the loss, the returned ``Registration``, ``InputError``/``RegistrationDiverged`` and
     the ``RegistrationWarning`` of a doubtful result.
     """
     masks = [None if m is None else _read(m, n) for m, n in ((moving_mask, "moving_mask"), (fixed_mask, "fixed_mask"))]
-    return PairRegistration(_read(moving, "moving"), _read(fixed, "fixed"), config, *masks).run()
+    return PairRegistration(_read(moving, "moving"), _read(fixed, "fixed"), config, *masks, run=run).run()
 
 
 def register_files(
@@ -54,6 +56,7 @@ def register_files(
     out,
     config=None,
     *,
+    run=None,
     fixed_labels=None,
     moving_labels=None,
     fixed_mask=None,
@@ -84,7 +87,7 @@ def register_files(
         records = input_records or {k: file_record(p) for k, p in paths.items() if p is not None}
         try:
             run = PairRegistration(
-                images["moving"], images["fixed"], config, images["moving_mask"], images["fixed_mask"]
+                images["moving"], images["fixed"], config, images["moving_mask"], images["fixed_mask"], run=run
             )
             reg = run.run()
         except InputError as exc:  # the optimizer names the image, not its file

@@ -1,6 +1,11 @@
-"""Configuration dataclasses: one documented schema for the encoding, the field and the optimizer.
+"""Configuration dataclasses: what a registration optimizes (``RegistrationConfig``, with its
+``FieldConfig`` and ``HashGridConfig``) and how a run executes (``RunConfig``).
 
-Every default is written here once; the command line and the README refer to these.
+Every default is written here once. Options with a fixed set of values are typed as
+``Literal``s (``choices``); options with a command-line flag carry it, with its help, in
+their field's metadata (``flag``), from which the CLI builds its parser. Every option is
+validated once, when its dataclass is made. The measurements behind the defaults are in
+docs/configuration.md.
 """
 
 from __future__ import annotations
@@ -9,12 +14,11 @@ import dataclasses
 import json
 import math
 import re
+import typing
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from neuralreg.errors import ConfigError
-from neuralreg.losses import REGULARIZERS as _REGULARIZER_TABLE
-from neuralreg.losses import SIMILARITIES as _SIMILARITY_TABLE
 
 MAX_STEPS = 1_000_000  # steps and affine_steps: a million steps of a knee pair take about 10 hours on a CPU
 MAX_POINTS = 1 << 21  # points per field and step (the knee grid's default is 16384)
@@ -49,10 +53,35 @@ def _float(obj, key: str, low: float, high: float = math.inf, low_open: bool = F
     setattr(obj, key, float(value))
 
 
-def _choice(obj, key: str, choices) -> None:
-    value = getattr(obj, key)
-    if not isinstance(value, str) or value not in choices:
-        _fail(key, f"must be one of {', '.join(map(str, choices))}, not {value!r}")
+Similarity = Literal["mse", "ncc", "lncc", "mi"]  # the names of losses.SIMILARITIES
+Regularizer = Literal["gradicon", "gradicon_fd", "icon", "diffusion", "bending", "none"]  # losses.REGULARIZERS
+Backend = Literal["auto", "torch", "native", "tcnn"]
+Activation = Literal["relu", "silu", "softplus", "tanh"]
+Interpolation = Literal["Linear", "Smoothstep"]
+Jacobian = Literal["autograd", "analytic"]
+AffineInit = Literal["search", "centroid", "identity"]
+
+
+def choices(cls, key: str) -> tuple:
+    """The values a ``Literal``-typed option ``key`` of the dataclass ``cls`` takes, else ()."""
+    return choices_of_hint(typing.get_type_hints(cls)[key])
+
+
+def choices_of_hint(hint) -> tuple:
+    """The values of a ``Literal`` type hint, else ()."""
+    return typing.get_args(hint) if typing.get_origin(hint) is Literal else ()
+
+
+def flag(name: str, help: str) -> dict:
+    """Field metadata: the option's command-line flag and its help (``{default}`` is filled in)."""
+    return {"flag": name, "help": help}
+
+
+def _choice(obj, key: str) -> None:
+    """``obj.key`` must be one of its ``Literal`` type's values."""
+    value, allowed = getattr(obj, key), choices(type(obj), key)
+    if not isinstance(value, str) or value not in allowed:
+        _fail(key, f"must be one of {', '.join(map(str, allowed))}, not {value!r}")
 
 
 def _bool(obj, key: str) -> None:
@@ -109,7 +138,7 @@ class HashGridConfig:
     log2_hashmap_size: int = 16
     base_resolution: int = 4
     per_level_scale: float = 1.7
-    interpolation: str = "Linear"
+    interpolation: Interpolation = "Linear"
 
     def __post_init__(self):
         _int(self, "n_levels", 1, 32)
@@ -117,7 +146,7 @@ class HashGridConfig:
         _int(self, "log2_hashmap_size", 1, 24)
         _int(self, "base_resolution", 2, 1 << 16)
         _float(self, "per_level_scale", 1.0, 4.0)
-        _choice(self, "interpolation", ("Linear", "Smoothstep"))
+        _choice(self, "interpolation")
 
     def to_tcnn(self) -> dict:
         """The same encoding as a tiny-cuda-nn config dictionary."""
@@ -140,10 +169,9 @@ class FieldConfig:
         encoding: the hash-grid encoding.
         hidden_width: neurons per hidden layer.
         hidden_layers: number of hidden layers. One: the hash grid holds the detail and
-            the MLP decodes it; a second layer costs time and, on the canonical knee
-            benchmark, cartilage Dice (docs/configuration.md). 0 is a linear read-out of the
-            features (no decoding of hash collisions).
-        activation: ``"relu"``, ``"silu"``, ``"softplus"`` or ``"tanh"``.
+            the MLP decodes it (a second layer costs time and accuracy); 0 is a linear
+            read-out of the features (no decoding of hash collisions).
+        activation: the MLP's nonlinearity.
         backend: hash-grid implementation: ``"torch"`` (reference), ``"native"``,
             ``"tcnn"`` or ``"auto"`` (fastest available).
     """
@@ -151,19 +179,21 @@ class FieldConfig:
     encoding: HashGridConfig = field(default_factory=HashGridConfig)
     hidden_width: int = 64
     hidden_layers: int = 1
-    activation: str = "relu"
-    backend: str = "auto"
+    activation: Activation = "relu"
+    backend: Backend = dataclasses.field(
+        default="auto", metadata=flag("--backend", "hash-grid backend (default: {default})")
+    )
 
     def __post_init__(self):
         self.encoding = _nested(HashGridConfig, self.encoding, "encoding")
         _int(self, "hidden_width", 1, 1024)
         _int(self, "hidden_layers", 0, 16)
-        _choice(self, "activation", ("relu", "silu", "softplus", "tanh"))
-        _choice(self, "backend", BACKENDS)
+        _choice(self, "activation")
+        _choice(self, "backend")
 
 
 AUTO_POINTS = (4096, 16384)  # the range of ``points=None``
-BACKENDS = ("auto", "torch", "native", "tcnn")
+AFFINE_POINTS_SHARE = 0.5  # share of ``points`` per direction and step of the affine fits (``affine_points=None``)
 
 
 def similarity_points(config: RegistrationConfig, fixed_shape) -> int:
@@ -173,9 +203,6 @@ def similarity_points(config: RegistrationConfig, fixed_shape) -> int:
         return config.points
     low, high = AUTO_POINTS
     return int(min(high, max(low, round(math.prod(fixed_shape) / config.voxels_per_point))))
-
-
-AFFINE_POINTS_SHARE = 0.5  # share of ``points`` per direction and step of the affine fits (``affine_points=None``)
 
 
 def stage_point_shares(config: RegistrationConfig) -> tuple:
@@ -202,155 +229,184 @@ def regularizer_points(config: RegistrationConfig, similarity_count: int) -> int
     return max(2, similarity_count // 8)
 
 
-SIMILARITIES = tuple(_SIMILARITY_TABLE)
-REGULARIZERS = tuple(_REGULARIZER_TABLE)
+@dataclass
+class RunConfig:
+    """How a run executes, apart from what it optimizes: the device, the CPU threads, what
+    it shows, how often the host reads the loss. On one device a run's result does not
+    depend on ``threads`` or ``progress``.
+
+    Attributes:
+        device: ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
+        threads: CPU threads for torch during the run (None: leave torch's count); the
+            caller's count is restored after.
+        progress: show tqdm progress bars with the loss terms.
+        check_every: steps between reads of the loss terms by the host (NaN check,
+            watchdog, history, progress bar); None: every step on the CPU, where reading is
+            free, every 10 on a GPU, whose steps then run without host synchronisation.
+    """
+
+    device: str = dataclasses.field(
+        default="cpu", metadata=flag("--device", "cpu, cuda or cuda:N (default: {default})")
+    )
+    threads: int | None = dataclasses.field(
+        default=None, metadata=flag("--threads", "CPU threads (default: the CPUs this process may use)")
+    )
+    progress: bool = True
+    check_every: int | None = None
+
+    def __post_init__(self):
+        if not isinstance(self.device, str) or not re.fullmatch(r"cpu|cuda(:\d+)?", self.device):
+            _fail("device", f"must be cpu, cuda or cuda:N, not {self.device!r}")
+        _int(self, "threads", 1, 1024, optional=True)
+        _bool(self, "progress")
+        _int(self, "check_every", 1, MAX_STEPS, optional=True)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> RunConfig:
+        """A run config from a dict of its keys; ``ConfigError`` names a bad key."""
+        return _from_dict(cls, d)
+
+
+RUN_KEYS = tuple(f.name for f in dataclasses.fields(RunConfig))
 
 
 @dataclass
 class RegistrationConfig:
-    """How one pair is optimized.
+    """What one pair's registration optimizes (``RunConfig`` says how the run executes).
 
     Attributes:
         field: the neural field (both directions use the same architecture).
-        similarity: ``"mse"``, ``"ncc"`` (global) or ``"lncc"`` (local windows).
+        similarity: the fields' similarity: ``"mse"``, ``"ncc"`` (global), ``"lncc"``
+            (local windows of sampled points) or ``"mi"`` (mutual information).
         regularizer: ``"gradicon"`` (autograd Jacobian), ``"gradicon_fd"`` (finite
             differences), ``"icon"``, ``"diffusion"``, ``"bending"`` or ``"none"``.
         regularizer_weight: lambda multiplying the regularizer.
         jacobian: how ``gradicon`` takes the spatial Jacobian: ``"autograd"``
             (``torch.autograd.grad(create_graph=True)``, the definition) or ``"analytic"``
-            (pushed forward through the MLP: the same value and parameter gradients, tested
-            to 1e-8 against ``"autograd"``, and 1.45x faster per step with the native backend).
-        steps: Adam steps in total, spread over the pyramid stages.
+            (pushed forward through the MLP: the same value and parameter gradients,
+            tested to 1e-8 against ``"autograd"``, and faster).
+        steps: optimizer steps of the fields in total, spread over the pyramid stages.
         learning_rate: Adam learning rate (tables and MLP alike).
         final_lr_fraction: the learning rate decays (cosine) over the last pyramid stage to
             this fraction of ``learning_rate``; 1 keeps it constant.
-        points: similarity points per field and step; None (the default): they follow the
-            fixed image's size, one per ``voxels_per_point`` of its voxels, between 4096 and
-            16384 (the 80x192x192 OAI knee grid: 16384; a 120x120x90 IXI head: 7200, which
-            cost the 5 IXI pairs 0.010 mean Dice and cut their command from 36.6 to 25.9 s
-            on one quiet pair).
+        points: similarity points per field and step; None: one per ``voxels_per_point``
+            voxels of the fixed image, between 4096 and 16384 (``similarity_points``).
         voxels_per_point: fixed-image voxels per similarity point when ``points`` is None.
-        regularizer_points: points per step for the regularizer (always uniform); None (the
-            default): one per 8 similarity points (2048 for the knee grid's 16384; 900 for an
-            IXI head's 7200, which left the 5 IXI pairs' mean Dice at 0.651 and saved 2.3 s of
-            a 26.8 s command, inverse-consistency error 0.56 -> 0.60 mm, no folds).
+        regularizer_points: points per step of the regularizer (uniform); None: one per 8
+            similarity points (``regularizer_points``).
         edge_fraction: share of the similarity points (window centres for ``lncc``) drawn
             with probability proportional to the target image's gradient magnitude at the
             stage's resolution, the rest uniformly: more points where alignment is decided.
-        edge_power: the edge weights are the gradient magnitude to this power: 1 draws
-            points in proportion to contrast; below 1 weak edges (bone against muscle)
-            are drawn nearly as often as strong ones (fat against muscle), which local NCC,
-            contrast-blind within a window, can use as well. 0.5 lifts the hard knee
-            benchmark's worst pair (bone Dice 0.82 -> 0.87, no gross failure left) but
-            costs the canonical 10-pair benchmark 0.032 cartilage Dice (four pairs run both
-            ways in one session): not the default.
+        edge_power: the edge weights are the gradient magnitude to this power; below 1 weak
+            edges (bone against muscle) are drawn nearly as often as strong ones.
         lncc_window: side of the local NCC window, in voxels of the image sampled.
         lncc_patch_points: points per local window.
         fd_step_mm: finite-difference step of ``gradicon_fd`` (mm).
-        pyramid: image down-sampling factor of each stage, coarse to fine.
+        pyramid: image down-sampling factor of each stage, coarse to fine; the hash levels
+            are switched on stage by stage.
         stage_fractions: share of ``steps`` per stage (same length as ``pyramid``).
-        stage_points: share of ``points`` drawn per step in each stage (same length as
-            ``pyramid``); None (the default): all of them in every stage
-            (``stage_point_shares``). Fewer points make a coarse stage's steps cheaper but
-            cost accuracy: the coarse stages decide the capture and need their points
-            (the measurements: docs/configuration.md).
-        affine_steps: Adam steps of the global affine part, fitted before the fields
-            (0: no affine part, the fields alone).
+        stage_points: share of ``points`` drawn per step in each stage; None: all of them in
+            every stage (the coarse stages decide the capture and need their points).
+        affine_steps: steps of the global affine part, fitted before the fields (0: no
+            affine part, the fields alone).
         affine_learning_rate: Adam learning rate of the affine part (cosine-decayed).
         affine_pyramid: down-sampling factors of the affine fit, coarse to fine (steps
             split evenly).
-        affine_points: similarity points per direction and step of the affine fit;
-            None (the default): half the similarity points (``affine_fit_points``; 8192
-            for the knee grid). The starts are judged with all the similarity points
-            whatever this is. An affine step's cost is linear in its points; half of them
-            keep the canonical knee benchmark's Dice within seed noise
-            (docs/configuration.md).
-        affine_similarity: similarity of the affine fits and of the choice between
-            starts: ``"mi"`` (mutual information: which tissue is brighter does not
-            matter, so it holds where the soft tissue of two subjects has intensities of
-            its own, and across contrasts), ``"lncc"`` (local windows on edges) or
-            ``"ncc"`` (global). On knees whose soft tissue fills the field of view and
-            does not correspond, ``"lncc"`` drew the bones apart even from a right start;
-            see docs/benchmarks.md (families).
-        affine_init: how the global alignment starts: ``"search"`` (exhaustive search over
-            rotations and, by FFT, translations, at a coarse resolution; each of the best
-            ``search_starts`` rigid candidates is fitted as an affine, and the one with the
-            lowest similarity at the finest affine level is kept: robust to oblique scans,
-            table offsets and different fields of view, see ``search.py``), ``"centroid"``
-            (translation between intensity centroids) or ``"identity"``.
+        affine_points: similarity points per direction and step of the affine fit; None:
+            half the similarity points (``affine_fit_points``). The starts are judged with
+            all the similarity points whatever this is.
+        affine_similarity: similarity of the affine fits and of the choice between starts:
+            ``"mi"`` holds where the soft tissue of two subjects has intensities of its own,
+            and across contrasts (docs/configuration.md).
+        affine_init: how the global alignment starts: ``"search"`` (rotations and, by FFT,
+            translations at a coarse resolution; each of the best ``search_starts`` rigid
+            candidates fitted as an affine, one chosen: ``alignment.choose_start``),
+            ``"centroid"`` (translation between intensity centroids) or ``"identity"``.
         search_max_angle: rotations searched per axis, -max..max degrees (``"search"``).
-        search_starts: rigid candidates of the search fitted as affines before one is
-            chosen (starts that converge onto the same map are fitted on the coarsest
-            affine level only).
+        search_starts: rigid candidates of the search fitted as affines.
         affine_interior_mm: the affine fits (and the choice between starts) draw their
             points at least this deep inside the body, away from its outline
-            (``points.interior_mask``; within a mask given, if any); 0: everywhere. Between
-            subjects the outline and the fat under the skin differ while the anatomy
-            inside corresponds. Each start is fitted twice: from the interior throughout,
-            and from everything on the coarsest affine level (the outline widens the
-            capture) then the interior. On the hard knee benchmark the chosen start's
-            affine bone Dice rose from 0.842 to 0.868 on average (30 pairs; worst pair
-            0.578 -> 0.876). Images without a background have no interior and are fitted
-            from everywhere; the fields draw from it too with ``field_interior``.
-        field_interior: the fields' similarity points are drawn inside the body too (the
-            interior of ``affine_interior_mm``); their regularizer points stay everywhere,
-            and the soft tissue near the outline follows the regularizer. On the hard
-            knee benchmark's worst pair (soft tissue 5.4 and 13.3 mm thick over the
-            bones) bone Dice 0.833 -> 0.909, cartilage 0.598 -> 0.673. False: the fields
-            draw from everywhere.
+            (``points.interior_mask``; within a mask given); 0: everywhere. Between subjects
+            the outline and the fat under the skin differ while the anatomy inside
+            corresponds. Images without a background are fitted from everywhere.
+        field_interior: the fields' similarity points are drawn inside the body too; their
+            regularizer points stay everywhere. False: the fields draw from everywhere.
         margin: margin added to each side of the pair's world box, as a fraction of its extent.
-        seed: seeds initialization and point sampling (deterministic on CPU).
-        device: ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
-        threads: CPU threads for torch (None: leave torch's default).
-        progress: show a tqdm progress bar with the loss terms.
-        max_recoveries: NaN/Inf losses recovered from (restore, halve learning rate)
+        seed: seeds the fields' initialization and every point drawn (deterministic on a CPU).
+        max_recoveries: NaN/Inf losses recovered from (restore, halve the learning rate)
             before the run is declared diverged; also the most rollbacks for a jump.
         divergence_tolerance: a similarity term whose 5-step running mean rises this far
             above its best within a pyramid stage (in units of 1 - NCC; for ``mse`` as a
             fraction of its best) rolls both fields back to the last healthy snapshot at
             half the learning rate (0: off).
-        check_every: steps between reads of the loss terms by the host (NaN check, watchdog,
-            history, progress bar); None: every step on the CPU, where reading is free, every
-            10 on a GPU, whose steps then run without host synchronisation.
     """
 
     field: FieldConfig = field(default_factory=FieldConfig)
-    similarity: str = "lncc"
-    regularizer: str = "gradicon"
-    regularizer_weight: float = 1.0
-    jacobian: str = "analytic"
-    steps: int = 500
-    learning_rate: float = 2e-3
+    similarity: Similarity = dataclasses.field(
+        default="lncc", metadata=flag("--similarity", "similarity measure (default: {default})")
+    )
+    regularizer: Regularizer = dataclasses.field(
+        default="gradicon", metadata=flag("--regularizer", "regularizer (default: {default})")
+    )
+    regularizer_weight: float = dataclasses.field(
+        default=1.0, metadata=flag("--lambda", "regularizer weight (default: {default})")
+    )
+    jacobian: Jacobian = "analytic"
+    steps: int = dataclasses.field(default=500, metadata=flag("--steps", "optimization steps (default: {default})"))
+    learning_rate: float = dataclasses.field(
+        default=2e-3, metadata=flag("--learning-rate", "Adam learning rate (default: {default})")
+    )
     final_lr_fraction: float = 0.1
-    points: int | None = None
+    points: int | None = dataclasses.field(
+        default=None,
+        metadata=flag(
+            "--points", "similarity points per field and step (default: one per 180 fixed voxels, 4096-16384)"
+        ),
+    )
     voxels_per_point: float = 180.0
     regularizer_points: int | None = None
-    edge_fraction: float = 1.0
-    edge_power: float = 1.0
+    edge_fraction: float = dataclasses.field(
+        default=1.0,
+        metadata=flag(
+            "--edge-fraction", "share of similarity points drawn on image edges, the rest uniform (default: {default})"
+        ),
+    )
+    edge_power: float = dataclasses.field(
+        default=1.0,
+        metadata=flag(
+            "--edge-power",
+            "edge points are drawn by gradient magnitude to this power; below 1 weak edges count more "
+            "(default: {default})",
+        ),
+    )
     lncc_window: float = 7.0
     lncc_patch_points: int = 32
     fd_step_mm: float = 0.5
     pyramid: tuple = (4, 2, 1)
     stage_fractions: tuple = (0.25, 0.25, 0.5)
     stage_points: tuple | None = None
-    affine_steps: int = 200
+    affine_steps: int = dataclasses.field(
+        default=200,
+        metadata=flag(
+            "--affine-steps", "steps of the global affine part fitted first; 0 turns it off (default: {default})"
+        ),
+    )
     affine_learning_rate: float = 5e-3
     affine_pyramid: tuple = (4, 2)
     affine_points: int | None = None
-    affine_similarity: str = "mi"
-    affine_init: str = "search"
+    affine_similarity: Similarity = "mi"
+    affine_init: AffineInit = "search"
     search_max_angle: float = 40.0
     search_starts: int = 4
     affine_interior_mm: float = 12.0
     field_interior: bool = True
     margin: float = 0.15
-    seed: int = 0
-    device: str = "cpu"
-    threads: int | None = None
-    progress: bool = True
+    seed: int = dataclasses.field(default=0, metadata=flag("--seed", "random seed (default: {default})"))
     max_recoveries: int = 3
     divergence_tolerance: float = 0.25
-    check_every: int | None = None
 
     def __post_init__(self):
         self.field = _nested(FieldConfig, self.field, "field")
@@ -358,19 +414,19 @@ class RegistrationConfig:
         self._check_sampling()
         self._check_pyramid()
         self._check_global()
-        self._check_run()
 
     def _check_optimization(self) -> None:
-        _choice(self, "similarity", SIMILARITIES)
-        _choice(self, "regularizer", REGULARIZERS)
+        _choice(self, "similarity")
+        _choice(self, "regularizer")
         _float(self, "regularizer_weight", 0.0, 1e6)
-        _choice(self, "jacobian", ("autograd", "analytic"))
+        _choice(self, "jacobian")
         _int(self, "steps", 1, MAX_STEPS)
         _float(self, "learning_rate", 0.0, 10.0, low_open=True)
         _float(self, "final_lr_fraction", 0.0, 1.0)
         _float(self, "fd_step_mm", 0.0, 1e3, low_open=True)
         _int(self, "max_recoveries", 0, 100)
         _float(self, "divergence_tolerance", 0.0, 1e6)
+        _int(self, "seed", 0, 2**63 - 1)
 
     def _check_sampling(self) -> None:
         _int(self, "points", 8, MAX_POINTS, optional=True)
@@ -409,36 +465,36 @@ class RegistrationConfig:
         _float(self, "affine_learning_rate", 0.0, 10.0, low_open=True)
         _sequence(self, "affine_pyramid", int, 1, 64)
         _int(self, "affine_points", 8, MAX_POINTS, optional=True)
-        _choice(self, "affine_similarity", SIMILARITIES)
-        _choice(self, "affine_init", ("search", "centroid", "identity"))
+        _choice(self, "affine_similarity")
+        _choice(self, "affine_init")
         _float(self, "search_max_angle", 0.0, 180.0)
         _int(self, "search_starts", 1, 64)
         _float(self, "affine_interior_mm", 0.0, 1e4)
         _bool(self, "field_interior")
         _float(self, "margin", 0.0, 10.0)
 
-    def _check_run(self) -> None:
-        _int(self, "seed", 0, 2**63 - 1)
-        if not isinstance(self.device, str) or not re.fullmatch(r"cpu|cuda(:\d+)?", self.device):
-            _fail("device", f"must be cpu, cuda or cuda:N, not {self.device!r}")
-        _int(self, "threads", 1, 1024, optional=True)
-        _bool(self, "progress")
-        _int(self, "check_every", 1, MAX_STEPS, optional=True)
-
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> RegistrationConfig:
-        """A config from a dict of its keys (nested ones as dicts); ``ConfigError`` names a bad key."""
-        if not isinstance(d, dict):
-            raise ConfigError("config", f"must be an object of RegistrationConfig keys, not {d!r}")
-        unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
-        if unknown:
-            raise ConfigError(unknown[0], f"unknown configuration key(s) {', '.join(map(repr, unknown))}")
-        return cls(**d)
+        """A config from a dict of its keys (nested ones as dicts); ``ConfigError`` names a bad
+        key, and says where a ``RunConfig`` key given here belongs."""
+        return _from_dict(cls, d)
 
     @classmethod
     def from_json(cls, path) -> RegistrationConfig:
         with open(path) as f:
             return cls.from_dict(json.load(f))
+
+
+def _from_dict(cls, d):
+    """``cls(**d)`` for a dict of ``cls``'s keys; ``ConfigError`` for anything else."""
+    if not isinstance(d, dict):
+        raise ConfigError("config", f"must be an object of {cls.__name__} keys, not {d!r}")
+    unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cls)})
+    if cls is RegistrationConfig and unknown and unknown[0] in RUN_KEYS:
+        raise ConfigError(unknown[0], "is how a run executes, not what it optimizes: a RunConfig key (or its flag)")
+    if unknown:
+        raise ConfigError(unknown[0], f"unknown configuration key(s) {', '.join(map(repr, unknown))}")
+    return cls(**d)

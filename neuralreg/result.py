@@ -9,7 +9,7 @@ import warnings
 import numpy as np
 import torch
 
-from neuralreg.config import RegistrationConfig
+from neuralreg.config import RUN_KEYS, RegistrationConfig
 from neuralreg.errors import RegistrationFileError
 from neuralreg.fields.affine import AffineMap, ComposedMap, world_matrix
 from neuralreg.fields.field import EVAL_CHUNK, NeuralField
@@ -238,7 +238,8 @@ class Registration:
             version = state.get("format_version") if isinstance(state, dict) else None
             raise RegistrationFileError(f"{path} is not a neuralreg registration (format {version})")
         try:
-            config = RegistrationConfig.from_dict(state["config"])
+            # files written before the run options left the config carry them: they are not the algorithm's
+            config = RegistrationConfig.from_dict({k: v for k, v in state["config"].items() if k not in RUN_KEYS})
             box = NormalizedBox.from_state(state["box"])
             fields = []
             for key in ("phi_ab", "phi_ba"):

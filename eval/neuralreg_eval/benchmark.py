@@ -192,10 +192,10 @@ def _register_here(method: str, pair_dir: Path, config: dict, threads: int, scor
         from neuralreg import register_pair
 
         torch.set_num_threads(threads)
-        cfg = RegistrationConfig.from_dict({**config, "threads": threads, "progress": False})
+        cfg = RegistrationConfig.from_dict(config)
         moving_img, fixed_img = read_image(moving), read_image(fixed)
         t0, c0 = time.perf_counter(), cpu_seconds()
-        reg = register_pair(moving_img, fixed_img, cfg)
+        reg = register_pair(moving_img, fixed_img, cfg, run={"threads": threads, "progress": False})
         seconds, cpu = time.perf_counter() - t0, cpu_seconds() - c0
         forward, inverse, affine_only, quality = _neuralreg_maps(reg)
     elif method in baselines.RUNNERS:

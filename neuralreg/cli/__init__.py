@@ -14,19 +14,19 @@ if "OMP_WAIT_POLICY" not in os.environ:
     os.environ.setdefault("GOMP_SPINCOUNT", "500")
 
 import argparse
+import dataclasses
 import json
 import signal
 import sys
 import threading
 import time
+import typing
 import warnings
 from pathlib import Path
 
-from neuralreg.config import BACKENDS, REGULARIZERS, SIMILARITIES, RegistrationConfig
+from neuralreg.config import FieldConfig, RegistrationConfig, RunConfig, choices_of_hint
 from neuralreg.errors import ConfigError
 from neuralreg.files import json_safe
-
-_DEFAULTS = RegistrationConfig()
 
 
 class CLIError(Exception):
@@ -43,60 +43,32 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+def _flagged_options():
+    """(error key, dataclass field, type hint) of every option with a command-line flag
+    (``config.flag``): the ``RegistrationConfig``'s, its field's (``field.<key>``) and the
+    ``RunConfig``'s."""
+    for owner, prefix in ((RegistrationConfig, ""), (FieldConfig, "field."), (RunConfig, "")):
+        hints = typing.get_type_hints(owner)
+        for f in dataclasses.fields(owner):
+            if "flag" in f.metadata:
+                yield prefix + f.name, f, hints[f.name]
+
+
 def _add_register_options(p: argparse.ArgumentParser) -> None:
-    d = _DEFAULTS
-    p.add_argument("--similarity", choices=SIMILARITIES, help=f"similarity measure (default: {d.similarity})")
-    p.add_argument("--regularizer", choices=REGULARIZERS, help=f"regularizer (default: {d.regularizer})")
-    p.add_argument(
-        "--lambda", dest="regularizer_weight", type=float, help=f"regularizer weight (default: {d.regularizer_weight})"
-    )
-    p.add_argument("--steps", type=int, help=f"optimization steps (default: {d.steps})")
-    p.add_argument(
-        "--points",
-        type=int,
-        help=f"similarity points per field and step (default: one per {d.voxels_per_point:g} fixed voxels, 4096-16384)",
-    )
-    p.add_argument("--learning-rate", type=float, help=f"Adam learning rate (default: {d.learning_rate})")
-    p.add_argument(
-        "--edge-fraction",
-        type=float,
-        help=f"share of similarity points drawn on image edges, the rest uniform (default: {d.edge_fraction})",
-    )
-    p.add_argument(
-        "--edge-power",
-        type=float,
-        help="edge points are drawn by gradient magnitude to this power; below 1 weak edges count more "
-        f"(default: {d.edge_power})",
-    )
-    p.add_argument(
-        "--affine-steps",
-        type=int,
-        help=f"steps of the global affine part fitted first; 0 turns it off (default: {d.affine_steps})",
-    )
-    p.add_argument("--backend", choices=BACKENDS, help="hash-grid backend (default: auto)")
-    p.add_argument("--device", help=f"cpu, cuda or cuda:N (default: {d.device})")
-    p.add_argument("--seed", type=int, help=f"random seed (default: {d.seed})")
-    p.add_argument("--threads", type=int, help="CPU threads (default: the CPUs this process may use)")
+    """The flags of the config options that have one, their types, choices and defaults
+    read from the dataclasses; ``--config`` and ``--quiet``."""
+    for _, f, hint in _flagged_options():
+        values = choices_of_hint(hint)
+        kind = next((t for t in (*typing.get_args(hint), hint) if t in (int, float, str)), str)
+        p.add_argument(
+            f.metadata["flag"],
+            dest=f.name,
+            type=kind,
+            choices=values or None,
+            help=f.metadata["help"].format(default=f.default),
+        )
     p.add_argument("--config", type=Path, help="JSON file of RegistrationConfig keys; flags given override it")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-
-
-# the RegistrationConfig key each flag sets: their values are checked by the config, once
-FLAG_KEYS = {
-    "similarity": "--similarity",
-    "regularizer": "--regularizer",
-    "regularizer_weight": "--lambda",
-    "steps": "--steps",
-    "points": "--points",
-    "learning_rate": "--learning-rate",
-    "edge_fraction": "--edge-fraction",
-    "edge_power": "--edge-power",
-    "affine_steps": "--affine-steps",
-    "device": "--device",
-    "seed": "--seed",
-    "threads": "--threads",
-    "field.backend": "--backend",
-}
 
 
 def _add_intensity_options(p: argparse.ArgumentParser) -> None:
@@ -133,27 +105,31 @@ def _config_error(exc: ConfigError, args, given: set) -> CLIError:
     """A ``ConfigError`` as one line naming the flag or the ``--config`` file that set the key."""
     message = str(exc).split(": ", 1)[1]
     if exc.key in given:
-        return CLIError(f"{FLAG_KEYS[exc.key]}: {message}")
+        flags = {key: f.metadata["flag"] for key, f, _ in _flagged_options()}
+        return CLIError(f"{flags[exc.key]}: {message}")
     source = f"--config {args.config}: " if getattr(args, "config", None) else ""
     return CLIError(f"{source}{exc.key}: {message}")
 
 
-def _build_config(args) -> RegistrationConfig:
-    """The run's config: ``--config`` (if any), the flags given over it, checked once by the dataclass."""
+def _build_config(args) -> tuple[RegistrationConfig, RunConfig]:
+    """What the run optimizes (``--config``, if any, the flags given over it) and how it runs
+    (the run flags, ``--quiet``), each checked once by its dataclass."""
     _check_options(args)
     base = _read_config(args.config).to_dict() if getattr(args, "config", None) else RegistrationConfig().to_dict()
+    run: dict = {"progress": not getattr(args, "quiet", False)}
     given = set()
-    for key in FLAG_KEYS:
-        value = getattr(args, key.split(".")[-1], None)
-        if value is not None:
-            given.add(key)
-            if key == "field.backend":
-                base["field"]["backend"] = value
-            else:
-                base[key] = value
-    base["progress"] = not getattr(args, "quiet", False)
+    run_keys = {f.name for f in dataclasses.fields(RunConfig)}
+    for key, f, _ in _flagged_options():
+        value = getattr(args, f.name, None)
+        if value is None:
+            continue
+        given.add(key)
+        if key.startswith("field."):
+            base["field"][f.name] = value
+        else:
+            (run if key in run_keys else base)[key] = value
     try:
-        return RegistrationConfig.from_dict(base)
+        return RegistrationConfig.from_dict(base), RunConfig.from_dict(run)
     except ConfigError as exc:
         raise _config_error(exc, args, given) from None
 
@@ -198,15 +174,16 @@ def _check_device(device: str) -> None:
 def cmd_register(args) -> int:
     from neuralreg.api import register_files
 
-    cfg = _build_config(args)
-    _check_device(cfg.device)
-    _use_threads(cfg.threads)
+    cfg, run = _build_config(args)
+    _check_device(run.device)
+    _use_threads(run.threads)
     t0 = time.perf_counter()
     _, report = register_files(
         args.fixed,
         args.moving,
         args.out,
         cfg,
+        run=run,
         fixed_labels=args.fixed_labels,
         moving_labels=args.moving_labels,
         fixed_mask=args.fixed_mask,
@@ -346,22 +323,16 @@ def cmd_demo(args) -> int:
     from neuralreg.report.outputs import write_outputs
 
     try:
-        cfg = RegistrationConfig(
-            steps=args.steps,
-            points=4096,
-            regularizer_points=1024,
-            progress=not args.quiet,
-            threads=args.threads,
-            seed=args.seed,
-        )
+        cfg = RegistrationConfig(steps=args.steps, points=4096, regularizer_points=1024, seed=args.seed)
+        run = RunConfig(progress=not args.quiet, threads=args.threads)
     except ConfigError as exc:
         raise _config_error(exc, args, {"steps", "threads", "seed"}) from None
-    _use_threads(cfg.threads)
+    _use_threads(run.threads)
     with OutputFolder(args.out, args.overwrite, kind="demo") as folder:
         print("generating a knee-like phantom pair (femur, tibia, cartilage; known smooth deformation)")
         pair = knee_phantom_pair(args.seed)
         t0 = time.perf_counter()
-        reg = register_pair(pair["moving"], pair["fixed"], cfg)
+        reg = register_pair(pair["moving"], pair["fixed"], cfg, run=run)
         seconds = time.perf_counter() - t0
         report = write_outputs(
             folder,
@@ -390,14 +361,15 @@ def cmd_batch(args) -> int:
     # after Ctrl-C, multiprocessing's resource tracker (a process of its own, which takes
     # its warning options from this one) would print a 'leaked semaphore' warning
     sys.warnoptions.append("ignore::UserWarning:multiprocessing.resource_tracker")
-    cfg = _build_config(args)
-    _check_device(cfg.device)
+    cfg, run = _build_config(args)
+    _check_device(run.device)
     specs = read_pairs(args.pairs)
     try:
         rows = register_pairs(
             specs,
             args.out,
             cfg,
+            device=run.device,
             scheduler=args.scheduler,
             workers=args.workers,
             threads_per_worker=args.threads_per_worker or args.threads,

@@ -38,13 +38,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from neuralreg.api import INPUT_KEYS, register_files
-from neuralreg.config import RegistrationConfig
+from neuralreg.config import RUN_KEYS, RegistrationConfig, RunConfig
 from neuralreg.errors import InputError, OutputError
 from neuralreg.files import file_record
 from neuralreg.io.folders import describe, foreign_entries, read_manifest, try_lock
 
 SUMMARY_FILES = ("summary.csv", "summary.png")
-RUN_KEYS = ("device", "threads", "progress")  # how a pair runs, not what it computes: no reason to redo it
 
 COLUMNS = ("pair_id", "fixed", "moving", "fixed_labels", "moving_labels", "fixed_mask", "moving_mask")
 SUMMARY_COLUMNS = (
@@ -123,7 +122,13 @@ def read_pairs(path) -> list[PairSpec]:
 
 
 def register_one(
-    spec: PairSpec, out_dir: str, config: dict, modality: str = "mri", threads: int = 1, ct_window=(40.0, 400.0)
+    spec: PairSpec,
+    out_dir: str,
+    config: dict,
+    modality: str = "mri",
+    threads: int = 1,
+    ct_window=(40.0, 400.0),
+    device: str = "cpu",
 ) -> dict:
     """Register one pair into ``out_dir/<pair_id>`` (runs on a worker). Never raises: failures are returned.
 
@@ -149,10 +154,9 @@ def register_one(
 
         from neuralreg.errors import RegistrationWarning
 
-        cfg = RegistrationConfig.from_dict({**config, "progress": False, "threads": max(1, threads)})
-        cfg.device = _worker_device(cfg.device)
+        run = RunConfig(device=_worker_device(device), threads=max(1, threads), progress=False)
         previous_threads = torch.get_num_threads()  # the whole pair (reading, outputs too) on its share of cores
-        torch.set_num_threads(cfg.threads)
+        torch.set_num_threads(run.threads)
         try:
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", category=RegistrationWarning)  # the verdict goes to the summary
@@ -160,7 +164,8 @@ def register_one(
                     spec.fixed,
                     spec.moving,
                     out,
-                    cfg,
+                    RegistrationConfig.from_dict(config),
+                    run=run,
                     **{k: getattr(spec, k) for k in INPUT_KEYS[2:]},
                     modality=modality,
                     ct_window=ct_window,
@@ -183,9 +188,9 @@ def register_one(
 
 
 def run_options(config: dict, modality: str, ct_window) -> dict:
-    """What shapes a pair's result besides its inputs: the config less ``RUN_KEYS``, the
-    modality and (for CT) the window; recorded in ``report.json`` and compared on resume."""
-    options = {k: v for k, v in RegistrationConfig.from_dict(config).to_dict().items() if k not in RUN_KEYS}
+    """What shapes a pair's result besides its inputs: the config, the modality and (for CT)
+    the window; recorded in ``report.json`` and compared on resume."""
+    options = RegistrationConfig.from_dict(config).to_dict()
     options["modality"] = modality
     if modality == "ct":
         options["ct_window"] = [float(v) for v in ct_window]
@@ -197,7 +202,12 @@ def run_options(config: dict, modality: str, ct_window) -> dict:
 def _previous_run(folder: Path) -> tuple[dict, dict] | None:
     """(inputs, options) of the complete run in ``folder``, or None (no such folder or run)."""
     report = _complete_report(folder)
-    return None if report is None else (report.get("inputs"), report.get("options"))
+    if report is None:
+        return None
+    options = report.get("options")
+    if isinstance(options, dict):  # folders written before the run options left the config carry them
+        options = {k: v for k, v in options.items() if k not in RUN_KEYS}
+    return report.get("inputs"), options
 
 
 def is_complete(folder: Path) -> bool:
@@ -294,6 +304,7 @@ def register_pairs(
     out_dir,
     config: RegistrationConfig | None = None,
     scheduler: str | None = None,
+    device: str = "cpu",
     workers: int | None = None,
     threads_per_worker: int | None = None,
     modality: str = "mri",
@@ -309,6 +320,7 @@ def register_pairs(
             folders or summary files that neuralreg did not write stop the batch before it
             starts (``check_batch_folder``).
         config: registration configuration (every pair, the same seed).
+        device: where the pairs run (``RunConfig.device``; one pair per GPU).
         scheduler: address of an existing Dask scheduler (default: an embedded LocalCluster).
         workers, threads_per_worker: LocalCluster size and torch threads per registration
             (defaults from ``default_workers``).
@@ -329,8 +341,8 @@ def register_pairs(
         raise OutputError(f"another neuralreg batch is writing {out_dir}; wait for it or name another --out")
     try:
         check_batch_folder(specs, out_dir)  # again, under the lock
-        results, interrupted = _run(specs, out_dir, cfg, scheduler, workers, threads_per_worker, modality, progress,
-                                    ct_window)  # fmt: skip
+        results, interrupted = _run(specs, out_dir, cfg, device, scheduler, workers, threads_per_worker, modality,
+                                    progress, ct_window)  # fmt: skip
         if interrupted:  # a pair can finish on disk before its result reaches this process: the folder decides
             reported = {r["pair_id"] for r in results}
             results += [
@@ -352,15 +364,15 @@ def register_pairs(
     return results
 
 
-def _run(specs, out_dir, cfg, scheduler, workers, threads_per_worker, modality, progress, ct_window):
+def _run(specs, out_dir, cfg, device, scheduler, workers, threads_per_worker, modality, progress, ct_window):
     """Submit every pair, collect the rows as they finish (rewriting ``summary.csv`` after
     each); (rows, whether Ctrl-C stopped it)."""
     from distributed import as_completed
     from tqdm.auto import tqdm
 
-    n_workers, n_threads = default_workers(cfg.device)
+    n_workers, n_threads = default_workers(device)
     n_workers, n_threads = workers or n_workers, threads_per_worker or n_threads
-    gpu = cfg.device.startswith("cuda")
+    gpu = device.startswith("cuda")
     results, futures, interrupted = [], [], False
     client = cluster = None
     try:
@@ -374,6 +386,7 @@ def _run(specs, out_dir, cfg, scheduler, workers, threads_per_worker, modality, 
                 modality,
                 n_threads,
                 tuple(ct_window),
+                device,
                 pure=False,
                 key=f"register-{spec.pair_id}",
                 resources={"GPU": 1} if gpu else None,

@@ -11,7 +11,7 @@ import math
 import numpy as np
 import torch
 
-from neuralreg.config import RegistrationConfig, similarity_points
+from neuralreg.config import RegistrationConfig, RunConfig, similarity_points
 from neuralreg.errors import InputError
 from neuralreg.geometry.image import Image
 
@@ -30,6 +30,17 @@ def as_config(config) -> RegistrationConfig:
     if isinstance(config, dict):
         return RegistrationConfig.from_dict(config)
     raise TypeError(f"config must be a RegistrationConfig, a dict of its keys or None, not {type(config).__name__}")
+
+
+def as_run_config(run) -> RunConfig:
+    """A ``RunConfig`` from itself, a dict of its keys or None; else ``TypeError``."""
+    if run is None:
+        return RunConfig()
+    if isinstance(run, RunConfig):
+        return run
+    if isinstance(run, dict):
+        return RunConfig.from_dict(run)
+    raise TypeError(f"run must be a RunConfig, a dict of its keys or None, not {type(run).__name__}")
 
 
 def as_image(value, name: str) -> Image:

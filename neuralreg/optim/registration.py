@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from neuralreg.config import RegistrationConfig, regularizer_points, similarity_points, stage_point_shares
+from neuralreg.config import RegistrationConfig, RunConfig, regularizer_points, similarity_points, stage_point_shares
 from neuralreg.errors import InputError, RegistrationDiverged, RegistrationWarning
 from neuralreg.fields.affine import AffineMap, ComposedMap
 from neuralreg.fields.field import NeuralField
@@ -57,9 +57,11 @@ class PairRegistration:
     Args:
         moving, fixed: 2D or 3D ``Image`` s with affines (world mm); intensities as given
             (see ``neuralreg.io`` for MRI/CT preprocessing).
-        config: ``RegistrationConfig``, a dict of its keys, or None (defaults).
+        config: what is optimized: ``RegistrationConfig``, a dict of its keys, or None (defaults).
         moving_mask, fixed_mask: optional masks on the images' grids; similarity points
             are drawn inside them.
+        run: how the run executes (device, threads, progress bars): ``RunConfig``, a dict of
+            its keys, or None (defaults).
         optimizer: ``(parameters, learning_rate) ->`` optimizer (``lr``, ``zero_grad``,
             ``step``, ``state_dict``, ``load_state_dict``) of the affine fits and the fields.
         similarities: similarity name -> ``(warped, target) -> loss``: the table the
@@ -84,11 +86,13 @@ class PairRegistration:
         moving_mask: Image | None = None,
         fixed_mask: Image | None = None,
         *,
+        run: RunConfig | dict | None = None,
         optimizer: Callable = Adam,
         similarities: Mapping[str, Callable] | None = None,
         share_draws: bool = True,
     ):
         self.config = cfg = inputs.as_config(config)
+        self.run_config = inputs.as_run_config(run)
         self.moving, self.fixed = inputs.as_image(moving, "moving"), inputs.as_image(fixed, "fixed")
         masks = [
             None if m is None else inputs.as_image(m, n)
@@ -104,8 +108,8 @@ class PairRegistration:
             None if m is None else inputs.checked_mask(m, img, name)
             for m, img, name in zip(masks, (self.moving, self.fixed), ("moving mask", "fixed mask"), strict=True)
         )
-        self.device = torch.device(cfg.device)
-        inputs.check_device(self.device, cfg.device)
+        self.device = torch.device(self.run_config.device)
+        inputs.check_device(self.device, self.run_config.device)
         inputs.check_memory(cfg, self.moving, self.fixed, self.device)
         self.make_optimizer = optimizer
         self.similarities = dict(SIMILARITIES if similarities is None else similarities)
@@ -121,7 +125,7 @@ class PairRegistration:
         Raises ``RegistrationDiverged`` (NaN loss beyond recovery); warns
         ``RegistrationWarning`` when the self-check finds the result doubtful or probably
         wrong (the verdict and its reasons are in ``info["quality"]``)."""
-        with _scoped_process_state(self.config, self.device):
+        with _scoped_process_state(self.config.seed, self.run_config.threads, self.device):
             self.clock = (time.perf_counter(), time.process_time())
             self.make_fields()
             self.align()
@@ -149,6 +153,7 @@ class PairRegistration:
             similarity_points(cfg, self.fixed.shape),
             similarities=self.similarities,
             optimizer=self.make_optimizer,
+            check_every=self.run_config.check_every or (1 if self.device.type == "cpu" else 10),
         )
 
     def align(self) -> None:
@@ -162,10 +167,10 @@ class PairRegistration:
             return
         self._find_interior()
         if cfg.affine_init == "search":
-            fit, self.search = choose_start(self.pair, self.draws, cfg.progress)
+            fit, self.search = choose_start(self.pair, self.draws, self.run_config.progress)
         else:
             fit = AffineFit(self.pair)
-            fit.run(range(len(cfg.affine_pyramid)), cfg.progress)
+            fit.run(range(len(cfg.affine_pyramid)), self.run_config.progress)
         self.pair, self.prealign = fit.pair, fit.prealign
         self.history, self.affine, self.generator = list(fit.history), fit.affine, fit.generator
         self.affine.requires_grad_(False)
@@ -199,7 +204,7 @@ class PairRegistration:
         self.watchdog = Watchdog(cfg.divergence_tolerance, relative=cfg.similarity == "mse")
         self.snapshot, self.candidate = self._snapshot(), None  # committed, and awaiting a healthy check
         self.recoveries = self.rollbacks = self.step = 0
-        self.bar = tqdm(total=cfg.steps, disable=not cfg.progress, desc="register", dynamic_ncols=True)
+        self.bar = tqdm(total=cfg.steps, disable=not self.run_config.progress, desc="register", dynamic_ncols=True)
         try:
             for s, n_steps in enumerate(stage_steps(cfg)):
                 self.fit_stage(s, n_steps)
@@ -301,7 +306,7 @@ class PairRegistration:
     def _show_progress(self, s: int, read: int) -> None:
         """The progress bar's terms, every 10 steps."""
         last = self.history[-1] if self.history else None
-        if last and self.config.progress and last["step"] // 10 != (last["step"] - read) // 10:
+        if last and self.run_config.progress and last["step"] // 10 != (last["step"] - read) // 10:
             self.bar.set_postfix(stage=s, sim=f"{last['sim_ab']:.4f}/{last['sim_ba']:.4f}", reg=f"{last['reg']:.2e}")
 
     def _snapshot(self) -> Snapshot:
@@ -328,6 +333,7 @@ class PairRegistration:
             # share of each grid the affine fits (and with field_interior the fields' similarity
             # points) drew from (None: all of it, or the mask given)
             "affine_interior": self.interior_shares,
+            "run": self.run_config.to_dict(),
         }
         reg = Registration(
             self.phi_ab,
@@ -356,6 +362,7 @@ def register_pair(
     config: RegistrationConfig | dict | None = None,
     moving_mask: Image | None = None,
     fixed_mask: Image | None = None,
+    run: RunConfig | dict | None = None,
 ) -> Registration:
     """Register ``moving`` (A) to ``fixed`` (B): ``PairRegistration(...).run()``.
 
@@ -363,7 +370,7 @@ def register_pair(
     points into the moving space). Raises ``InputError`` (unusable input) or
     ``RegistrationDiverged``; warns ``RegistrationWarning`` on a doubtful result.
     """
-    return PairRegistration(moving, fixed, config, moving_mask, fixed_mask).run()
+    return PairRegistration(moving, fixed, config, moving_mask, fixed_mask, run=run).run()
 
 
 def _caller_level() -> int:
@@ -377,16 +384,16 @@ def _caller_level() -> int:
 
 
 @contextlib.contextmanager
-def _scoped_process_state(cfg: RegistrationConfig, device: torch.device):
-    """The run's thread count (``cfg.threads``) and seed (``cfg.seed``: the fields'
-    initialization), with the caller's thread count and random state restored afterwards:
-    a library call leaves the process as it found it."""
-    threads = torch.get_num_threads()
+def _scoped_process_state(seed: int, threads: int | None, device: torch.device):
+    """The run's thread count (``RunConfig.threads``) and seed (``RegistrationConfig.seed``: the
+    fields' initialization), with the caller's thread count and random state restored
+    afterwards: a library call leaves the process as it found it."""
+    callers = torch.get_num_threads()
     with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
-        if cfg.threads:
-            torch.set_num_threads(cfg.threads)
-        torch.manual_seed(cfg.seed)
+        if threads:
+            torch.set_num_threads(threads)
+        torch.manual_seed(seed)
         try:
             yield
         finally:
-            torch.set_num_threads(threads)
+            torch.set_num_threads(callers)

@@ -47,16 +47,12 @@ class PairData:
     interior_masks: tuple | None = None
     similarities: Mapping[str, Callable] = dataclasses.field(default_factory=lambda: dict(SIMILARITIES))
     optimizer: Callable = Adam
+    check_every: int = 1  # steps between host reads of the loss (``RunConfig.check_every``)
 
     def stage(self, factor: int, generator: torch.Generator, points: int, inside_body: bool = False) -> Stage:
         """The pyramid level ``factor`` with ``points`` similarity points per step, drawn from
         the interior masks where ``inside_body`` (and there are some)."""
         return Stage(self, factor, generator, points, inside_body)
-
-    @property
-    def check_every(self) -> int:
-        """Steps between host reads of the loss (``config.check_every``; 1 on the CPU, 10 on a GPU)."""
-        return self.cfg.check_every or (1 if self.device.type == "cpu" else 10)
 
 
 class Stage:

@@ -160,6 +160,7 @@ def _write_files(tmp: Path, reg, moving, fixed, moving_labels, fixed_labels, ext
             w.result()
     return {
         "config": reg.config.to_dict(),
+        "run": reg.info.get("run"),
         "versions": _versions(),
         "timings": {
             "registration_seconds": reg.info.get("seconds"),

@@ -327,3 +327,31 @@ def test_the_command_spins_briefly_unless_the_user_says_otherwise():
     lazy = "import sys, neuralreg; print('torch' in sys.modules, neuralreg.RegistrationConfig().steps)"
     out = subprocess.run([sys.executable, "-c", lazy], capture_output=True, text=True, env=env, check=True).stdout
     assert out.split() == ["False", "500"]  # `import neuralreg` alone loads no torch; its names load on use
+
+
+def test_the_register_flags_are_read_from_the_config_dataclasses(capsys):
+    """Each option with a flag in its metadata is a flag of ``register`` and ``batch``, with
+    the choices of its ``Literal`` type and its dataclass default; the names of the
+    similarity and regularizer types are those of the losses' tables."""
+    import dataclasses
+
+    from neuralreg import losses
+    from neuralreg.config import FieldConfig, RegistrationConfig, RunConfig, choices
+
+    assert choices(RegistrationConfig, "similarity") == tuple(losses.SIMILARITIES)
+    assert choices(RegistrationConfig, "regularizer") == tuple(losses.REGULARIZERS)
+    flags = [
+        f.metadata["flag"]
+        for cls in (RegistrationConfig, FieldConfig, RunConfig)
+        for f in dataclasses.fields(cls)
+        if "flag" in f.metadata
+    ]
+    assert len(flags) == 13 and len(set(flags)) == 13
+    for command in ("register", "batch"):
+        with pytest.raises(SystemExit) as exit_:
+            main([command, "--help"])
+        assert exit_.value.code == 0
+        text = " ".join(capsys.readouterr().out.split())
+        assert all(flag in text for flag in flags), [f for f in flags if f not in text]
+        assert "{mse,ncc,lncc,mi}" in text and "{auto,torch,native,tcnn}" in text
+        assert "similarity measure (default: lncc)" in text and "optimization steps (default: 500)" in text

@@ -20,7 +20,7 @@ from neuralreg.io import read_image, write_image
 from neuralreg.phantoms import triangles_pair
 
 FAST = ["--steps", "6", "--points", "256", "--affine-steps", "4", "--quiet", "--threads", "1"]
-TINY = dict(steps=6, points=256, regularizer_points=64, affine_steps=8, progress=False)
+TINY = dict(steps=6, points=256, regularizer_points=64, affine_steps=8)
 
 
 def _one_line_error(capsys, code, message):
@@ -169,7 +169,7 @@ def test_a_2d_slice_with_a_permuted_affine_reads(tmp_path):
 # 9. --config checked far less than the flags; 10. no sanity bounds
 CONFIG_CASES = {
     "nan learning rate": ({"learning_rate": math.nan}, "learning_rate: must be a finite number, not nan"),
-    "threads 0": ({"threads": 0}, "threads: must be in [1, 1024], not 0"),
+    "run key": ({"threads": 2}, "threads: is how a run executes, not what it optimizes: a RunConfig key"),
     "steps 30.5": ({"steps": 30.5}, "steps: must be an integer, not 30.5"),
     "steps true": ({"steps": True}, "steps: must be an integer, not True"),
     "steps string": ({"steps": "30"}, "steps: must be an integer, not '30'"),
@@ -179,7 +179,6 @@ CONFIG_CASES = {
     "lr fraction": ({"final_lr_fraction": -5}, "final_lr_fraction: must be in [0, 1], not -5"),
     "fractions 2.7": ({"stage_fractions": [0.9, 0.9, 0.9]}, "stage_fractions: must add up to 1, not 2.7"),
     "fractions 0": ({"stage_fractions": [0, 0, 0]}, "stage_fractions: must add up to 1, not 0"),
-    "device tpu": ({"device": "tpu"}, "device: must be cpu, cuda or cuda:N, not 'tpu'"),
     "patch points 0": ({"lncc_patch_points": 0}, "lncc_patch_points: must be in [1, 4096], not 0"),
     "field null": ({"field": None}, "field: must be an object of FieldConfig keys, not None"),
     "encoding key": ({"field": {"encoding": {"levels": 3}}}, "field.encoding: unknown key(s) 'levels'"),
@@ -208,6 +207,8 @@ def test_config_files_are_checked_like_flags(case, tmp_path, capsys):
     "flags,message",
     [
         (["--points", "1000000000"], "--points: must be in [8, 2097152], not 1000000000"),
+        (["--threads", "0"], "--threads: must be in [1, 1024], not 0"),
+        (["--device", "tpu"], "--device: must be cpu, cuda or cuda:N, not 'tpu'"),
         (["--steps", str(10**12)], "--steps: must be in [1, 1000000]"),
         (["--ct-window", "40", "0", "--modality", "ct"], "--ct-window needs a finite CENTER and a WIDTH > 0"),
         (["--ct-window", "40", "-400", "--modality", "ct"], "--ct-window needs a finite CENTER and a WIDTH > 0"),

@@ -17,7 +17,7 @@ from neuralreg.io import write_displacement_field, write_image
 from neuralreg.phantoms import triangles_pair
 
 FAST = ["--steps", "12", "--points", "1024", "--quiet"]
-TINY = dict(steps=6, points=256, regularizer_points=64, affine_steps=8, progress=False)
+TINY = dict(steps=6, points=256, regularizer_points=64, affine_steps=8)
 
 
 def _one_line_error(code, err, message):

@@ -64,7 +64,7 @@ def test_score_maps_agrees_with_the_registration_and_identity():
     assert ident["percent_folds_forward"] == 0.0 and ident["inverse_consistency_error_mm"] < 1e-4
     assert ident["cartilage"] == pytest.approx(knee.cartilage_dice(ml.data, fl.data)["mean"])
 
-    cfg = RegistrationConfig(steps=60, points=2048, regularizer_points=512, progress=False)
+    cfg = RegistrationConfig(steps=60, points=2048, regularizer_points=512)
     reg = register_pair(pair["moving"], pair["fixed"], cfg)
     fwd, inv = knee.registration_maps(reg)
     s = knee.score_maps(fwd, inv, ml, fl)

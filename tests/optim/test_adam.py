@@ -63,7 +63,7 @@ def test_steps_are_bit_for_bit_those_of_torch_optim_adam_with_a_schedule_and_a_r
 @pytest.mark.filterwarnings("ignore::neuralreg.RegistrationWarning")  # 30 steps: bits, not quality
 def test_a_registration_is_bit_for_bit_the_one_torch_optim_adam_gives():
     pair = triangles_pair(1)
-    cfg = RegistrationConfig(steps=30, affine_steps=20, points=512, progress=False)
+    cfg = RegistrationConfig(steps=30, affine_steps=20, points=512)
     ours = register_pair(pair["moving"], pair["fixed"], cfg)
 
     class TorchAdam(torch.optim.Adam):  # torch's, behind neuralreg's interface
@@ -97,7 +97,7 @@ def test_registering_does_not_import_torch_dynamo(module):
         "from neuralreg import RegistrationConfig, register_pair\n"
         "from neuralreg.phantoms import triangles_pair\n"
         "p = triangles_pair(0)\n"
-        "cfg = RegistrationConfig(steps=3, affine_steps=2, points=64, progress=False)\n"
+        "cfg = RegistrationConfig(steps=3, affine_steps=2, points=64)\n"
         "register_pair(p['moving'], p['fixed'], cfg)\n"
         "print('torch._dynamo' in sys.modules)\n"
     )

@@ -91,13 +91,13 @@ def misaligned():
 
 def test_affine_part_recovers_a_known_rigid_misalignment(misaligned):
     fixed, labels, moving, moving_labels, g = misaligned
-    cfg = RegistrationConfig(steps=1, affine_steps=300, points=4096, similarity="mse", progress=False)
+    cfg = RegistrationConfig(steps=1, affine_steps=300, points=4096, similarity="mse")
     reg = register_pair(moving, fixed, cfg)
     found = reg.affine_world()
     np.testing.assert_allclose(found[:2, :2], g[:2, :2], atol=0.02)
     np.testing.assert_allclose(found[:2, 2], g[:2, 2], atol=1.0)  # mm = pixels here
     after = dice(reg.warp(moving_labels, mode="nearest").data, labels.data)["mean"]
-    without = register_pair(moving, fixed, RegistrationConfig(steps=1, affine_steps=0, progress=False))
+    without = register_pair(moving, fixed, RegistrationConfig(steps=1, affine_steps=0))
     before = dice(without.warp(moving_labels, mode="nearest").data, labels.data)["mean"]
     assert before < 0.6 and after > 0.9
 
@@ -107,7 +107,7 @@ def test_save_load_and_itk_transform_file(misaligned, tmp_path):
     from neuralreg.io import write_itk_affine
 
     fixed, _, moving, _, _ = misaligned
-    reg = register_pair(moving, fixed, RegistrationConfig(steps=5, affine_steps=40, points=1024, progress=False))
+    reg = register_pair(moving, fixed, RegistrationConfig(steps=5, affine_steps=40, points=1024))
     reg.save(tmp_path / "r.pt")
     back = Registration.load(tmp_path / "r.pt")
     np.testing.assert_allclose(back.affine_world(), reg.affine_world(), atol=1e-5)

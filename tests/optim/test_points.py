@@ -118,13 +118,11 @@ def test_each_stage_and_the_affine_fit_draw_their_configured_points(stage_points
         affine_steps=4,
         affine_points=affine_points,
         affine_init="centroid",
-        progress=False,
-        threads=1,
     )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # 8 steps: the self-check's verdict is not the point here
         similarities = {name: counted(loss) for name, loss in SIMILARITIES.items()}
-        PairRegistration(pair["moving"], pair["fixed"], cfg, similarities=similarities).run()
+        PairRegistration(pair["moving"], pair["fixed"], cfg, run={"threads": 1}, similarities=similarities).run()
     # affine steps (2 terms each) first, then the fields' stages: 2 + 2 + 4 steps, 2 terms each
     assert drawn == affine + fields
 

@@ -11,7 +11,7 @@ from neuralreg.result import Registration
 
 
 def quick_config(**kw):
-    base = dict(steps=30, points=1024, regularizer_points=256, progress=False, similarity="mse")
+    base = dict(steps=30, points=1024, regularizer_points=256, similarity="mse")
     base.update(kw)
     return RegistrationConfig(**base)
 
@@ -25,7 +25,6 @@ def triangles_result():
         regularizer_points=1024,
         similarity="lncc",
         regularizer_weight=2.0,
-        progress=False,
         affine_init="centroid",  # shapes of one frame: no rotation to search (see examples/triangles_2d.py)
         affine_similarity="lncc",  # binary shapes of unlike form: mutual information misplaces them (Dice 0.005)
     )
@@ -49,7 +48,7 @@ def test_triangles_circles_pair_dice_and_no_folds(triangles_result):
 @pytest.mark.slow
 def test_phantom_3d_improves_dice_without_folds():
     pair = knee_phantom_pair(0)
-    cfg = RegistrationConfig(steps=250, points=4096, regularizer_points=1024, progress=False)
+    cfg = RegistrationConfig(steps=250, points=4096, regularizer_points=1024)
     reg = register_pair(pair["moving"], pair["fixed"], cfg)
     before = dice(pair["moving_labels"].data, pair["fixed_labels"].data, labels=[2, 4])["mean"]
     after = dice(reg.warp(pair["moving_labels"], mode="nearest").data, pair["fixed_labels"].data, labels=[2, 4])
@@ -94,7 +93,7 @@ def test_nan_is_recovered_when_the_host_reads_every_10_steps(monkeypatch):
     """The GPU schedule (check_every=10, no per-step synchronisation), run on the CPU."""
     _nan_once(monkeypatch, call=21)
     pair = triangles_pair(3, size=48)
-    reg = register_pair(pair["moving"], pair["fixed"], quick_config(check_every=10))
+    reg = register_pair(pair["moving"], pair["fixed"], quick_config(), run={"check_every": 10})
     affine = [h["step"] for h in reg.history if h["part"] == "affine"]
     assert affine == list(range(reg.config.affine_steps))  # the affine stage's delayed reads keep every step
     fields = [h for h in reg.history if h["part"] == "fields"]
@@ -112,7 +111,9 @@ def test_nan_in_the_affine_stage_reports_divergence(monkeypatch, check_every):
     monkeypatch.setitem(losses.SIMILARITIES, affine_similarity, lambda w, f: (w - f).mean() * float("nan"))
     pair = triangles_pair(3, size=48)
     with pytest.raises(RegistrationDiverged, match="affine loss became non-finite at step 0"):
-        register_pair(pair["moving"], pair["fixed"], quick_config(check_every=check_every, affine_init="centroid"))
+        register_pair(
+            pair["moving"], pair["fixed"], quick_config(affine_init="centroid"), run={"check_every": check_every}
+        )
 
 
 def test_persistent_nan_reports_divergence(monkeypatch):
@@ -160,19 +161,19 @@ def test_register_pair_leaves_the_process_as_it_found_it():
     """No process-wide side effects: the caller's thread count and random state are restored,
     and the result is the same whatever the caller's random state was."""
     pair = triangles_pair(2, size=32)
-    cfg = dict(steps=6, points=256, regularizer_points=64, affine_steps=4, progress=False, threads=1, seed=5)
+    cfg = dict(steps=6, points=256, regularizer_points=64, affine_steps=4, seed=5)
     caller_threads = torch.get_num_threads()
     torch.set_num_threads(2)  # the caller's, other than the config's
     torch.manual_seed(123)
     expected_next = torch.rand(3)
     torch.manual_seed(123)
-    first = register_pair(pair["moving"], pair["fixed"], cfg)
+    first = register_pair(pair["moving"], pair["fixed"], cfg, run={"threads": 1})
     threads_after = torch.get_num_threads()
     torch.set_num_threads(caller_threads)
     assert threads_after == 2
     torch.testing.assert_close(torch.rand(3), expected_next, rtol=0, atol=0)
     torch.manual_seed(999)  # another caller state: the same registration
-    second = register_pair(pair["moving"], pair["fixed"], cfg)
+    second = register_pair(pair["moving"], pair["fixed"], cfg, run={"threads": 1})
     assert first.history[-1]["loss"] == second.history[-1]["loss"]
 
 

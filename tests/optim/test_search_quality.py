@@ -17,7 +17,7 @@ from neuralreg.optim.search import global_search, prefer_small_rotation, rotatio
 from neuralreg.phantoms import knee_phantom_pair
 from neuralreg.quality import judge
 
-CONFIG = dict(steps=150, points=4096, regularizer_points=1024, affine_steps=100, progress=False)
+CONFIG = dict(steps=150, points=4096, regularizer_points=1024, affine_steps=100)
 
 
 @pytest.fixture(scope="module")
