@@ -401,6 +401,7 @@ def cmd_batch(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``neuralreg`` parser: one sub-command per ``cmd_*`` function."""
     parser = argparse.ArgumentParser(
         prog="neuralreg",
         description="Pairwise image registration with neural fields and GradICON.",
@@ -408,9 +409,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    fmt = _HelpFormatter
+    _add_register_parser(sub)
+    _add_transform_parsers(sub)
+    _add_batch_parser(sub)
+    _add_evaluate_parser(sub)
+    _add_demo_parser(sub)
+    return parser
 
-    r = sub.add_parser("register", help="register a moving image to a fixed image", formatter_class=fmt)
+
+def _overwrite_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace an output folder neuralreg wrote (never anything else)"
+    )
+
+
+def _add_register_parser(sub) -> None:
+    r = sub.add_parser("register", help="register a moving image to a fixed image", formatter_class=_HelpFormatter)
     r.add_argument("--fixed", type=Path, required=True, help="fixed image (.nii, .nii.gz, .png, .jpg)")
     r.add_argument("--moving", type=Path, required=True, help="moving image")
     r.add_argument("--out", type=Path, required=True, help="output folder (must not exist, see --overwrite)")
@@ -419,17 +433,17 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--fixed-mask", type=Path, help="fixed mask: similarity points drawn inside it")
     r.add_argument("--moving-mask", type=Path, help="moving mask")
     _add_intensity_options(r)
-    r.add_argument(
-        "--overwrite", action="store_true", help="replace an output folder neuralreg wrote (never anything else)"
-    )
+    _overwrite_option(r)
     _add_register_options(r)
     r.set_defaults(func=cmd_register)
 
+
+def _add_transform_parsers(sub) -> None:
     for name, func, helptext in (
         ("warp", cmd_warp, "apply a saved registration or displacement field to an image or label map"),
         ("jacobian", cmd_jacobian, "Jacobian determinant map of a saved registration or displacement field"),
     ):
-        w = sub.add_parser(name, help=helptext, formatter_class=fmt)
+        w = sub.add_parser(name, help=helptext, formatter_class=_HelpFormatter)
         w.add_argument("--registration", type=Path, help="registration.pt written by register")
         w.add_argument("--displacement", type=Path, help="ITK/ANTs displacement field NIfTI")
         w.add_argument(
@@ -450,7 +464,11 @@ def build_parser() -> argparse.ArgumentParser:
             w.add_argument("--reference", type=Path, help="image whose grid the output takes (default: the field's)")
         w.set_defaults(func=func)
 
-    b = sub.add_parser("batch", help="register every pair of a CSV/TSV table on Dask (resumable)", formatter_class=fmt)
+
+def _add_batch_parser(sub) -> None:
+    b = sub.add_parser(
+        "batch", help="register every pair of a CSV/TSV table on Dask (resumable)", formatter_class=_HelpFormatter
+    )
     b.add_argument(
         "--pairs",
         type=Path,
@@ -465,8 +483,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_register_options(b)
     b.set_defaults(func=cmd_batch)
 
+
+def _add_evaluate_parser(sub) -> None:
     e = sub.add_parser(
-        "evaluate", help="Dice (and folds) between a warped label map and a reference", formatter_class=fmt
+        "evaluate", help="Dice (and folds) between a warped label map and a reference", formatter_class=_HelpFormatter
     )
     e.add_argument("--warped-labels", type=Path, required=True, help="warped label map")
     e.add_argument("--reference-labels", type=Path, required=True, help="reference label map on the same grid")
@@ -474,17 +494,16 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--jacobian", type=Path, help="Jacobian determinant map: also report %% folds")
     e.set_defaults(func=cmd_evaluate)
 
-    dm = sub.add_parser("demo", help="register a generated knee-like phantom pair", formatter_class=fmt)
+
+def _add_demo_parser(sub) -> None:
+    dm = sub.add_parser("demo", help="register a generated knee-like phantom pair", formatter_class=_HelpFormatter)
     dm.add_argument("--out", type=Path, default=Path("neuralreg_demo"), help="output folder")
     dm.add_argument("--steps", type=int, default=300, help="optimization steps")
     dm.add_argument("--seed", type=int, default=0, help="phantom and optimization seed")
     dm.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
     dm.add_argument("--quiet", action="store_true", help="no progress bar")
-    dm.add_argument(
-        "--overwrite", action="store_true", help="replace an output folder neuralreg wrote (never anything else)"
-    )
+    _overwrite_option(dm)
     dm.set_defaults(func=cmd_demo)
-    return parser
 
 
 def _version() -> str:

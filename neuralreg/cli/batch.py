@@ -137,8 +137,6 @@ def register_one(
     """
     import time
 
-    import torch
-
     out = Path(out_dir) / spec.pair_id
     t0 = time.perf_counter()
     try:
@@ -150,31 +148,8 @@ def register_one(
         redone = None
         if previous is not None:
             redone = "inputs changed" if previous[0] != inputs else "options changed"
-        import warnings
-
-        from neuralreg.errors import RegistrationWarning
-
         run = RunConfig(device=_worker_device(device), threads=max(1, threads), progress=False)
-        previous_threads = torch.get_num_threads()  # the whole pair (reading, outputs too) on its share of cores
-        torch.set_num_threads(run.threads)
-        try:
-            with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", category=RegistrationWarning)  # the verdict goes to the summary
-                register_files(
-                    spec.fixed,
-                    spec.moving,
-                    out,
-                    RegistrationConfig.from_dict(config),
-                    run=run,
-                    **{k: getattr(spec, k) for k in INPUT_KEYS[2:]},
-                    modality=modality,
-                    ct_window=ct_window,
-                    overwrite=True,  # replaces only a folder neuralreg wrote (checked before the batch started)
-                    extra_report={"options": options},
-                    input_records=inputs,  # hashed above to decide; every input exists once read_pair passed
-                )
-        finally:
-            torch.set_num_threads(previous_threads)
+        _register_into(out, spec, RegistrationConfig.from_dict(config), run, modality, ct_window, options, inputs)
         return {
             **_summary_from_report(out),
             "pair_id": spec.pair_id,
@@ -185,6 +160,37 @@ def register_one(
     except Exception as exc:  # recorded in the summary; the other pairs go on
         message = f"{type(exc).__name__}: {exc}".splitlines()[0] if not isinstance(exc, InputError) else str(exc)
         return {"pair_id": spec.pair_id, "status": "failed", "error": message, "seconds": time.perf_counter() - t0}
+
+
+def _register_into(out: Path, spec: PairSpec, cfg, run, modality, ct_window, options: dict, inputs: dict) -> None:
+    """``register_files`` of one pair into ``out``, the whole pair (reading and outputs too) on
+    ``run.threads`` threads; the self-check's warning goes to the summary, not the log."""
+    import warnings
+
+    import torch
+
+    from neuralreg.errors import RegistrationWarning
+
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(run.threads)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=RegistrationWarning)
+            register_files(
+                spec.fixed,
+                spec.moving,
+                out,
+                cfg,
+                run=run,
+                **{k: getattr(spec, k) for k in INPUT_KEYS[2:]},
+                modality=modality,
+                ct_window=ct_window,
+                overwrite=True,  # replaces only a folder neuralreg wrote (checked before the batch started)
+                extra_report={"options": options},
+                input_records=inputs,  # hashed by the caller to decide; every input exists once read_pair passed
+            )
+    finally:
+        torch.set_num_threads(previous_threads)
 
 
 def run_options(config: dict, modality: str, ct_window) -> dict:
@@ -344,12 +350,7 @@ def register_pairs(
         results, interrupted = _run(specs, out_dir, cfg, device, scheduler, workers, threads_per_worker, modality,
                                     progress, ct_window)  # fmt: skip
         if interrupted:  # a pair can finish on disk before its result reaches this process: the folder decides
-            reported = {r["pair_id"] for r in results}
-            results += [
-                {**_summary_from_report(out_dir / spec.pair_id), "pair_id": spec.pair_id, "status": "done"}
-                for spec in specs
-                if spec.pair_id not in reported and is_complete(out_dir / spec.pair_id)
-            ]
+            results += _finished_unreported(results, specs, out_dir)
         results.sort(key=lambda r: r["pair_id"])
         with _sigint_deferred():
             write_summary(results, out_dir, figure=True)
@@ -362,6 +363,16 @@ def register_pairs(
             "re-run the same command to finish the rest"
         )
     return results
+
+
+def _finished_unreported(results: list[dict], specs: list[PairSpec], out_dir: Path) -> list[dict]:
+    """Summary rows of the pairs complete on disk whose result this process did not receive."""
+    reported = {r["pair_id"] for r in results}
+    return [
+        {**_summary_from_report(out_dir / spec.pair_id), "pair_id": spec.pair_id, "status": "done"}
+        for spec in specs
+        if spec.pair_id not in reported and is_complete(out_dir / spec.pair_id)
+    ]
 
 
 def _run(specs, out_dir, cfg, device, scheduler, workers, threads_per_worker, modality, progress, ct_window):
