@@ -271,8 +271,8 @@ def _measures(**changes) -> dict:
         "lncc_final": 0.227,
         "overlap_identity": 1.0,
         "overlap_final": 1.0,
-        "inverse_consistency_error_mm": 0.45,
-        "inverse_consistency_limit_mm": 2.0,
+        "round_trip_fixed_mm": 0.45,
+        "round_trip_limit_mm": 2.0,
         "world_boxes_overlap": True,
         "centre_distance_mm": 3.0,
         "percent_folds": 0.0,
@@ -475,3 +475,14 @@ def test_a_fit_replaying_shared_draws_is_the_fit_drawing_its_own(phantom):
     assert torch.equal(replay.affine.matrix(), alone.affine.matrix())
     assert torch.equal(replay.generator.get_state(), alone.generator.get_state())
     assert replay.loss(1) == alone.loss(1) and len(draws.levels) == len(cfg.affine_pyramid) + 1
+
+
+def test_measures_stored_under_the_old_round_trip_names_are_judged_alike():
+    """registration.pt files hold the self-check's measures: those written before the round
+    trip's rename (``inverse_consistency_error_mm`` there) are judged as the new ones."""
+    new = _measures(round_trip_fixed_mm=7.5)
+    old = {k: v for k, v in new.items() if not k.startswith("round_trip")}
+    old |= {"inverse_consistency_error_mm": 7.5, "inverse_consistency_limit_mm": 2.0}
+    assert judge(old).verdict == judge(new).verdict == "failed"
+    assert judge(old).reasons == judge(new).reasons
+    assert "round trip Phi_BA(Phi_AB(x)) misses by 7.5 mm (limit 2.0 mm)" in judge(new).reasons[0]
