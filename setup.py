@@ -41,10 +41,8 @@ setup(
         # distribution, eval/ (neuralreg-eval): pip install -e "./eval[baselines]"
         # cohort registration (neuralreg batch)
         "batch": ["dask[distributed]>=2024.1"],
-        # tinycudann: install by hand on a CUDA machine, see docs/kernels.md ("GPU and tinycudann")
-        "tcnn": [],
-        # icon-registration pins torchvision, which has no CPU build here: install it with --no-deps
-        "compare": [],
+        # no extra for tinycudann (installed by hand on a CUDA machine, docs/kernels.md) nor for
+        # icon-registration (it pins torchvision, which has no CPU build here: --no-deps)
     },
     entry_points={"console_scripts": ["neuralreg=neuralreg.cli:main"]},
     classifiers=["Programming Language :: Python :: 3", "Topic :: Scientific/Engineering :: Medical Science Apps."],

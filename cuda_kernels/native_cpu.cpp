@@ -413,9 +413,4 @@ std::vector<torch::Tensor> warp_forward(torch::Tensor image, torch::Tensor point
   return {values, grads};
 }
 
-int num_threads() { return at::get_num_threads(); }
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  NR_OPS(NR_BIND_OP)
-  m.def("num_threads", &num_threads);
-}
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { NR_OPS(NR_BIND_OP) }

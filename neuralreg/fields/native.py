@@ -203,11 +203,11 @@ def emulate_cuda():
 
 
 def ops(kind: str) -> list[str]:
-    """The op names a build exposes (``num_threads`` and pybind11's own names left out)."""
+    """The op names a build exposes (pybind11's own names left out)."""
     module = _load(kind)
     if module is None:
         raise RuntimeError(f"native kernels {status(kind)}")
-    return sorted(n for n in dir(module) if not n.startswith("_") and n != "num_threads")
+    return sorted(n for n in dir(module) if not n.startswith("_"))
 
 
 def _mod(t: torch.Tensor):

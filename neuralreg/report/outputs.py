@@ -40,17 +40,6 @@ from neuralreg.quality import assess, judge
 from neuralreg.report.figures import registration_figure
 from neuralreg.result import Registration
 
-OUTPUT_FILES = (
-    "warped.nii.gz",
-    "displacement_forward.nii.gz",
-    "displacement_inverse.nii.gz",
-    "jacobian.nii.gz",
-    "affine.tfm",
-    "registration.pt",
-    "report.json",
-    "figure.png",
-)
-
 
 def evaluate(
     reg: Registration, moving: Image, fixed: Image, moving_labels: Image | None, fixed_labels: Image | None
