@@ -20,3 +20,11 @@ def shared_data():
     if root is None:
         pytest.skip("real data absent: set NEURALREG_DATA to the shared data folder")
     return root
+
+
+@pytest.fixture(scope="module")
+def phantom():
+    """A 32x48x48 knee phantom pair (femur, tibia, cartilage) with labels."""
+    from neuralreg.phantoms import knee_phantom_pair
+
+    return knee_phantom_pair(0, shape=(32, 48, 48))

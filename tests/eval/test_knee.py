@@ -229,3 +229,34 @@ def test_compare_gradicon_plumbing_with_an_untrained_model(tmp_path, monkeypatch
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: pretrained weights cannot be downloaded")
     assert not (tmp_path / "x.csv").exists() and not (tmp_path / "cache" / "w.trch").exists()
+
+
+def test_gross_failure_rule():
+    assert knee.gross_failure(0.84)
+    assert not knee.gross_failure(0.9)
+    assert knee.gross_failure(0.88, affine_bone=0.92)  # the fields undid a better affine start
+    assert not knee.gross_failure(0.91, affine_bone=0.92)  # within 0.02 of it: no loss to speak of
+    assert not knee.gross_failure(0.93, affine_bone=0.92)
+    assert knee.gross_failure(0.95, cartilage=0.29)  # bones in place, cartilage lost
+    assert not knee.gross_failure(0.95, cartilage=0.31)
+    assert not knee.gross_failure(0.93, affine_bone=float("nan"))
+
+
+def test_realistic_pairs_keep_scanner_geometry(shared_data):
+    files = sorted((shared_data / "oai_zib_labels").glob("*_labels.nii.gz"))
+    pair = knee.realistic_pair(files[0], files[1], seed=0, shape=(40, 96, 96))
+    fl, ml = pair["fixed_labels"], pair["moving_labels"]
+    assert fl.shape != ml.shape  # fields of view differ
+    assert not np.allclose(fl.affine, ml.affine)
+    # oblique: the grid axes are not the world axes
+    for lab in (fl, ml):
+        cosines = np.abs(lab.affine[:3, :3] / np.linalg.norm(lab.affine[:3, :3], axis=0))
+        assert cosines.max(0).min() < 0.999
+    assert knee.physical_bone_dice(ml, fl) < 0.5  # the scanners' positions disagree
+    # tissue intensities are the subject's own: the same tissue differs between the two images
+    for key in ("fixed", "moving"):
+        assert 0 <= float(pair[key].data.min()) and float(pair[key].data.max()) <= 1
+    femur = [float(pair[k].data[pair[f"{k}_labels"].data == 1].mean()) for k in ("fixed", "moving")]
+    background = [float(pair[k].data[pair[f"{k}_labels"].data == 0].mean()) for k in ("fixed", "moving")]
+    assert abs(femur[0] - femur[1]) > 0.01 or abs(background[0] - background[1]) > 0.01
+    assert set(torch.unique(ml.data).tolist()) >= {0, 1, 2, 3, 4}

@@ -1,0 +1,206 @@
+"""The global alignment of a registration: starts fitted as affines and judged, inside the body, with shared draws."""
+
+import json
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from knee_poses import CONFIG, bone_dice, in_air, moved, tilt
+from neuralreg_eval import knee
+
+from neuralreg import RegistrationConfig, RegistrationWarning, register_pair
+from neuralreg.cli import main
+from neuralreg.geometry.coordinates import grid_corners_world
+from neuralreg.io import write_image
+from neuralreg.optim.search import rotation_matrix
+
+
+@pytest.fixture(scope="module")
+def oblique_registration(phantom):
+    world = tilt()
+    moving = moved(phantom["moving"], world)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RegistrationWarning)  # a good result raises no warning
+        reg = register_pair(moving, phantom["fixed"], RegistrationConfig(**CONFIG))
+    return reg, moved(phantom["moving_labels"], world)
+
+
+def test_oblique_tilt_and_offset_register(oblique_registration, phantom):
+    """A 20 deg oblique tilt and a 40 mm offset (the moving scan's own pose): bone Dice > 0.9."""
+    reg, moving_labels = oblique_registration
+    assert knee.physical_bone_dice(moving_labels, phantom["fixed_labels"]) < 0.3  # far apart to start with
+    assert bone_dice(reg, moving_labels, phantom["fixed_labels"]) > 0.9
+    q = reg.info["quality"]
+    assert q["verdict"] == "good" and q["reasons"] == []
+    assert q["measures"]["lncc_final"] > q["measures"]["lncc_affine"] > q["measures"]["lncc_identity"]
+    assert reg.info["search"]["overlap"] > 0.5
+
+
+def test_starts_are_judged_by_their_fitted_similarity_not_the_search_order(phantom, monkeypatch):
+    """The search ranks a wrong start first (60 deg off); fitted as affines and judged at the
+    finest affine level, the right start wins, and the registration keeps the winner's frame."""
+    from neuralreg.optim import search
+
+    truth = tilt()
+    moving, moving_labels = moved(phantom["moving"], truth), moved(phantom["moving_labels"], truth)
+    centre = np.eye(4)
+    centre[:3, 3] = grid_corners_world(phantom["fixed"].shape, phantom["fixed"].affine).mean(0)
+    off = np.eye(4)
+    off[:3, :3] = rotation_matrix([60.0, 0.0, 0.0])
+    wrong = truth @ centre @ off @ np.linalg.inv(centre)
+    starts = [
+        search.SearchResult(wrong, 0.9, np.nan, 1.0, (60.0, 0.0, 0.0)),
+        search.SearchResult(truth, 0.5, np.nan, 1.0, (0.0,) * 3),
+    ]
+    monkeypatch.setattr(search, "global_search", lambda *args, **kwargs: starts)
+    config = RegistrationConfig(**{**CONFIG, "steps": 30})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RegistrationWarning)
+        reg = register_pair(moving, phantom["fixed"], config)
+    facts = reg.info["search"]
+    assert facts["chosen"] == 1 and facts["distinct_starts"] == 2
+    losses = facts["candidate_losses"]
+    assert losses[1] < losses[0] and facts["runner_up_loss_gap"] == pytest.approx(losses[0] - losses[1])
+    assert facts["runner_up_distance_mm"] > 10.0
+    assert len([h for h in reg.history if h["part"] == "affine"]) == config.affine_steps  # the winner's fit only
+    np.testing.assert_allclose(reg.prealign, truth)
+    assert bone_dice(reg, moving_labels, phantom["fixed_labels"]) > 0.85
+
+
+def test_starts_that_converge_to_one_map_are_fitted_once(phantom, monkeypatch):
+    """Two starts 1 deg apart end on the same map: only the one the search ranked first is fitted on."""
+    from neuralreg.optim import search
+
+    truth = tilt()
+    moving = moved(phantom["moving"], truth)
+    nudge = np.eye(4)
+    nudge[:3, :3] = rotation_matrix([1.0, 0.0, 0.0])
+    starts = [
+        search.SearchResult(truth, 0.9, np.nan, 1.0, (0.0,) * 3),
+        search.SearchResult(truth @ nudge, 0.8, np.nan, 1.0, (1.0, 0.0, 0.0)),
+    ]
+    monkeypatch.setattr(search, "global_search", lambda *args, **kwargs: starts)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RegistrationWarning)
+        reg = register_pair(moving, phantom["fixed"], RegistrationConfig(**{**CONFIG, "steps": 10}))
+    facts = reg.info["search"]
+    assert facts["distinct_starts"] == 1 and facts["chosen"] == 0
+    assert np.isfinite(facts["candidate_losses"][0]) and facts["candidate_losses"][1] is None
+    assert all(np.isfinite(facts["candidate_coarse_losses"]))
+    assert facts["runner_up_loss_gap"] is None
+
+
+def test_fits_draw_inside_the_body_the_regularizer_everywhere(phantom):
+    """Knees in air under a 20 deg tilt and 40 mm offset: each start is fitted drawing from the
+    body's interior, and again with the outline on the coarsest level; the fields' similarity
+    points come from the interior too, their regularizer points from everywhere; the self-check
+    scores inside the body; the bones are aligned. (A 48 mm phantom has no interior 12 mm deep:
+    6 mm here.) ``affine_interior_mm=0`` fits the starts once, and everything from everywhere."""
+    from neuralreg.optim.registration import PairRegistration
+
+    truth = tilt()
+    moving = moved(in_air(phantom["moving"]), truth)
+    moving_labels = moved(in_air(phantom["moving_labels"]), truth)
+    fixed, fixed_labels = in_air(phantom["fixed"]), in_air(phantom["fixed_labels"])
+    stages = []
+
+    class Watched(PairRegistration):  # records the fields' stages
+        def field_stage(self, s):
+            stages.append(super().field_stage(s))
+            return stages[-1]
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RegistrationWarning)
+        reg = Watched(moving, fixed, RegistrationConfig(**CONFIG, affine_interior_mm=6.0)).run()  # a small knee
+    shares = reg.info["affine_interior"]
+    assert 0.05 < shares["moving"] < 0.95 and 0.05 < shares["fixed"] < 0.95
+    ways = reg.info["search"]["candidate_outline_first"]
+    assert ways == sorted(ways) and set(ways) == {0, 1} and len(ways) == 2 * ways.count(1)
+    assert len(stages) == len(CONFIG.get("pyramid", RegistrationConfig().pyramid))  # the fields' stages
+    for stage in stages:
+        inside = [stage.moving_sampler.mask_voxels, stage.fixed_sampler.mask_voxels]
+        assert all(v is not None for v in inside)  # similarity: inside the body
+        assert all(r.mask_voxels is None for r in stage.regularizer_samplers)  # regularizer: everywhere
+    assert reg.info["quality"]["measures"]["scored_inside_mask"] is True
+    assert bone_dice(reg, moving_labels, fixed_labels) > 0.85
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RegistrationWarning)
+        plain = register_pair(moving, fixed, RegistrationConfig(**{**CONFIG, "steps": 1, "affine_interior_mm": 0}))
+    assert plain.info["affine_interior"] is None
+    assert set(plain.info["search"]["candidate_outline_first"]) == {0}
+    assert plain.info["quality"]["measures"]["scored_inside_mask"] is False
+    with pytest.raises(ValueError, match="affine_interior_mm"):
+        RegistrationConfig(affine_interior_mm=-1.0)
+
+
+def test_far_origins_register_with_a_warning(phantom, tmp_path, capsys):
+    """Scanner origins 1000 mm apart: aligned all the same, and the headers' disagreement is reported."""
+    far = np.eye(4)
+    far[:3, 3] = [1000.0, -300.0, 150.0]
+    moving, moving_labels = moved(phantom["moving"], far), moved(phantom["moving_labels"], far)
+    for key, img in (("fixed", phantom["fixed"]), ("moving", moving)):
+        write_image(img, tmp_path / f"{key}.nii.gz")
+    write_image(phantom["fixed_labels"], tmp_path / "fixed_labels.nii.gz")
+    write_image(moving_labels, tmp_path / "moving_labels.nii.gz")
+    out = tmp_path / "out"
+    code = main(
+        ["register", "--fixed", str(tmp_path / "fixed.nii.gz"), "--moving", str(tmp_path / "moving.nii.gz")]
+        + ["--fixed-labels", str(tmp_path / "fixed_labels.nii.gz")]
+        + ["--moving-labels", str(tmp_path / "moving_labels.nii.gz"), "--out", str(out), "--quiet"]
+        + ["--steps", "150", "--points", "4096", "--affine-steps", "100"]
+    )
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 0
+    assert len(err) == 1 and err[0].startswith("neuralreg: warning: check this registration:"), err
+    assert "do not overlap in world space (centres 1" in err[0]
+    report = json.loads((out / "report.json").read_text())
+    assert report["quality"]["verdict"] == "check"
+    assert report["dice_after"]["per_label"]["1"] > 0.9  # registered all the same: the warped image is not empty
+    import nibabel as nib
+
+    assert np.abs(nib.load(out / "warped.nii.gz").get_fdata()).mean() > 0.1
+
+
+def test_shared_affine_draws_change_no_bit(phantom):
+    """The starts' fits replay each other's draws (``SharedDraws``): the same registration, bit
+    for bit, as every fit drawing its own points; and the replays happen."""
+    from neuralreg.optim.registration import PairRegistration
+
+    moving = moved(phantom["moving"], tilt(15.0))
+    cfg = RegistrationConfig(**{**CONFIG, "steps": 20, "affine_steps": 40, "search_starts": 3})
+    runs = [PairRegistration(moving, phantom["fixed"], cfg, share_draws=share) for share in (True, False)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RegistrationWarning)
+        shared, alone = (run.run() for run in runs)
+    assert runs[0].draws.replays >= 3  # fits of both ways and their judging replayed draws
+    assert runs[1].draws.replays == 0 and not runs[1].draws.levels
+    for a, b in ((shared.phi_ab, alone.phi_ab), (shared.phi_ba, alone.phi_ba)):
+        for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
+            assert torch.equal(x, y), name
+    assert np.array_equal(shared.prealign, alone.prealign)
+    assert torch.equal(shared.affine.matrix(), alone.affine.matrix())
+    assert shared.info["search"]["candidate_losses"] == alone.info["search"]["candidate_losses"]
+
+
+def test_a_fit_replaying_shared_draws_is_the_fit_drawing_its_own(phantom):
+    """Level by level, a fit that replays another's draws ends where drawing them itself would
+    have left it: the same affine and the same generator state (the fields draw on from it)."""
+    from neuralreg.geometry.coordinates import NormalizedBox
+    from neuralreg.optim.alignment import AffineFit, SharedDraws
+    from neuralreg.optim.stage import PairData
+
+    cfg = RegistrationConfig(**{**CONFIG, "affine_steps": 30})
+    moving, fixed = phantom["moving"], phantom["fixed"]
+    box = NormalizedBox.around([(moving.shape, moving.affine), (fixed.shape, fixed.affine)], cfg.margin)
+    pair = PairData(cfg, moving, fixed, None, None, box, torch.device("cpu"), True, 4096)
+    draws = SharedDraws()
+    first, replay = (AffineFit(pair, draws=draws) for _ in range(2))
+    alone = AffineFit(pair)
+    for fit in (first, replay, alone):
+        fit.run(range(len(cfg.affine_pyramid)))
+    assert len(draws.levels) == len(cfg.affine_pyramid)  # the replay recorded nothing new
+    assert torch.equal(replay.affine.matrix(), alone.affine.matrix())
+    assert torch.equal(replay.generator.get_state(), alone.generator.get_state())
+    assert replay.loss(1) == alone.loss(1) and len(draws.levels) == len(cfg.affine_pyramid) + 1
