@@ -25,7 +25,7 @@ class Adam:
         self.lr = float(lr)
         self.betas = betas
         self.eps = eps
-        self.state: dict[int, dict] = {}  # index in ``params`` -> step (float32 scalar tensor), exp_avg, exp_avg_sq
+        self.state: dict[int, dict] = {}  # index in ``params`` -> step (a float, on the host), exp_avg, exp_avg_sq
         self._scratch: dict[int, torch.Tensor] = {}  # index -> the denominator's buffer (no state)
 
     def zero_grad(self) -> None:
@@ -35,37 +35,56 @@ class Adam:
 
     @torch.no_grad()
     def step(self) -> None:
-        """One update of every parameter that has a gradient (the others keep their state and step count)."""
+        """One update of every parameter that has a gradient (the others keep their state and step count).
+
+        The update runs over all those parameters at once (``torch._foreach_*``: one operation
+        for all the tensors, one fused kernel each on a GPU, the per-tensor kernels on a CPU),
+        with torch's single-tensor arithmetic, op for op.
+        """
         beta1, beta2 = self.betas
-        lr, eps = self.lr, self.eps
-        for i, param in enumerate(self.params):
-            grad = param.grad
-            if grad is None:
-                continue
-            state = self.state.get(i)
-            if state is None:
-                state = self.state[i] = {
-                    "step": torch.tensor(0.0),
-                    "exp_avg": torch.zeros_like(param, memory_format=torch.preserve_format),
-                    "exp_avg_sq": torch.zeros_like(param, memory_format=torch.preserve_format),
-                }
-            exp_avg, exp_avg_sq, step_t = state["exp_avg"], state["exp_avg_sq"], state["step"]
-            step_t += 1
-            exp_avg.lerp_(grad, 1 - beta1)
-            exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-            step = step_t.item()
-            bias_correction1 = 1 - beta1**step
-            bias_correction2 = 1 - beta2**step
-            step_size = lr / bias_correction1
-            bias_correction2_sqrt = bias_correction2**0.5
-            denom = self._scratch.get(i)
-            if denom is None:
-                denom = self._scratch[i] = torch.empty_like(param, memory_format=torch.preserve_format)
-            # (sqrt(v) / bias_correction2_sqrt) + eps in a buffer kept between steps: the same
-            # ops as torch's, without two fresh parameter-sized tensors a step (their page faults
-            # cost half of a 2 MB hash table's update)
-            torch.sqrt(exp_avg_sq, out=denom).div_(bias_correction2_sqrt).add_(eps)
-            param.addcdiv_(exp_avg, denom, value=-step_size)
+        live = [i for i, p in enumerate(self.params) if p.grad is not None]
+        if not live:
+            return
+        params, grads = [self.params[i] for i in live], [self.params[i].grad for i in live]
+        states = [self._state(i) for i in live]
+        exp_avgs, exp_avg_sqs = [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states]
+        # the step count lives on the host: torch's is a CPU tensor read back by .item() every
+        # step, the same float without a read
+        steps = []
+        for s in states:
+            s["step"] += 1.0
+            steps.append(s["step"])
+        torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
+        torch._foreach_mul_(exp_avg_sqs, beta2)
+        torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1 - beta2)
+        # (sqrt(v) / bias_correction2_sqrt) + eps in buffers kept between steps: the same ops as
+        # torch's, without two fresh parameter-sized tensors a step (their page faults cost half
+        # of a 2 MB hash table's update)
+        denoms = [self._denominator(i, p) for i, p in zip(live, params, strict=True)]
+        torch._foreach_copy_(denoms, exp_avg_sqs)
+        torch._foreach_sqrt_(denoms)
+        torch._foreach_div_(denoms, [(1 - beta2**step) ** 0.5 for step in steps])
+        torch._foreach_add_(denoms, self.eps)
+        torch._foreach_addcdiv_(params, exp_avgs, denoms, [-self.lr / (1 - beta1**step) for step in steps])
+
+    def _state(self, i: int) -> dict:
+        """Parameter ``i``'s step count and moments, new (zero) on its first update."""
+        state = self.state.get(i)
+        if state is None:
+            param = self.params[i]
+            state = self.state[i] = {
+                "step": 0.0,
+                "exp_avg": torch.zeros_like(param, memory_format=torch.preserve_format),
+                "exp_avg_sq": torch.zeros_like(param, memory_format=torch.preserve_format),
+            }
+        return state
+
+    def _denominator(self, i: int, param: torch.Tensor) -> torch.Tensor:
+        """Parameter ``i``'s buffer for Adam's denominator (no state: rewritten every step)."""
+        denom = self._scratch.get(i)
+        if denom is None:
+            denom = self._scratch[i] = torch.empty_like(param, memory_format=torch.preserve_format)
+        return denom
 
     def state_dict(self) -> dict:
         """The learning rate and the moments (references: copy them to keep a snapshot)."""
@@ -74,4 +93,7 @@ class Adam:
     def load_state_dict(self, state: dict) -> None:
         """Take the learning rate and the moments of ``state_dict`` (copies of the tensors)."""
         self.lr = float(state["lr"])
-        self.state = {i: {k: v.clone() for k, v in s.items()} for i, s in state["state"].items()}
+        self.state = {
+            i: {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in s.items()}
+            for i, s in state["state"].items()
+        }

@@ -1,0 +1,60 @@
+"""A field step runs without waiting for the device: no value or shape read back to the host.
+
+Counted on the CPU with a ``TorchDispatchMode`` that sees every aten operation: those that
+synchronise a GPU with the host (``_local_scalar_dense`` behind ``.item()``/``bool()``,
+``nonzero``, data-dependent shapes) are counted inside ``PairRegistration.field_step``.
+"""
+
+import collections
+import warnings
+
+import pytest
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from neuralreg import PairRegistration, RegistrationConfig
+from neuralreg.phantoms import knee_phantom_pair
+
+SYNCING = ("_local_scalar_dense", "nonzero", "item", "masked_select", "unique", "_unique", "equal", "is_nonzero")
+
+
+class _Counter(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops: collections.Counter = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops[func.overloadpacket.__name__] += 1
+        return func(*args, **(kwargs or {}))
+
+    def syncs(self) -> int:
+        return sum(n for name, n in self.ops.items() if name.startswith(SYNCING))
+
+
+class _Counted(PairRegistration):
+    """Counts the operations of every field step after the first ``skip``."""
+
+    def __init__(self, *args, skip: int = 5, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.counter, self.skip, self.counted = _Counter(), skip, 0
+
+    def field_step(self, stage, s, i, n_steps):
+        if i < self.skip:
+            return super().field_step(stage, s, i, n_steps)
+        self.counted += 1
+        with self.counter:
+            return super().field_step(stage, s, i, n_steps)
+
+
+@pytest.mark.parametrize("check_every, syncs_per_step", [(10, 0), (1, 1)])
+def test_a_field_step_does_not_wait_for_the_device(check_every, syncs_per_step):
+    """With the GPU's schedule (the loss read every 10 steps) a step reads nothing back; read
+    every step (the CPU's), it reads one value: whether the loss is finite."""
+    pair = knee_phantom_pair(0, shape=(24, 32, 32))
+    cfg = RegistrationConfig(steps=25, affine_steps=0, pyramid=(2, 1), stage_fractions=(0.4, 0.6), points=2048)
+    run = _Counted(pair["moving"], pair["fixed"], cfg, run={"check_every": check_every, "progress": False})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # 25 steps: the self-check's verdict is not the point here
+        run.run()
+    assert run.counted == 15  # steps 5.. of both stages
+    assert sum(run.counter.ops.values()) > 100 * run.counted  # every operation of a step was seen
+    assert run.counter.syncs() == syncs_per_step * run.counted, dict(run.counter.ops)
