@@ -53,7 +53,7 @@ def _float(obj, key: str, low: float, high: float = math.inf, low_open: bool = F
     setattr(obj, key, float(value))
 
 
-Similarity = Literal["mse", "ncc", "lncc", "mi"]  # the names of losses.SIMILARITIES
+Similarity = Literal["mse", "ncc", "lncc", "mi", "lncc_mi"]  # the names of losses.SIMILARITIES
 Regularizer = Literal["gradicon", "gradicon_fd", "icon", "diffusion", "bending", "none"]  # losses.REGULARIZERS
 Backend = Literal["auto", "torch", "native", "tcnn"]
 Activation = Literal["relu", "silu", "softplus", "tanh"]
@@ -280,7 +280,8 @@ class RegistrationConfig:
     Attributes:
         field: the neural field (both directions use the same architecture).
         similarity: the fields' similarity: ``"mse"``, ``"ncc"`` (global), ``"lncc"``
-            (local windows of sampled points) or ``"mi"`` (mutual information).
+            (local windows of sampled points), ``"mi"`` (mutual information) or
+            ``"lncc_mi"`` (both added: ``losses.similarity``).
         regularizer: ``"gradicon"`` (autograd Jacobian), ``"gradicon_fd"`` (finite
             differences), ``"icon"``, ``"diffusion"``, ``"bending"`` or ``"none"``.
         regularizer_weight: lambda multiplying the regularizer.
@@ -436,7 +437,7 @@ class RegistrationConfig:
         _float(self, "edge_power", 0.0, 4.0, low_open=True)
         _float(self, "lncc_window", 1.0, 256.0)
         _int(self, "lncc_patch_points", 1, 4096)
-        per_point = self.lncc_patch_points if "lncc" in (self.similarity, self.affine_similarity) else 1
+        per_point = self.lncc_patch_points if {self.similarity, self.affine_similarity} & {"lncc", "lncc_mi"} else 1
         most = max(self.points or AUTO_POINTS[1], self.affine_points or 0) * per_point
         if most > MAX_SAMPLES:
             _fail(

@@ -17,9 +17,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from neuralreg.losses import regularizers
-from neuralreg.losses.similarity import lncc, mi, mse, ncc
+from neuralreg.losses.similarity import WINDOWED, lncc, lncc_mi, mi, mse, ncc
 
-SIMILARITIES: dict[str, Callable] = {"mse": mse, "ncc": ncc, "lncc": lncc, "mi": mi}
+SIMILARITIES: dict[str, Callable] = {"mse": mse, "ncc": ncc, "lncc": lncc, "mi": mi, "lncc_mi": lncc_mi}
 
 
 @dataclass(frozen=True)
@@ -50,4 +50,4 @@ REGULARIZERS: dict[str, Regularizer | None] = {
     "none": None,
 }
 
-__all__ = ["REGULARIZERS", "SIMILARITIES", "Regularizer"]
+__all__ = ["REGULARIZERS", "SIMILARITIES", "WINDOWED", "Regularizer"]

@@ -9,6 +9,10 @@
   it does not care which tissue is brighter, so it holds across contrasts (fat suppressed
   or not, T1 against T2) and where the soft tissue of two subjects has its own intensities.
   It is what ANTs and elastix use for their global stages.
+- ``lncc_mi`` adds the two: local NCC pulls each window onto structure that corresponds,
+  mutual information over all the windows' points keeps tissue classes on tissue classes
+  where it does not (the soft tissue of two subjects, two contrasts). Its inputs are local
+  NCC's (P, K).
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ def lncc(warped: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
 
 
 MI_BINS = 32
+WINDOWED = ("lncc", "lncc_mi")  # the similarities that take windows of points (P, K)
 
 
 def _spline_bins(x: torch.Tensor, bins: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -96,3 +101,8 @@ def normalized_mi(a: torch.Tensor, b: torch.Tensor, bins: int = MI_BINS) -> floa
 
     joint = joint_histogram(a.double(), b.double(), bins)
     return (entropy(joint.sum(1)) + entropy(joint.sum(0))) / max(entropy(joint.reshape(-1)), 1e-12)
+
+
+def lncc_mi(warped: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
+    """``lncc`` over the windows (P, K) plus ``mi`` over all their points."""
+    return lncc(warped, fixed) + mi(warped.reshape(-1), fixed.reshape(-1))

@@ -17,7 +17,7 @@ import torch
 from neuralreg.config import RegistrationConfig
 from neuralreg.geometry.coordinates import NormalizedBox, apply_affine
 from neuralreg.geometry.image import Image
-from neuralreg.losses import REGULARIZERS, SIMILARITIES
+from neuralreg.losses import REGULARIZERS, SIMILARITIES, WINDOWED
 from neuralreg.optim.adam import Adam
 from neuralreg.optim.points import VoxelSampler, edge_weights
 
@@ -99,7 +99,7 @@ class Stage:
         cfg, device = self.pair.cfg, self.pair.device
         sampler = self.fixed_sampler if target == "fixed" else self.moving_sampler
         image = self.fixed if target == "fixed" else self.moving
-        if similarity == "lncc":
+        if similarity in WINDOWED:
             k = cfg.lncc_patch_points
             vox = sampler.sample_windows(max(1, self.points // k), k, cfg.lncc_window).to(device)
         else:
@@ -127,7 +127,7 @@ class Stage:
             warped = native.warp(source_img.data.float(), warped_vox)
         else:
             warped = source_img.sample(warped_vox)
-        if similarity == "lncc":
+        if similarity in WINDOWED:
             warped = warped.reshape(-1, cfg.lncc_patch_points)
             target_vals = target_vals.reshape(-1, cfg.lncc_patch_points)
         return self.pair.similarities[similarity](warped, target_vals)

@@ -353,5 +353,5 @@ def test_the_register_flags_are_read_from_the_config_dataclasses(capsys):
         assert exit_.value.code == 0
         text = " ".join(capsys.readouterr().out.split())
         assert all(flag in text for flag in flags), [f for f in flags if f not in text]
-        assert "{mse,ncc,lncc,mi}" in text and "{auto,torch,native,tcnn}" in text
+        assert "{mse,ncc,lncc,mi,lncc_mi}" in text and "{auto,torch,native,tcnn}" in text
         assert "similarity measure (default: lncc)" in text and "optimization steps (default: 500)" in text

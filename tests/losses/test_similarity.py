@@ -70,3 +70,22 @@ def test_normalized_mi_runs_from_independent_to_identical():
 def test_mi_is_a_registered_similarity():
     assert SIMILARITIES["mi"] is mi
     assert math.isfinite(float(SIMILARITIES["mi"](torch.rand(100), torch.rand(100))))
+
+
+def test_lncc_mi_is_local_ncc_plus_mutual_information_over_the_windows_points():
+    from neuralreg.losses.similarity import WINDOWED, lncc, lncc_mi
+
+    g = torch.Generator().manual_seed(2)
+    a = torch.rand(40, 16, generator=g, dtype=torch.float64)
+    b = (0.7 * a + 0.3 * torch.rand(40, 16, generator=g, dtype=torch.float64)).requires_grad_(True)
+    assert SIMILARITIES["lncc_mi"] is lncc_mi and "lncc_mi" in WINDOWED
+    torch.testing.assert_close(lncc_mi(b, a), lncc(b, a) + mi(b.reshape(-1), a.reshape(-1)), rtol=0, atol=1e-12)
+    # gradcheck in float64 with the range pinned (mi scales by it, detached) by an anchor window
+    anchor = torch.tensor([[0.0, 1.0] * 8], dtype=torch.float64)
+    x = (0.1 + 0.8 * b.detach()[:12]).requires_grad_(True)
+
+    def f(x):
+        return lncc_mi(torch.cat([anchor, x]), torch.cat([anchor, a[:12]]))
+
+    assert torch.autograd.gradcheck(f, (x,))
+    assert torch.autograd.gradgradcheck(f, (x,))
