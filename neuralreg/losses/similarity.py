@@ -51,14 +51,15 @@ WINDOWED = ("lncc", "lncc_mi")  # the similarities that take windows of points (
 
 def _spline_bins(x: torch.Tensor, bins: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Quadratic B-spline Parzen window: each value of ``x`` (N,) spread over its three
-    nearest of ``bins`` bins spanning the sample's own range. Returns (bin indices (N, 3),
-    weights (N, 3), summing to 1, differentiable in ``x``)."""
+    nearest of ``bins`` bins spanning the sample's own range. Returns (bin indices (3, N),
+    weights (3, N), summing to 1 over the first axis, differentiable in ``x``); the points
+    run along the last axis, so that products and sums over the three run on contiguous rows."""
     lo, hi = x.detach().min(), x.detach().max()
     t = (x - lo) / (hi - lo).clamp(min=_EPS) * (bins - 3) + 1  # centres 1 .. bins-2: room either side
     centre = t.detach().round()
     d = t - centre
-    weights = torch.stack([0.5 * (0.5 - d) ** 2, 0.75 - d * d, 0.5 * (0.5 + d) ** 2], 1)
-    index = (centre.long()[:, None] + torch.arange(-1, 2, device=x.device)).clamp(0, bins - 1)
+    weights = torch.stack([0.5 * (0.5 - d) ** 2, 0.75 - d * d, 0.5 * (0.5 + d) ** 2])
+    index = (centre.long()[None] + torch.arange(-1, 2, device=x.device)[:, None]).clamp(0, bins - 1)
     return index, weights
 
 
@@ -69,10 +70,36 @@ def joint_histogram(a: torch.Tensor, b: torch.Tensor, bins: int = MI_BINS) -> to
     a, b = a.reshape(-1), b.reshape(-1)
     ia, wa = _spline_bins(a, bins)
     ib, wb = _spline_bins(b, bins)
-    index = (ia[:, :, None] * bins + ib[:, None, :]).reshape(-1)
-    weight = (wa[:, :, None] * wb[:, None, :]).reshape(-1)
-    joint = torch.zeros(bins * bins, device=a.device, dtype=weight.dtype).index_add(0, index, weight)
+    index = (ia[:, None, :] * bins + ib[None, :, :]).reshape(-1)
+    if b.requires_grad:  # both samples differentiable: autograd through the nine products
+        weight = (wa[:, None, :] * wb[None, :, :]).reshape(-1)
+        joint = torch.zeros(bins * bins, device=a.device, dtype=weight.dtype).index_add(0, index, weight)
+    else:
+        joint = _Histogram.apply(wa, wb, index, bins * bins)
     return joint.reshape(bins, bins) / a.numel()
+
+
+class _Histogram(torch.autograd.Function):
+    """The joint histogram's entries from the first sample's spline weights ``wa`` (3, N),
+    the second's ``wb`` (3, N, constant) and the entries' flat bin ``index`` (9 N,).
+
+    The same values as autograd through the nine products a point, and the gradient
+    (linear in ``wa``: gathered from the histogram's gradient) in a few operations on
+    (9, N), not autograd's broadcasts and reductions. Its backward is differentiable
+    (second derivatives hold).
+    """
+
+    @staticmethod
+    def forward(ctx, wa, wb, index, size):
+        ctx.save_for_backward(wb, index)
+        weight = (wa[:, None, :] * wb[None, :, :]).reshape(-1)
+        return torch.zeros(size, device=wa.device, dtype=weight.dtype).index_add_(0, index, weight)
+
+    @staticmethod
+    def backward(ctx, grad):
+        wb, index = ctx.saved_tensors
+        g = grad.index_select(0, index).reshape(3, 3, -1)
+        return (g * wb[None, :, :]).sum(1), None, None, None
 
 
 def mi(warped: torch.Tensor, fixed: torch.Tensor, bins: int = MI_BINS) -> torch.Tensor:
