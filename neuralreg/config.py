@@ -68,8 +68,11 @@ def choices(cls, key: str) -> tuple:
 
 
 def choices_of_hint(hint) -> tuple:
-    """The values of a ``Literal`` type hint, else ()."""
-    return typing.get_args(hint) if typing.get_origin(hint) is Literal else ()
+    """The values of a ``Literal`` type hint (also inside ``X | None``), else ()."""
+    if typing.get_origin(hint) is Literal:
+        return typing.get_args(hint)
+    inner = [h for h in typing.get_args(hint) if h is not type(None)]
+    return choices_of_hint(inner[0]) if len(inner) == 1 else ()
 
 
 def flag(name: str, help: str) -> dict:
@@ -221,6 +224,14 @@ def affine_fit_points(config: RegistrationConfig, similarity_count: int) -> int:
     return max(8, round(similarity_count * AFFINE_POINTS_SHARE))
 
 
+def stage_similarity(config: RegistrationConfig, stage: int) -> str:
+    """The fields' similarity in pyramid stage ``stage``: ``config.similarity`` in the first
+    (coarsest), ``config.fine_similarity`` in the later ones (``similarity`` where it is None)."""
+    if stage == 0 or config.fine_similarity is None:
+        return config.similarity
+    return config.fine_similarity
+
+
 def regularizer_points(config: RegistrationConfig, similarity_count: int) -> int:
     """Regularizer points per step: ``config.regularizer_points``, or when None one per 8 of
     the ``similarity_count`` similarity points (at least 2)."""
@@ -281,7 +292,10 @@ class RegistrationConfig:
         field: the neural field (both directions use the same architecture).
         similarity: the fields' similarity: ``"mse"``, ``"ncc"`` (global), ``"lncc"``
             (local windows of sampled points), ``"mi"`` (mutual information) or
-            ``"lncc_mi"`` (both added: ``losses.similarity``).
+            ``"lncc_mi"`` (both added: ``losses.similarity``), in the first (coarsest)
+            pyramid stage, and in every stage where ``fine_similarity`` is None.
+        fine_similarity: the fields' similarity in the pyramid stages after the first; None:
+            ``similarity`` (``stage_similarity``).
         regularizer: ``"gradicon"`` (autograd Jacobian), ``"gradicon_fd"`` (finite
             differences), ``"icon"``, ``"diffusion"``, ``"bending"`` or ``"none"``.
         regularizer_weight: lambda multiplying the regularizer.
@@ -348,6 +362,10 @@ class RegistrationConfig:
     field: FieldConfig = field(default_factory=FieldConfig)
     similarity: Similarity = dataclasses.field(
         default="lncc", metadata=flag("--similarity", "similarity measure (default: {default})")
+    )
+    fine_similarity: Similarity | None = dataclasses.field(
+        default=None,
+        metadata=flag("--fine-similarity", "similarity of the stages after the first (default: --similarity's)"),
     )
     regularizer: Regularizer = dataclasses.field(
         default="gradicon", metadata=flag("--regularizer", "regularizer (default: {default})")
@@ -418,6 +436,8 @@ class RegistrationConfig:
 
     def _check_optimization(self) -> None:
         _choice(self, "similarity")
+        if self.fine_similarity is not None:
+            _choice(self, "fine_similarity")
         _choice(self, "regularizer")
         _float(self, "regularizer_weight", 0.0, 1e6)
         _choice(self, "jacobian")
@@ -437,7 +457,8 @@ class RegistrationConfig:
         _float(self, "edge_power", 0.0, 4.0, low_open=True)
         _float(self, "lncc_window", 1.0, 256.0)
         _int(self, "lncc_patch_points", 1, 4096)
-        per_point = self.lncc_patch_points if {self.similarity, self.affine_similarity} & {"lncc", "lncc_mi"} else 1
+        used = {self.similarity, self.fine_similarity, self.affine_similarity}
+        per_point = self.lncc_patch_points if used & {"lncc", "lncc_mi"} else 1
         most = max(self.points or AUTO_POINTS[1], self.affine_points or 0) * per_point
         if most > MAX_SAMPLES:
             _fail(

@@ -29,7 +29,14 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from neuralreg.config import RegistrationConfig, RunConfig, regularizer_points, similarity_points, stage_point_shares
+from neuralreg.config import (
+    RegistrationConfig,
+    RunConfig,
+    regularizer_points,
+    similarity_points,
+    stage_point_shares,
+    stage_similarity,
+)
 from neuralreg.errors import InputError, RegistrationDiverged, RegistrationWarning
 from neuralreg.fields.affine import AffineMap, ComposedMap
 from neuralreg.fields.field import NeuralField
@@ -201,7 +208,7 @@ class PairRegistration:
         self.learning_rate = cfg.learning_rate
         params = list(self.phi_ab.parameters()) + list(self.phi_ba.parameters())
         self.optimizer = self.make_optimizer(params, self.learning_rate)
-        self.watchdog = Watchdog(cfg.divergence_tolerance, relative=cfg.similarity == "mse")
+        self.watchdog = Watchdog(cfg.divergence_tolerance, relative=False)  # set per stage
         self.snapshot, self.candidate = self._snapshot(), None  # committed, and awaiting a healthy check
         self.recoveries = self.rollbacks = self.step = 0
         self.bar = tqdm(total=cfg.steps, disable=not self.run_config.progress, desc="register", dynamic_ncols=True)
@@ -227,6 +234,7 @@ class PairRegistration:
         for f in (self.phi_ab, self.phi_ba):
             f.encoding.set_active_levels(active)
         self.watchdog.reset()
+        self.watchdog.relative = stage_similarity(cfg, s) == "mse"  # mse's scale is the images'
         pending: list[tuple[int, int, torch.Tensor]] = []  # (step, stage, [loss, sim_ab, sim_ba, reg]) not yet read
         i = 0
         while i < n_steps:
@@ -258,8 +266,9 @@ class PairRegistration:
             optimizer.lr = self.learning_rate * (frac + (1 - frac) * cosine)
         optimizer.zero_grad()
         map_ab, map_ba = self.maps
-        sim_ab = stage.similarity(map_ab, "moving", "fixed", cfg.similarity)
-        sim_ba = stage.similarity(map_ba, "fixed", "moving", cfg.similarity)
+        similarity = stage_similarity(cfg, s)
+        sim_ab = stage.similarity(map_ab, "moving", "fixed", similarity)
+        sim_ba = stage.similarity(map_ba, "fixed", "moving", similarity)
         reg = stage.regularizer(map_ab, map_ba, regularizer_points(cfg, self.pair.points))
         loss = sim_ab + sim_ba + cfg.regularizer_weight * reg
         terms = torch.stack([loss, sim_ab, sim_ba, reg.to(loss.dtype)]).detach()

@@ -346,7 +346,7 @@ def test_the_register_flags_are_read_from_the_config_dataclasses(capsys):
         for f in dataclasses.fields(cls)
         if "flag" in f.metadata
     ]
-    assert len(flags) == 13 and len(set(flags)) == 13
+    assert len(flags) == 14 and len(set(flags)) == 14
     for command in ("register", "batch"):
         with pytest.raises(SystemExit) as exit_:
             main([command, "--help"])

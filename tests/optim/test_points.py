@@ -228,3 +228,32 @@ def test_unravel_equals_torch_unravel_index(shape):
     picks = torch.randint(0, n, (500,), generator=torch.Generator().manual_seed(0))
     flat = torch.cat([torch.tensor([0, n - 1]), picks])
     assert torch.equal(_unravel(flat, shape), torch.stack(torch.unravel_index(flat, shape), dim=1))
+
+
+def test_the_stages_after_the_first_fit_the_fine_similarity():
+    """``fine_similarity``: the coarsest stage fits ``similarity`` (local NCC's windows), the later
+    ones mutual information over plain points; the affine fits keep ``affine_similarity``."""
+    from neuralreg import RegistrationConfig
+    from neuralreg.losses import SIMILARITIES
+    from neuralreg.optim.registration import PairRegistration
+    from neuralreg.phantoms import triangles_pair
+
+    called = []
+
+    def named(name, loss):
+        def spy(warped, target):
+            called.append((name, tuple(warped.shape)))
+            return loss(warped, target)
+
+        return spy
+
+    pair = triangles_pair(size=32)
+    cfg = RegistrationConfig(
+        steps=8, points=1024, affine_steps=2, affine_init="centroid", affine_similarity="ncc", fine_similarity="mi"
+    )
+    similarities = {name: named(name, loss) for name, loss in SIMILARITIES.items()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        PairRegistration(pair["moving"], pair["fixed"], cfg, run={"threads": 1}, similarities=similarities).run()
+    # 2 affine steps, then stages of 2, 2 and 4 steps; two terms a step
+    assert called == [("ncc", (512,))] * 4 + [("lncc", (32, 32))] * 4 + [("mi", (1024,))] * 12
