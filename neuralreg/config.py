@@ -295,7 +295,12 @@ class RegistrationConfig:
             ``"lncc_mi"`` (both added: ``losses.similarity``), in the first (coarsest)
             pyramid stage, and in every stage where ``fine_similarity`` is None.
         fine_similarity: the fields' similarity in the pyramid stages after the first; None:
-            ``similarity`` (``stage_similarity``).
+            ``similarity`` (``stage_similarity``). Local NCC in the coarsest stage pulls the
+            bones in from an imperfect global alignment; mutual information after it keeps
+            the fields off soft tissue that does not correspond between two knees (fat
+            layers, other contrasts), which local NCC follows. On knees of every family this
+            scored higher than either alone; on same-contrast brains local NCC throughout
+            (``"lncc"``) scores higher (docs/benchmarks.md, "The fields' similarity").
         regularizer: ``"gradicon"`` (autograd Jacobian), ``"gradicon_fd"`` (finite
             differences), ``"icon"``, ``"diffusion"``, ``"bending"`` or ``"none"``.
         regularizer_weight: lambda multiplying the regularizer.
@@ -364,8 +369,8 @@ class RegistrationConfig:
         default="lncc", metadata=flag("--similarity", "similarity measure (default: {default})")
     )
     fine_similarity: Similarity | None = dataclasses.field(
-        default=None,
-        metadata=flag("--fine-similarity", "similarity of the stages after the first (default: --similarity's)"),
+        default="mi",
+        metadata=flag("--fine-similarity", "similarity of the pyramid stages after the first (default: {default})"),
     )
     regularizer: Regularizer = dataclasses.field(
         default="gradicon", metadata=flag("--regularizer", "regularizer (default: {default})")

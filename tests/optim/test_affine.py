@@ -91,7 +91,7 @@ def misaligned():
 
 def test_affine_part_recovers_a_known_rigid_misalignment(misaligned):
     fixed, labels, moving, moving_labels, g = misaligned
-    cfg = RegistrationConfig(steps=1, affine_steps=300, points=4096, similarity="mse")
+    cfg = RegistrationConfig(steps=1, affine_steps=300, points=4096, similarity="mse", fine_similarity=None)
     reg = register_pair(moving, fixed, cfg)
     found = reg.affine_world()
     np.testing.assert_allclose(found[:2, :2], g[:2, :2], atol=0.02)

@@ -11,7 +11,7 @@ from neuralreg.result import Registration
 
 
 def quick_config(**kw):
-    base = dict(steps=30, points=1024, regularizer_points=256, similarity="mse")
+    base = dict(steps=30, points=1024, regularizer_points=256, similarity="mse", fine_similarity=None)
     base.update(kw)
     return RegistrationConfig(**base)
 
@@ -24,6 +24,7 @@ def triangles_result():
         points=4096,
         regularizer_points=1024,
         similarity="lncc",
+        fine_similarity=None,
         regularizer_weight=2.0,
         affine_init="centroid",  # shapes of one frame: no rotation to search (see examples/triangles_2d.py)
         affine_similarity="lncc",  # binary shapes of unlike form: mutual information misplaces them (Dice 0.005)
