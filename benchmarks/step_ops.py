@@ -15,30 +15,11 @@ the difference in steps is the count per step, the fixed costs (set-up, outputs)
 from __future__ import annotations
 
 import argparse
-import collections
 import json
 import sys
 from pathlib import Path
 
-from torch.utils._python_dispatch import TorchDispatchMode
-
-# aten operations whose result the host must wait for (a value or a shape read back)
-SYNCING = ("_local_scalar_dense", "nonzero", "item", "masked_select", "unique", "_unique2", "equal", "is_nonzero")
-
-
-class OpCounter(TorchDispatchMode):
-    """Counts every aten operation dispatched, and those in ``SYNCING``, by name."""
-
-    def __init__(self):
-        super().__init__()
-        self.ops: collections.Counter = collections.Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops[func.overloadpacket.__name__] += 1
-        return func(*args, **(kwargs or {}))
-
-    def syncs(self) -> dict:
-        return {name: n for name, n in self.ops.items() if any(name.startswith(s) for s in SYNCING)}
+from neuralreg.testing import OpCounter
 
 
 def _register(steps: int, device: str, shape=(24, 48, 48)):

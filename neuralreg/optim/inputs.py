@@ -23,24 +23,22 @@ IMAGE_COPIES = 16  # bytes per voxel of the two images with their pyramids, edge
 
 def as_config(config) -> RegistrationConfig:
     """A ``RegistrationConfig`` from itself, a dict of its keys or None; else ``TypeError``."""
-    if config is None:
-        return RegistrationConfig()
-    if isinstance(config, RegistrationConfig):
-        return config
-    if isinstance(config, dict):
-        return RegistrationConfig.from_dict(config)
-    raise TypeError(f"config must be a RegistrationConfig, a dict of its keys or None, not {type(config).__name__}")
+    return _as_dataclass(RegistrationConfig, config, "config")
 
 
 def as_run_config(run) -> RunConfig:
     """A ``RunConfig`` from itself, a dict of its keys or None; else ``TypeError``."""
-    if run is None:
-        return RunConfig()
-    if isinstance(run, RunConfig):
-        return run
-    if isinstance(run, dict):
-        return RunConfig.from_dict(run)
-    raise TypeError(f"run must be a RunConfig, a dict of its keys or None, not {type(run).__name__}")
+    return _as_dataclass(RunConfig, run, "run")
+
+
+def _as_dataclass(cls, value, name: str):
+    if value is None:
+        return cls()
+    if isinstance(value, cls):
+        return value
+    if isinstance(value, dict):
+        return cls.from_dict(value)
+    raise TypeError(f"{name} must be a {cls.__name__}, a dict of its keys or None, not {type(value).__name__}")
 
 
 def as_image(value, name: str) -> Image:

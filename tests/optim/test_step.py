@@ -5,29 +5,13 @@ synchronise a GPU with the host (``_local_scalar_dense`` behind ``.item()``/``bo
 ``nonzero``, data-dependent shapes) are counted inside ``PairRegistration.field_step``.
 """
 
-import collections
 import warnings
 
 import pytest
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from neuralreg import PairRegistration, RegistrationConfig
 from neuralreg.phantoms import knee_phantom_pair
-
-SYNCING = ("_local_scalar_dense", "nonzero", "item", "masked_select", "unique", "_unique", "equal", "is_nonzero")
-
-
-class _Counter(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.ops: collections.Counter = collections.Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops[func.overloadpacket.__name__] += 1
-        return func(*args, **(kwargs or {}))
-
-    def syncs(self) -> int:
-        return sum(n for name, n in self.ops.items() if name.startswith(SYNCING))
+from neuralreg.testing import OpCounter
 
 
 class _Counted(PairRegistration):
@@ -35,7 +19,7 @@ class _Counted(PairRegistration):
 
     def __init__(self, *args, skip: int = 5, **kwargs):
         super().__init__(*args, **kwargs)
-        self.counter, self.skip, self.counted = _Counter(), skip, 0
+        self.counter, self.skip, self.counted = OpCounter(), skip, 0
 
     def field_step(self, stage, s, i, n_steps):
         if i < self.skip:
@@ -57,4 +41,4 @@ def test_a_field_step_does_not_wait_for_the_device(check_every, syncs_per_step):
         run.run()
     assert run.counted == 15  # steps 5.. of both stages
     assert sum(run.counter.ops.values()) > 100 * run.counted  # every operation of a step was seen
-    assert run.counter.syncs() == syncs_per_step * run.counted, dict(run.counter.ops)
+    assert sum(run.counter.syncs().values()) == syncs_per_step * run.counted, run.counter.syncs()
