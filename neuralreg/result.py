@@ -243,7 +243,7 @@ class Registration:
             box = NormalizedBox.from_state(state["box"])
             fields = []
             for key in ("phi_ab", "phi_ba"):
-                f = NeuralField(box.n_dims, config.field)
+                f = NeuralField(box.n_dims, config.field, torch.Generator())  # overwritten: no global draws
                 f.load_state_dict(state[key])
                 f.set_backend(config.field.backend)
                 fields.append(f.to(device))

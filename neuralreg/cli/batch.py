@@ -167,30 +167,24 @@ def _register_into(out: Path, spec: PairSpec, cfg, run, modality, ct_window, opt
     ``run.threads`` threads; the self-check's warning goes to the summary, not the log."""
     import warnings
 
-    import torch
-
     from neuralreg.errors import RegistrationWarning
+    from neuralreg.optim.registration import scoped_threads
 
-    previous_threads = torch.get_num_threads()
-    torch.set_num_threads(run.threads)
-    try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", category=RegistrationWarning)
-            register_files(
-                spec.fixed,
-                spec.moving,
-                out,
-                cfg,
-                run=run,
-                **{k: getattr(spec, k) for k in INPUT_KEYS[2:]},
-                modality=modality,
-                ct_window=ct_window,
-                overwrite=True,  # replaces only a folder neuralreg wrote (checked before the batch started)
-                extra_report={"options": options},
-                input_records=inputs,  # hashed by the caller to decide; every input exists once read_pair passed
-            )
-    finally:
-        torch.set_num_threads(previous_threads)
+    with scoped_threads(run.threads), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=RegistrationWarning)
+        register_files(
+            spec.fixed,
+            spec.moving,
+            out,
+            cfg,
+            run=run,
+            **{k: getattr(spec, k) for k in INPUT_KEYS[2:]},
+            modality=modality,
+            ct_window=ct_window,
+            overwrite=True,  # replaces only a folder neuralreg wrote (checked before the batch started)
+            extra_report={"options": options},
+            input_records=inputs,  # hashed by the caller to decide; every input exists once read_pair passed
+        )
 
 
 def run_options(config: dict, modality: str, ct_window) -> dict:

@@ -61,7 +61,13 @@ class HashGridEncoding(nn.Module):
     ``level_mask``: a (L,) buffer of 0/1 that switches levels off (coarse-to-fine).
     """
 
-    def __init__(self, n_dims: int, config: HashGridConfig | None = None, backend: str = "torch"):
+    def __init__(
+        self,
+        n_dims: int,
+        config: HashGridConfig | None = None,
+        backend: str = "torch",
+        generator: torch.Generator | None = None,
+    ):
         super().__init__()
         if n_dims not in (2, 3):
             raise ValueError(f"hash-grid encoding supports 2 or 3 dimensions, not {n_dims}")
@@ -70,7 +76,7 @@ class HashGridEncoding(nn.Module):
         self.layout = level_layout(self.config, n_dims)
         self.n_output_dims = self.config.n_levels * self.config.n_features_per_level
         table = torch.empty(self.layout.n_params_rows, self.config.n_features_per_level)
-        nn.init.uniform_(table, -1e-4, 1e-4)
+        nn.init.uniform_(table, -1e-4, 1e-4, generator=generator)  # None: torch's global generator
         self.table = nn.Parameter(table)
         self.register_buffer("level_mask", torch.ones(self.config.n_levels))
         self.n_active = self.config.n_levels  # the mask's leading ones, kept on the host

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -27,20 +29,24 @@ class NeuralField(nn.Module):
     the normalization is isotropic.
     """
 
-    def __init__(self, n_dims: int, config: FieldConfig | None = None):
+    def __init__(self, n_dims: int, config: FieldConfig | None = None, generator: torch.Generator | None = None):
+        """``generator``: the random numbers of the initialization (the hash table, the hidden
+        layers; None: torch's global generator). The draws are those of ``nn.Linear``'s own
+        initialization, in the same order, so a generator seeded like the global one gives the
+        same field."""
         super().__init__()
         self.config = config or FieldConfig()
         self.n_dims = n_dims
-        self.encoding = HashGridEncoding(n_dims, self.config.encoding, backend="torch")
+        self.encoding = HashGridEncoding(n_dims, self.config.encoding, backend="torch", generator=generator)
         layers: list[nn.Module] = []
         width_in = self.encoding.n_output_dims
         for _ in range(self.config.hidden_layers):
             layers += [
-                nn.Linear(width_in, self.config.hidden_width),
+                _linear(width_in, self.config.hidden_width, generator),
                 _ACTIVATIONS[self.config.activation](),
             ]
             width_in = self.config.hidden_width
-        last = nn.Linear(width_in, n_dims)
+        last = _linear(width_in, n_dims, generator)  # drawn, then zeroed: the field starts as the identity
         nn.init.zeros_(last.weight)
         nn.init.zeros_(last.bias)
         layers.append(last)
@@ -97,3 +103,13 @@ def _activation_derivative(layer: nn.Module, pre: torch.Tensor) -> torch.Tensor:
     if isinstance(layer, nn.Tanh):
         return 1 - torch.tanh(pre) ** 2
     raise TypeError(f"no derivative for {type(layer).__name__}")
+
+
+def _linear(width_in: int, width_out: int, generator: torch.Generator | None) -> nn.Linear:
+    """``nn.Linear(width_in, width_out)`` with its own initialization (Kaiming-uniform weights,
+    a = sqrt(5); uniform bias within 1/sqrt(fan_in)) drawn from ``generator``."""
+    layer = torch.nn.utils.skip_init(nn.Linear, width_in, width_out)
+    nn.init.kaiming_uniform_(layer.weight, a=math.sqrt(5), generator=generator)
+    bound = 1 / math.sqrt(width_in) if width_in > 0 else 0
+    nn.init.uniform_(layer.bias, -bound, bound, generator=generator)
+    return layer

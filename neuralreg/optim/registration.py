@@ -127,12 +127,12 @@ class PairRegistration:
         self.prealign = np.eye(self.fixed.n_dims + 1)
 
     def run(self) -> Registration:
-        """All phases, under the run's thread count and seed (the caller's restored after).
+        """All phases, on the run's thread count (the caller's restored after).
 
         Raises ``RegistrationDiverged`` (NaN loss beyond recovery); warns
         ``RegistrationWarning`` when the self-check finds the result doubtful or probably
         wrong (the verdict and its reasons are in ``info["quality"]``)."""
-        with _scoped_process_state(self.config.seed, self.run_config.threads, self.device):
+        with scoped_threads(self.run_config.threads):
             self.clock = (time.perf_counter(), time.process_time())
             self.make_fields()
             self.align()
@@ -143,8 +143,9 @@ class PairRegistration:
         """Phi_AB and Phi_BA, new (the identity), on the run's device and backend; the pair's
         box around both images."""
         cfg, d = self.config, self.fixed.n_dims
-        self.phi_ab = NeuralField(d, cfg.field).to(self.device)
-        self.phi_ba = NeuralField(d, cfg.field).to(self.device)
+        generator = torch.Generator().manual_seed(cfg.seed)  # the initialization's own (CPU) stream
+        self.phi_ab = NeuralField(d, cfg.field, generator).to(self.device)
+        self.phi_ba = NeuralField(d, cfg.field, generator).to(self.device)
         for f in (self.phi_ab, self.phi_ba):
             f.set_backend(cfg.field.backend)
         shapes = [(self.moving.shape, self.moving.affine), (self.fixed.shape, self.fixed.affine)]
@@ -393,16 +394,14 @@ def _caller_level() -> int:
 
 
 @contextlib.contextmanager
-def _scoped_process_state(seed: int, threads: int | None, device: torch.device):
-    """The run's thread count (``RunConfig.threads``) and seed (``RegistrationConfig.seed``: the
-    fields' initialization), with the caller's thread count and random state restored
-    afterwards: a library call leaves the process as it found it."""
+def scoped_threads(threads: int | None):
+    """The run's CPU thread count (``RunConfig.threads``; None: the caller's), the caller's
+    restored afterwards: a library call leaves the process as it found it. (Every random
+    number of a run comes from generators of its own, seeded by ``RegistrationConfig.seed``.)"""
     callers = torch.get_num_threads()
-    with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
-        if threads:
-            torch.set_num_threads(threads)
-        torch.manual_seed(seed)
-        try:
-            yield
-        finally:
-            torch.set_num_threads(callers)
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(callers)
