@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from neuralreg.errors import ConfigError
+from neuralreg.losses.similarity import WINDOWED
 
 MAX_STEPS = 1_000_000  # steps and affine_steps: a million steps of a knee pair take about 10 hours on a CPU
 MAX_POINTS = 1 << 21  # points per field and step (the knee grid's default is 16384)
@@ -463,7 +464,7 @@ class RegistrationConfig:
         _float(self, "lncc_window", 1.0, 256.0)
         _int(self, "lncc_patch_points", 1, 4096)
         used = {self.similarity, self.fine_similarity, self.affine_similarity}
-        per_point = self.lncc_patch_points if used & {"lncc", "lncc_mi"} else 1
+        per_point = self.lncc_patch_points if used & set(WINDOWED) else 1
         most = max(self.points or AUTO_POINTS[1], self.affine_points or 0) * per_point
         if most > MAX_SAMPLES:
             _fail(

@@ -24,7 +24,7 @@ import typing
 import warnings
 from pathlib import Path
 
-from neuralreg.config import FieldConfig, RegistrationConfig, RunConfig, choices_of_hint
+from neuralreg.config import RUN_KEYS, FieldConfig, RegistrationConfig, RunConfig, choices_of_hint
 from neuralreg.errors import ConfigError
 from neuralreg.files import json_safe
 
@@ -118,7 +118,6 @@ def _build_config(args) -> tuple[RegistrationConfig, RunConfig]:
     base = _read_config(args.config).to_dict() if getattr(args, "config", None) else RegistrationConfig().to_dict()
     run: dict = {"progress": not getattr(args, "quiet", False)}
     given = set()
-    run_keys = {f.name for f in dataclasses.fields(RunConfig)}
     for key, f, _ in _flagged_options():
         value = getattr(args, f.name, None)
         if value is None:
@@ -127,7 +126,7 @@ def _build_config(args) -> tuple[RegistrationConfig, RunConfig]:
         if key.startswith("field."):
             base["field"][f.name] = value
         else:
-            (run if key in run_keys else base)[key] = value
+            (run if key in RUN_KEYS else base)[key] = value
     try:
         return RegistrationConfig.from_dict(base), RunConfig.from_dict(run)
     except ConfigError as exc:
@@ -316,9 +315,9 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_demo(args) -> int:
+    from neuralreg.api import register_pair
     from neuralreg.io.folders import OutputFolder
     from neuralreg.metrics import dice
-    from neuralreg.optim.registration import register_pair
     from neuralreg.phantoms import knee_phantom_pair
     from neuralreg.report.outputs import write_outputs
 

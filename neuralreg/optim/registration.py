@@ -12,7 +12,7 @@ this order by ``run``:
    recovery and the watchdog's rollback;
 4. ``result``: the ``Registration`` and its self-check (``quality.assess``).
 
-``register_pair`` is ``PairRegistration(...).run()``.
+``neuralreg.register_pair`` (``api``, which also reads image files) is ``PairRegistration(...).run()``.
 """
 
 from __future__ import annotations
@@ -364,23 +364,6 @@ class PairRegistration:
         if quality.verdict != "good":
             warnings.warn(f"registration quality {quality.summary()}", RegistrationWarning, stacklevel=_caller_level())
         return reg
-
-
-def register_pair(
-    moving: Image,
-    fixed: Image,
-    config: RegistrationConfig | dict | None = None,
-    moving_mask: Image | None = None,
-    fixed_mask: Image | None = None,
-    run: RunConfig | dict | None = None,
-) -> Registration:
-    """Register ``moving`` (A) to ``fixed`` (B): ``PairRegistration(...).run()``.
-
-    Returns a ``Registration`` holding both fields (``forward`` = Phi_AB maps fixed-space
-    points into the moving space). Raises ``InputError`` (unusable input) or
-    ``RegistrationDiverged``; warns ``RegistrationWarning`` on a doubtful result.
-    """
-    return PairRegistration(moving, fixed, config, moving_mask, fixed_mask, run=run).run()
 
 
 def _caller_level() -> int:
