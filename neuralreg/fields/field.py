@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -66,21 +67,19 @@ class NeuralField(nn.Module):
 
     def forward_with_jacobian(self, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Phi(u) (N, d) and its spatial Jacobian (N, d, d), by pushing the encoding's
-        Jacobian forward through the MLP (one pass; differentiable w.r.t. parameters and u)."""
+        Jacobian forward through the MLP (one pass; differentiable once w.r.t. parameters and u).
+
+        The MLP's part is one autograd node (``_PushForward``) with its backward written
+        out: a few matrix products a layer instead of autograd's graph of broadcasts,
+        transposes and copies (a step of the fields makes four of these calls)."""
         feats, jac = self.encoding.forward_with_jacobian(u)
         w = self.mlp[0].weight
-        # t holds one row per input direction, (N, d, width): each layer is then one GEMM
-        # over N*d rows instead of N broadcast matrix products
-        h, t = feats.to(w.dtype), jac.to(w.dtype).transpose(1, 2).contiguous()
-        for layer in self.mlp:
-            if isinstance(layer, nn.Linear):
-                h = layer(h)
-                t = torch.matmul(t, layer.weight.T)
-            else:
-                t = t * _activation_derivative(layer, h)[:, None, :]
-                h = layer(h)
+        linears = [layer for layer in self.mlp if isinstance(layer, nn.Linear)]
+        derivatives = _derivatives(self.mlp[1]) if len(self.mlp) > 1 else _relu
+        params = [t for layer in linears for t in (layer.weight, layer.bias)]
+        h, t = _PushForward.apply(feats.to(w.dtype), jac.to(w.dtype), derivatives, *params)
         eye = torch.eye(self.n_dims, dtype=u.dtype, device=u.device)
-        return u + h.to(u.dtype), eye + t.transpose(1, 2).to(u.dtype)
+        return u + h.to(u.dtype), eye + t.to(u.dtype)
 
     @torch.no_grad()
     def evaluate(self, u: torch.Tensor, chunk: int = EVAL_CHUNK) -> torch.Tensor:
@@ -91,18 +90,104 @@ class NeuralField(nn.Module):
         return out
 
 
-def _activation_derivative(layer: nn.Module, pre: torch.Tensor) -> torch.Tensor:
-    """d activation / d pre-activation, elementwise."""
-    if isinstance(layer, nn.ReLU):
-        return (pre > 0).to(pre.dtype)
-    if isinstance(layer, nn.SiLU):
-        sig = torch.sigmoid(pre)
-        return sig * (1 + pre * (1 - sig))
+def _relu(z):
+    return torch.relu(z), (z > 0).to(z.dtype), None
+
+
+def _silu(z):
+    sig = torch.sigmoid(z)
+    first = sig * (1 + z * (1 - sig))
+    return z * sig, first, sig * (1 - sig) * (2 + z * (1 - 2 * sig))
+
+
+def _softplus(z, beta: float, threshold: float):
+    sig = torch.sigmoid(beta * z)
+    return torch.nn.functional.softplus(z, beta, threshold), sig, beta * sig * (1 - sig)
+
+
+def _tanh(z):
+    th = torch.tanh(z)
+    first = 1 - th * th
+    return th, first, -2 * th * first
+
+
+def _derivatives(layer: nn.Module):
+    """The activation ``layer`` as z -> (sigma(z), sigma'(z), sigma''(z) or None where it is zero)."""
     if isinstance(layer, nn.Softplus):
-        return torch.sigmoid(layer.beta * pre)
-    if isinstance(layer, nn.Tanh):
-        return 1 - torch.tanh(pre) ** 2
-    raise TypeError(f"no derivative for {type(layer).__name__}")
+        return functools.partial(_softplus, beta=layer.beta, threshold=layer.threshold)
+    table = {nn.ReLU: _relu, nn.SiLU: _silu, nn.Tanh: _tanh}
+    if type(layer) not in table:
+        raise TypeError(f"no derivatives for {type(layer).__name__}")
+    return table[type(layer)]
+
+
+class _PushForward(torch.autograd.Function):
+    """An MLP and its Jacobian pushed forward: features h0 (N, F) and their spatial
+    Jacobian J0 (N, F, d) -> the output y (N, m) and its Jacobian dy/du (N, m, d).
+
+    Per hidden layer (W, b, sigma): z = h W^T + b, h' = sigma(z), and the Jacobian's rows
+    t (N, d, width), one per input direction, t' = sigma'(z) * (t W^T); the last layer is
+    linear. The backward runs the same layers in reverse with sigma'' for the Jacobian's
+    dependence on z (zero for ReLU). Arguments after ``derivatives`` (``_derivatives``
+    of the activation): (W, b) of each layer, first to last.
+    """
+
+    @staticmethod
+    def forward(ctx, h, jac, derivatives, *params):
+        n, d = h.shape[0], jac.shape[2]
+        t = jac.transpose(1, 2).reshape(n * d, -1)  # (N d, F): each layer one GEMM over N d rows
+        saved = []
+        for k in range(0, len(params) - 2, 2):
+            w, b = params[k], params[k + 1]
+            z = torch.addmm(b, h, w.t())
+            u = t @ w.t()
+            h_next, first, second = derivatives(z)
+            t_next = (u.view(n, d, -1) * first[:, None, :]).view(n * d, -1)
+            saved += [h, t, u, first, second]
+            h, t = h_next, t_next
+        w, b = params[-2], params[-1]
+        y = torch.addmm(b, h, w.t())
+        t_out = (t @ w.t()).view(n, d, -1).transpose(1, 2)
+        ctx.derivatives_saved = [s is not None for s in saved]
+        ctx.save_for_backward(h, t, *[s for s in saved if s is not None], *params)
+        ctx.n, ctx.d, ctx.layers = n, d, len(params) // 2
+        ctx.set_materialize_grads(False)  # an output not used (the second map's value in GradICON): None
+        return y, t_out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, gy, gjac):
+        n, d, layers = ctx.n, ctx.d, ctx.layers
+        tensors = list(ctx.saved_tensors)
+        h, t = tensors[0], tensors[1]
+        params = tensors[len(tensors) - 2 * layers :]
+        rest = iter(tensors[2 : len(tensors) - 2 * layers])
+        saved = [next(rest) if present else None for present in ctx.derivatives_saved]
+        grads = [None] * (2 * layers)
+        w = params[-2]
+        if gjac is None:
+            gjac = torch.zeros(n, w.shape[0], d, dtype=h.dtype, device=h.device)
+        gt = gjac.transpose(1, 2).reshape(n * d, -1)  # (N d, m)
+        # gy None: the value was not used (GradICON's outer map), only its Jacobian
+        grads[-2] = gt.t() @ t if gy is None else torch.addmm(gy.t() @ h, gt.t(), t)
+        grads[-1] = torch.zeros_like(params[-1]) if gy is None else gy.sum(0)
+        gh, gt = (None if gy is None else gy @ w), gt @ w
+        for k in range(layers - 2, -1, -1):
+            h_prev, t_prev, u, first, second = saved[5 * k : 5 * k + 5]
+            gu = (gt.view(n, d, -1) * first[:, None, :]).view(n * d, -1)
+            gz = None if gh is None else gh * first
+            if second is not None:  # the Jacobian's rows depend on z through sigma'
+                curvature = (gt.view(n, d, -1) * u.view(n, d, -1)).sum(1) * second
+                gz = curvature if gz is None else gz + curvature
+            w = params[2 * k]
+            if gz is None:
+                grads[2 * k], grads[2 * k + 1] = gu.t() @ t_prev, torch.zeros_like(params[2 * k + 1])
+            else:
+                grads[2 * k] = torch.addmm(gz.t() @ h_prev, gu.t(), t_prev)
+                grads[2 * k + 1] = gz.sum(0)
+            gh, gt = (None if gz is None else gz @ w), gu @ w
+        gjac0 = gt.view(n, d, -1).transpose(1, 2)
+        return gh, gjac0, None, *grads
 
 
 def _linear(width_in: int, width_out: int, generator: torch.Generator | None) -> nn.Linear:
