@@ -1,7 +1,8 @@
 """Similarities and regularizers, registered by name: the config, the CLI and the optimizer
 read these tables, so a new term is a function here and one entry below.
 
-``SIMILARITIES[name](warped (N,) or (W, k), fixed same) -> scalar`` loss (lower is better).
+``SIMILARITIES[name](warped (N,) or (W, k), fixed same) -> scalar`` loss (lower is better);
+those in ``BATCHED`` also take leading batch axes, one loss each.
 
 ``REGULARIZERS[name]`` is a ``Regularizer``: ``make(config, box)`` gives the term
 ``(phi_a, phi_b, u (N, d) normalized points) -> scalar``. An inverse-consistency term
@@ -20,6 +21,10 @@ from neuralreg.losses import regularizers
 from neuralreg.losses.similarity import WINDOWED, lncc, lncc_mi, mi, mse, ncc
 
 SIMILARITIES: dict[str, Callable] = {"mse": mse, "ncc": ncc, "lncc": lncc, "mi": mi, "lncc_mi": lncc_mi}
+# the similarities that take a batch of samples (leading axes) and give a loss each: the
+# affine fits of several starts step together through one call (another function is
+# called once a start)
+BATCHED: frozenset = frozenset(SIMILARITIES.values())
 
 
 @dataclass(frozen=True)
@@ -50,4 +55,4 @@ REGULARIZERS: dict[str, Regularizer | None] = {
     "none": None,
 }
 
-__all__ = ["REGULARIZERS", "SIMILARITIES", "WINDOWED", "Regularizer"]
+__all__ = ["BATCHED", "REGULARIZERS", "SIMILARITIES", "WINDOWED", "Regularizer"]

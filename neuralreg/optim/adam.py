@@ -33,39 +33,9 @@ class Adam:
         for p in self.params:
             p.grad = None
 
-    @torch.no_grad()
     def step(self) -> None:
-        """One update of every parameter that has a gradient (the others keep their state and step count).
-
-        The update runs over all those parameters at once (``torch._foreach_*``: one operation
-        for all the tensors, one fused kernel each on a GPU, the per-tensor kernels on a CPU),
-        with torch's single-tensor arithmetic, op for op.
-        """
-        beta1, beta2 = self.betas
-        live = [i for i, p in enumerate(self.params) if p.grad is not None]
-        if not live:
-            return
-        params, grads = [self.params[i] for i in live], [self.params[i].grad for i in live]
-        states = [self._state(i) for i in live]
-        exp_avgs, exp_avg_sqs = [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states]
-        # the step count lives on the host: torch's is a CPU tensor read back by .item() every
-        # step, the same float without a read
-        steps = []
-        for s in states:
-            s["step"] += 1.0
-            steps.append(s["step"])
-        torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
-        torch._foreach_mul_(exp_avg_sqs, beta2)
-        torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1 - beta2)
-        # (sqrt(v) / bias_correction2_sqrt) + eps in buffers kept between steps: the same ops as
-        # torch's, without two fresh parameter-sized tensors a step (their page faults cost half
-        # of a 2 MB hash table's update)
-        denoms = [self._denominator(i, p) for i, p in zip(live, params, strict=True)]
-        torch._foreach_copy_(denoms, exp_avg_sqs)
-        torch._foreach_sqrt_(denoms)
-        torch._foreach_div_(denoms, [(1 - beta2**step) ** 0.5 for step in steps])
-        torch._foreach_add_(denoms, self.eps)
-        torch._foreach_addcdiv_(params, exp_avgs, denoms, [-self.lr / (1 - beta1**step) for step in steps])
+        """One update of every parameter that has a gradient (the others keep their state and step count)."""
+        step_together([self])
 
     def _state(self, i: int) -> dict:
         """Parameter ``i``'s step count and moments, new (zero) on its first update."""
@@ -97,3 +67,48 @@ class Adam:
             i: {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in s.items()}
             for i, s in state["state"].items()
         }
+
+
+@torch.no_grad()
+def step_together(optimizers: list[Adam]) -> None:
+    """One ``Adam.step`` of each optimizer, all their parameters updated at once.
+
+    The update runs over every parameter that has a gradient (``torch._foreach_*``: one
+    operation for all the tensors, one fused kernel each on a GPU, the per-tensor kernels on
+    a CPU), with torch's single-tensor arithmetic, op for op: each parameter gets the update
+    its own optimizer gives it (its learning rate, step count and moments), so the affine
+    fits of several starts step together as they would one by one.
+    """
+    params, grads, exp_avgs, exp_avg_sqs, denoms, corrections2, step_sizes = [], [], [], [], [], [], []
+    for opt in optimizers:
+        beta1, beta2 = opt.betas
+        for i, p in enumerate(opt.params):
+            if p.grad is None:
+                continue
+            state = opt._state(i)
+            # the step count lives on the host: torch's is a CPU tensor read back by .item()
+            # every step, the same float without a read
+            state["step"] += 1.0
+            params.append(p)
+            grads.append(p.grad)
+            exp_avgs.append(state["exp_avg"])
+            exp_avg_sqs.append(state["exp_avg_sq"])
+            denoms.append(opt._denominator(i, p))
+            corrections2.append((1 - beta2 ** state["step"]) ** 0.5)
+            step_sizes.append(-opt.lr / (1 - beta1 ** state["step"]))
+    if not params:
+        return
+    if len({(opt.betas, opt.eps) for opt in optimizers}) > 1:
+        raise ValueError("optimizers stepped together need the same betas and eps")
+    beta1, beta2 = optimizers[0].betas
+    torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
+    torch._foreach_mul_(exp_avg_sqs, beta2)
+    torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1 - beta2)
+    # (sqrt(v) / bias_correction2_sqrt) + eps in buffers kept between steps: the same ops as
+    # torch's, without two fresh parameter-sized tensors a step (their page faults cost half
+    # of a 2 MB hash table's update)
+    torch._foreach_copy_(denoms, exp_avg_sqs)
+    torch._foreach_sqrt_(denoms)
+    torch._foreach_div_(denoms, corrections2)
+    torch._foreach_add_(denoms, optimizers[0].eps)
+    torch._foreach_addcdiv_(params, exp_avgs, denoms, step_sizes)

@@ -19,7 +19,9 @@ from neuralreg.errors import RegistrationDiverged
 from neuralreg.fields.affine import AffineMap, intensity_centroid, world_matrix
 from neuralreg.geometry.coordinates import NormalizedBox, grid_corners_world
 from neuralreg.geometry.image import Image
+from neuralreg.losses import BATCHED, WINDOWED
 from neuralreg.optim import search
+from neuralreg.optim.adam import Adam, step_together
 from neuralreg.optim.points import interior_mask
 from neuralreg.optim.stage import PairData, Stage
 
@@ -48,7 +50,7 @@ def prealigned(image: Image | None, prealign: np.ndarray) -> Image | None:
     return Image(image.data, np.linalg.inv(prealign) @ image.affine)
 
 
-def choose_start(pair: PairData, draws: SharedDraws | None = None, progress: bool = False) -> tuple[AffineFit, dict]:
+def choose_start(pair: PairData, progress: bool = False) -> tuple[AffineFit, dict]:
     """The global alignment: rigid starts from ``search.global_search`` (the scanners' own
     orientation always among them), each fitted as an affine (``AffineFit``); the one whose
     symmetric similarity (``config.affine_similarity``) at the finest affine level (inside
@@ -76,8 +78,7 @@ def choose_start(pair: PairData, draws: SharedDraws | None = None, progress: boo
     levels = len(cfg.affine_pyramid)
     ways = [0] + ([1] if pair.interior_masks is not None and levels > 1 else [])  # first level from the interior
     starts = [(k, way) for way in ways for k in range(len(candidates))]
-    draws = SharedDraws() if draws is None else draws
-    fits = [_start_fit(pair, candidates[k].matrix, way, draws) for k, way in starts]
+    fits = [_start_fit(pair, candidates[k].matrix, way) for k, way in starts]
     coarse, final, distinct = _fit_starts(fits, cfg, progress)
     rotations = [fit.rotation_deg() for fit in fits]
     best = search.prefer_small_rotation(distinct, final, rotations)
@@ -106,7 +107,7 @@ def choose_start(pair: PairData, draws: SharedDraws | None = None, progress: boo
     return fits[best], facts
 
 
-def _start_fit(pair: PairData, matrix: np.ndarray, interior_from: int, draws: SharedDraws) -> AffineFit:
+def _start_fit(pair: PairData, matrix: np.ndarray, interior_from: int) -> AffineFit:
     """The affine fit of one rigid start ``matrix`` (fixed -> moving world): the moving image,
     its masks and the box in the start's frame."""
     moving = prealigned(pair.moving, matrix)
@@ -117,64 +118,29 @@ def _start_fit(pair: PairData, matrix: np.ndarray, interior_from: int, draws: Sh
     sub = dataclasses.replace(
         pair, moving=moving, moving_mask=prealigned(pair.moving_mask, matrix), interior_masks=interior, box=box
     )
-    return AffineFit(sub, prealign=matrix, interior_from=interior_from, draws=draws)
+    return AffineFit(sub, prealign=matrix, interior_from=interior_from)
 
 
 def _fit_starts(fits: list, cfg, progress: bool) -> tuple[list, list, list]:
-    """Every fit on the coarsest level; the distinct ones on the rest. Returns the coarse
-    losses, the final losses (NaN for a fit dropped as the same map as one before it) and
-    the indices of the distinct fits."""
+    """Every fit on the coarsest level; the distinct ones on the rest (``fit_together``:
+    the fits of a level step together). Returns the coarse losses, the final losses (NaN
+    for a fit dropped as the same map as one before it) and the indices of the distinct fits."""
     levels = len(cfg.affine_pyramid)
     bar = tqdm(total=cfg.affine_steps * len(fits), disable=not progress, desc="affine", dynamic_ncols=True)
-    coarse = []
-    for fit in fits:
-        fit.run([0], bar=bar)
-        coarse.append(fit.loss(0))
+    fit_together(fits, [0], bar=bar)
+    coarse = judge(fits, 0)
     distinct: list[int] = []
     for k in range(len(fits)):
         if all(fits[k].distance_mm(fits[j]) > SAME_MAP_MM for j in distinct):
             distinct.append(k)
     bar.total = cfg.affine_steps * len(distinct) + sum(f.steps_done for k, f in enumerate(fits) if k not in distinct)
+    kept = [fits[k] for k in distinct]
+    fit_together(kept, range(1, levels), bar=bar)
     final = [math.nan] * len(fits)
-    for k in distinct:
-        fits[k].run(range(1, levels), bar=bar)
-        final[k] = fits[k].loss(levels - 1)
+    for k, loss in zip(distinct, judge(kept, levels - 1), strict=True):
+        final[k] = loss
     bar.close()
     return coarse, final, distinct
-
-
-class SharedDraws:
-    """The points, and the target's values at them, that the affine fits of one pair draw.
-
-    Every start's fit draws from a generator of ``config.seed`` on the same voxels (a start
-    moves only the moving image's world frame, not its voxels or masks), so fits on the same
-    level, drawing from the same masks, from the same generator state, draw the same points
-    and read the same target values. The first such fit records them with the generator's
-    state at the level's end; the others replay them and take that state: the same bits as
-    drawing them anew, without the sampling and the target's reads (a quarter of an affine
-    step). Keys: (level, inside body, points, generator state) -> (draws per step, state
-    after); ("judge", level, draws, points) -> the judging draws of ``AffineFit.loss``.
-
-    Attributes:
-        record: False keeps nothing: every fit draws its own points (the same result).
-        replays: how many times a fit replayed draws recorded by another.
-    """
-
-    def __init__(self, record: bool = True):
-        self.levels: dict = {}
-        self.record = record
-        self.replays = 0
-
-    def get(self, key):
-        """The draws recorded under ``key``, or None."""
-        value = self.levels.get(key)
-        self.replays += value is not None
-        return value
-
-    def put(self, key, value) -> None:
-        """Record ``value`` under ``key`` (unless ``record`` is off)."""
-        if self.record:
-            self.levels[key] = value
 
 
 class AffineFit:
@@ -201,10 +167,8 @@ class AffineFit:
         pair: PairData,
         prealign: np.ndarray | None = None,
         interior_from: int = 0,
-        draws: SharedDraws | None = None,
     ):
         cfg, device = pair.cfg, pair.device
-        self.draws = draws
         d = pair.fixed.n_dims
         self.pair = pair
         self.interior_from = interior_from
@@ -221,101 +185,19 @@ class AffineFit:
         self.steps_done = 0
         self.history: list[dict] = []
 
+    def draw_key(self, level: int) -> tuple:
+        """What this fit's next draws on ``level`` depend on: (level, inside the body, points,
+        generator state); fits with the same key draw the same points."""
+        points = affine_fit_points(self.pair.cfg, self.pair.points)
+        return (level, level >= self.interior_from, points, bytes(self.generator.get_state().numpy()))
+
     def run(self, levels, progress: bool = False, bar=None) -> None:
         """Fit the levels ``levels`` (indices into ``config.affine_pyramid``), in order."""
-        cfg, pair = self.pair.cfg, self.pair
-        total = cfg.affine_steps
-        own = bar is None
-        if own:
-            bar = tqdm(
-                total=sum(self.per_level[s] for s in levels), disable=not progress, desc="affine", dynamic_ncols=True
-            )
-        optimizer = self.optimizer
-        for s in levels:
-            points, interior = affine_fit_points(cfg, pair.points), s >= self.interior_from
-            stage = pair.stage(cfg.affine_pyramid[s], self.generator, points, interior)
-            key = (s, interior, points, bytes(self.generator.get_state().numpy()))
-            shared = None if self.draws is None else self.draws.get(key)
-            recorded: list = []
-            pending: list[tuple[int, torch.Tensor]] = []  # (step, [loss, sim_ab, sim_ba]) not yet read
-            for k in range(self.per_level[s]):
-                frac = 0.5 * (1 + math.cos(math.pi * self.steps_done / max(total, 1)))
-                optimizer.lr = cfg.affine_learning_rate * (0.05 + 0.95 * frac)
-                optimizer.zero_grad()
-                if shared is not None:
-                    draw = shared[0][k]
-                else:
-                    draw = self._draw(stage, pair.fused_warp)
-                    if self.draws is not None and self.draws.record:  # kept only where another fit may replay it
-                        recorded.append(draw)
-                sim_ab, sim_ba = self._terms(stage, pair.fused_warp, draw)
-                loss = sim_ab + sim_ba
-                loss.backward()
-                optimizer.step()
-                pending.append((self.steps_done, torch.stack([loss, sim_ab, sim_ba]).detach()))
-                self.steps_done += 1
-                bar.update(1)
-                if len(pending) == pair.check_every or k == self.per_level[s] - 1:
-                    self._read(pending, s, bar)  # one host synchronisation per check, as in the fields' loop
-                    pending = []
-            if shared is not None:  # on from where drawing them left the generator
-                self.generator.set_state(shared[1])
-            elif self.draws is not None:
-                self.draws.put(key, (recorded, self.generator.get_state()))
-        if own:
-            bar.close()
+        fit_together([self], levels, progress, bar)
 
-    def _draw(self, stage: Stage, fused: bool) -> tuple:
-        """One step's draws of ``_terms``: (fixed-domain draw, moving-domain draw)."""
-        similarity = self.pair.cfg.affine_similarity
-        return tuple(stage.draw(target, similarity, fused) for target in ("fixed", "moving"))
-
-    def _terms(self, stage: Stage, fused: bool, draw: tuple | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """sim(A o T, B) at fixed points and sim(B o T^-1, A) at moving points (``config.affine_similarity``);
-        ``draw``: the step's ``_draw``, or None to draw them."""
-        affine, similarity = self.affine, self.pair.cfg.affine_similarity
-        draw = draw if draw is not None else self._draw(stage, fused)
-        sim_ab = stage.similarity(lambda u: affine.apply(u), "moving", "fixed", similarity, draw[0], fused)
-        sim_ba = stage.similarity(
-            lambda u: affine.apply(u, inverse=True), "fixed", "moving", similarity, draw[1], fused
-        )
-        return sim_ab, sim_ba
-
-    def _read(self, pending, level: int, bar) -> None:
-        for (j, _), (v_loss, v_ab, v_ba) in zip(pending, torch.stack([t for _, t in pending]).tolist(), strict=True):
-            if not math.isfinite(v_loss):
-                raise RegistrationDiverged(f"affine loss became non-finite at step {j}")
-            self.history.append(
-                {
-                    "step": j,
-                    "stage": level,
-                    "part": "affine",
-                    "loss": v_loss,
-                    "sim_ab": v_ab,
-                    "sim_ba": v_ba,
-                    "reg": 0.0,
-                }
-            )
-            if j % 10 == 0:
-                bar.set_postfix(stage=level, sim=f"{v_ab:.4f}/{v_ba:.4f}")
-
-    @torch.no_grad()
     def loss(self, level: int, draws: int = 4) -> float:
         """Symmetric similarity at affine level ``level``, on points of a fixed seed (the same for every start)."""
-        pair = self.pair
-        gen = torch.Generator(device=pair.device).manual_seed(pair.cfg.seed + 7919)
-        stage = pair.stage(pair.cfg.affine_pyramid[level], gen, pair.points, inside_body=True)
-        key = ("judge", level, draws, pair.points)
-        shared = None if self.draws is None else self.draws.get(key)
-        if shared is None:
-            shared = [self._draw(stage, False) for _ in range(draws)]
-            if self.draws is not None:
-                self.draws.put(key, shared)
-        total = 0.0
-        for draw in shared:
-            for term in self._terms(stage, False, draw):
-                total += float(term)
-        return total / draws
+        return judge([self], level, draws)[0]
 
     def world(self) -> np.ndarray:
         """The fitted global map, pre-alignment included: (d+1, d+1) world mm, fixed -> moving."""
@@ -337,3 +219,168 @@ class AffineFit:
         x = np.vstack([corners, corners.mean(0)])
         a, b = self.world(), other.world()
         return float(np.linalg.norm((x @ a[:d, :d].T + a[:d, d]) - (x @ b[:d, :d].T + b[:d, d]), axis=1).mean())
+
+
+def fit_together(fits: list[AffineFit], levels, progress: bool = False, bar=None) -> None:
+    """Fit the levels ``levels`` of several ``AffineFit`` s, in order, those that draw the
+    same points (the same ``AffineFit.draw_key``) in lockstep.
+
+    Every start's fit draws from a generator of ``config.seed`` on the same voxels (a start
+    moves only the moving image's world frame, not its voxels or masks), so fits on the same
+    level, drawing from the same masks, from the same generator state, draw the same points
+    and read the same target values.
+
+    A lockstep step draws once and computes every fit's two terms in one batch
+    (``_terms``: the fits' maps as one (B, d+1, d+1) stack, one warp of all their points,
+    the similarity of the batch, one backward, one ``adam.step_together``): each fit takes
+    the steps it would take alone, for the operations of about one. The fits must have
+    taken the same number of steps (as the starts of ``choose_start`` have).
+    """
+    if not fits:
+        return
+    own = bar is None
+    if own:
+        per_level = fits[0].per_level
+        bar = tqdm(
+            total=len(fits) * sum(per_level[s] for s in levels), disable=not progress, desc="affine", dynamic_ncols=True
+        )
+    for s in levels:
+        groups: dict = {}
+        for fit in fits:
+            groups.setdefault(fit.draw_key(s), []).append(fit)
+        for key, group in groups.items():
+            _fit_level(group, s, key, bar)
+    if own:
+        bar.close()
+
+
+def _fit_level(group: list[AffineFit], s: int, key: tuple, bar) -> None:
+    """Level ``s`` of fits that draw the same points (``key``), stepping together."""
+    lead = group[0]
+    cfg, pair = lead.pair.cfg, lead.pair
+    stage = pair.stage(cfg.affine_pyramid[s], lead.generator, key[2], key[1])
+    geometry = _Geometry(group, stage)
+    pending: list[tuple[int, torch.Tensor]] = []  # (step, (B, 3) [loss, sim_ab, sim_ba]) not yet read
+    optimizers = [fit.optimizer for fit in group]
+    together = all(isinstance(opt, Adam) for opt in optimizers)
+    for k in range(lead.per_level[s]):
+        frac = 0.5 * (1 + math.cos(math.pi * lead.steps_done / max(cfg.affine_steps, 1)))
+        for opt in optimizers:
+            opt.lr = cfg.affine_learning_rate * (0.05 + 0.95 * frac)
+            opt.zero_grad()
+        draw = _draw(stage, cfg.affine_similarity, pair.fused_warp)
+        terms = _terms(group, geometry, draw, pair.fused_warp)  # (B, 2)
+        losses = terms.sum(1)
+        losses.sum().backward()
+        if together:
+            step_together(optimizers)
+        else:
+            for opt in optimizers:
+                opt.step()
+        pending.append((lead.steps_done, torch.cat([losses[:, None], terms], 1).detach()))
+        for fit in group:
+            fit.steps_done += 1
+        bar.update(len(group))
+        if len(pending) == pair.check_every or k == lead.per_level[s] - 1:
+            _read(group, pending, s, bar)  # one host synchronisation per check, as in the fields' loop
+            pending = []
+    state = lead.generator.get_state()
+    for fit in group[1:]:  # on from where drawing them left the generator, each fit's own
+        fit.generator.set_state(state)
+
+
+class _Geometry:
+    """The voxel <-> normalized maps of one level for each fit of a batch, (B, d+1, d+1):
+    the fits share the voxels (a start moves only the moving image's world frame), each has
+    its own box and frame. ``stage`` is the first fit's."""
+
+    def __init__(self, fits: list[AffineFit], stage: Stage):
+        lead = fits[0]
+        moving_grid = lead.prealign @ stage.moving.affine  # the moving level's voxels in its own world frame
+        rows: dict = {"fixed": [], "moving": []}
+        for fit in fits:
+            box = fit.pair.box
+            rows["fixed"].append(box.voxel_to_normalized_matrix(stage.fixed.affine))
+            rows["moving"].append(box.voxel_to_normalized_matrix(np.linalg.inv(fit.prealign) @ moving_grid))
+        device = lead.pair.device
+        self.vox_to_u = {k: torch.tensor(np.stack(v), dtype=torch.float32, device=device) for k, v in rows.items()}
+        self.u_to_vox = {
+            k: torch.tensor(np.linalg.inv(np.stack(v)), dtype=torch.float32, device=device) for k, v in rows.items()
+        }
+        self.stage = stage
+
+
+def _draw(stage: Stage, similarity: str, fused: bool) -> tuple:
+    """One step's draws of ``_terms``: (fixed-domain draw, moving-domain draw)."""
+    return tuple(stage.draw(target, similarity, fused) for target in ("fixed", "moving"))
+
+
+def _terms(fits: list[AffineFit], geometry: _Geometry, draw: tuple, fused: bool) -> torch.Tensor:
+    """(B, 2): sim(A o T, B) at the fixed points and sim(B o T^-1, A) at the moving points
+    (``config.affine_similarity``) for each fit's T, from one ``_draw``."""
+    stage, pair = geometry.stage, fits[0].pair
+    forward = torch.stack([fit.affine.matrix() for fit in fits])  # (B, d+1, d+1), normalized
+    maps = {  # target voxels -> source voxels
+        "fixed": geometry.u_to_vox["moving"] @ forward @ geometry.vox_to_u["fixed"],
+        "moving": geometry.u_to_vox["fixed"] @ torch.linalg.inv(forward) @ geometry.vox_to_u["moving"],
+    }
+    similarity = pair.cfg.affine_similarity
+    loss = pair.similarities[similarity]
+    batched = loss in BATCHED
+    terms = []
+    for (vox, target_vals), target, source in zip(draw, ("fixed", "moving"), (stage.moving, stage.fixed), strict=True):
+        m = maps[target]
+        d = vox.shape[1]
+        points = torch.baddbmm(m[:, None, :d, d], vox.expand(len(fits), -1, -1), m[:, :d, :d].transpose(1, 2))
+        if fused:  # native fused value + gradient kernel
+            from neuralreg.fields import native
+
+            warped = native.warp(source.data.float(), points.reshape(-1, d))
+        else:
+            warped = source.sample(points.reshape(-1, d))
+        shape = target_vals.shape
+        warped = warped.reshape(len(fits), *shape)
+        if similarity in WINDOWED:
+            shape = (-1, pair.cfg.lncc_patch_points)
+            warped, target_vals = warped.reshape(len(fits), *shape), target_vals.reshape(shape)
+        if batched:
+            terms.append(loss(warped, target_vals.expand_as(warped)))
+        else:
+            terms.append(torch.stack([loss(w, target_vals) for w in warped]))
+    return torch.stack(terms, 1)
+
+
+def _read(fits: list[AffineFit], pending: list, level: int, bar) -> None:
+    """The pending steps' terms into each fit's history; a non-finite loss raises."""
+    values = torch.stack([t for _, t in pending]).tolist()  # (steps, B, 3)
+    for (j, _), per_fit in zip(pending, values, strict=True):
+        for fit, (v_loss, v_ab, v_ba) in zip(fits, per_fit, strict=True):
+            if not math.isfinite(v_loss):
+                raise RegistrationDiverged(f"affine loss became non-finite at step {j}")
+            fit.history.append(
+                {
+                    "step": j,
+                    "stage": level,
+                    "part": "affine",
+                    "loss": v_loss,
+                    "sim_ab": v_ab,
+                    "sim_ba": v_ba,
+                    "reg": 0.0,
+                }
+            )
+        if j % 10 == 0:
+            bar.set_postfix(stage=level, sim=f"{per_fit[0][1]:.4f}/{per_fit[0][2]:.4f}")
+
+
+@torch.no_grad()
+def judge(fits: list[AffineFit], level: int, draws: int = 4) -> list[float]:
+    """Each fit's symmetric similarity at affine level ``level``, on ``draws`` draws of
+    points of a fixed seed, inside the body: the same for every start, and for a fit judged
+    alone or among others."""
+    pair = fits[0].pair
+    gen = torch.Generator(device=pair.device).manual_seed(pair.cfg.seed + 7919)
+    stage = pair.stage(pair.cfg.affine_pyramid[level], gen, pair.points, inside_body=True)
+    shared = [_draw(stage, pair.cfg.affine_similarity, False) for _ in range(draws)]
+    geometry = _Geometry(fits, stage)
+    total = sum(_terms(fits, geometry, draw, False).sum(1) for draw in shared)
+    return (total / draws).tolist()

@@ -45,7 +45,7 @@ from neuralreg.geometry.image import Image
 from neuralreg.losses import SIMILARITIES
 from neuralreg.optim import inputs
 from neuralreg.optim.adam import Adam
-from neuralreg.optim.alignment import AffineFit, SharedDraws, choose_start, interior_within
+from neuralreg.optim.alignment import AffineFit, choose_start, interior_within
 from neuralreg.optim.stage import PairData, Stage, stage_steps
 from neuralreg.optim.watchdog import Snapshot, Watchdog
 from neuralreg.quality import assess
@@ -73,8 +73,6 @@ class PairRegistration:
             ``step``, ``state_dict``, ``load_state_dict``) of the affine fits and the fields.
         similarities: similarity name -> ``(warped, target) -> loss``: the table the
             config's ``similarity`` and ``affine_similarity`` are looked up in.
-        share_draws: the starts' affine fits replay each other's draws (``SharedDraws``;
-            the same result either way, faster).
 
     Raises:
         InputError: unusable input (at construction, before anything is allocated).
@@ -82,7 +80,7 @@ class PairRegistration:
     Attributes (filled as the phases run): ``phi_ab``, ``phi_ba``, ``affine``,
     ``prealign`` ((d+1, d+1) rigid world map, fixed -> moving), ``pair`` (``PairData``
     in the frame of the chosen start), ``generator``, ``history`` (one dict per step),
-    ``search`` (the start's facts, or None), ``draws`` (``SharedDraws`` of the starts).
+    ``search`` (the start's facts, or None).
     """
 
     def __init__(
@@ -96,7 +94,6 @@ class PairRegistration:
         run: RunConfig | dict | None = None,
         optimizer: Callable = Adam,
         similarities: Mapping[str, Callable] | None = None,
-        share_draws: bool = True,
     ):
         self.config = cfg = inputs.as_config(config)
         self.run_config = inputs.as_run_config(run)
@@ -120,7 +117,6 @@ class PairRegistration:
         inputs.check_memory(cfg, self.moving, self.fixed, self.device)
         self.make_optimizer = optimizer
         self.similarities = dict(SIMILARITIES if similarities is None else similarities)
-        self.draws = SharedDraws(record=share_draws)
         self.history: list[dict] = []
         self.search: dict | None = None
         self.interior_shares: dict | None = None
@@ -175,7 +171,7 @@ class PairRegistration:
             return
         self._find_interior()
         if cfg.affine_init == "search":
-            fit, self.search = choose_start(self.pair, self.draws, self.run_config.progress)
+            fit, self.search = choose_start(self.pair, self.run_config.progress)
         else:
             fit = AffineFit(self.pair)
             fit.run(range(len(cfg.affine_pyramid)), self.run_config.progress)

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from neuralreg.losses import SIMILARITIES
+from neuralreg.losses import SIMILARITIES, WINDOWED
 from neuralreg.losses.similarity import joint_histogram, mi, normalized_mi
 
 
@@ -103,3 +103,25 @@ def test_mi_gradient_gathered_from_the_histogram_is_autograds():
     (g_slow,) = torch.autograd.grad(slow, x)
     torch.testing.assert_close(fast, slow, rtol=0, atol=1e-12)
     torch.testing.assert_close(g_fast, g_slow, rtol=1e-10, atol=1e-14)
+
+
+@pytest.mark.parametrize("name", sorted(SIMILARITIES))
+def test_a_batch_of_samples_gives_each_samples_loss_and_gradient(name):
+    """``BATCHED`` similarities: (B, N) or (B, P, K) -> (B,), each the loss of its sample
+    alone, with the same gradients (the affine fits of several starts in one call)."""
+    from neuralreg.losses import BATCHED
+
+    loss = SIMILARITIES[name]
+    assert loss in BATCHED
+    g = torch.Generator().manual_seed(3)
+    shape = (3, 16, 32) if name in WINDOWED else (3, 512)
+    fixed = torch.rand(shape[1:], generator=g, dtype=torch.float64)
+    warped = (fixed + 0.3 * torch.rand(shape, generator=g, dtype=torch.float64)).requires_grad_()
+    batch = loss(warped, fixed.expand_as(warped))
+    assert batch.shape == (3,)
+    (grad,) = torch.autograd.grad(batch.sum(), warped)
+    for k in range(3):
+        one = warped[k].detach().requires_grad_()
+        value = loss(one, fixed)
+        torch.testing.assert_close(batch[k], value, rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(grad[k], torch.autograd.grad(value, one)[0], rtol=1e-10, atol=1e-14)

@@ -11,7 +11,7 @@ from neuralreg_eval import knee
 
 from neuralreg import RegistrationConfig, RegistrationWarning, register_pair
 from neuralreg.cli import main
-from neuralreg.geometry.coordinates import grid_corners_world
+from neuralreg.geometry.coordinates import NormalizedBox, grid_corners_world
 from neuralreg.io import write_image
 from neuralreg.optim.search import rotation_matrix
 
@@ -163,44 +163,49 @@ def test_far_origins_register_with_a_warning(phantom, tmp_path, capsys):
     assert np.abs(nib.load(out / "warped.nii.gz").get_fdata()).mean() > 0.1
 
 
-def test_shared_affine_draws_change_no_bit(phantom):
-    """The starts' fits replay each other's draws (``SharedDraws``): the same registration, bit
-    for bit, as every fit drawing its own points; and the replays happen."""
-    from neuralreg.optim.registration import PairRegistration
-
-    moving = moved(phantom["moving"], tilt(15.0))
-    cfg = RegistrationConfig(**{**CONFIG, "steps": 20, "affine_steps": 40, "search_starts": 3})
-    runs = [PairRegistration(moving, phantom["fixed"], cfg, share_draws=share) for share in (True, False)]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RegistrationWarning)
-        shared, alone = (run.run() for run in runs)
-    assert runs[0].draws.replays >= 3  # fits of both ways and their judging replayed draws
-    assert runs[1].draws.replays == 0 and not runs[1].draws.levels
-    for a, b in ((shared.phi_ab, alone.phi_ab), (shared.phi_ba, alone.phi_ba)):
-        for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
-            assert torch.equal(x, y), name
-    assert np.array_equal(shared.prealign, alone.prealign)
-    assert torch.equal(shared.affine.matrix(), alone.affine.matrix())
-    assert shared.info["search"]["candidate_losses"] == alone.info["search"]["candidate_losses"]
-
-
-def test_a_fit_replaying_shared_draws_is_the_fit_drawing_its_own(phantom):
-    """Level by level, a fit that replays another's draws ends where drawing them itself would
-    have left it: the same affine and the same generator state (the fields draw on from it)."""
-    from neuralreg.geometry.coordinates import NormalizedBox
-    from neuralreg.optim.alignment import AffineFit, SharedDraws
+def _fits(phantom, cfg, starts):
+    """``AffineFit`` s of the phantom pair from rigid starts (world matrices, fixed -> moving)."""
+    from neuralreg.optim.alignment import _start_fit
     from neuralreg.optim.stage import PairData
 
-    cfg = RegistrationConfig(**{**CONFIG, "affine_steps": 30})
     moving, fixed = phantom["moving"], phantom["fixed"]
     box = NormalizedBox.around([(moving.shape, moving.affine), (fixed.shape, fixed.affine)], cfg.margin)
     pair = PairData(cfg, moving, fixed, None, None, box, torch.device("cpu"), True, 4096)
-    draws = SharedDraws()
-    first, replay = (AffineFit(pair, draws=draws) for _ in range(2))
-    alone = AffineFit(pair)
-    for fit in (first, replay, alone):
-        fit.run(range(len(cfg.affine_pyramid)))
-    assert len(draws.levels) == len(cfg.affine_pyramid)  # the replay recorded nothing new
-    assert torch.equal(replay.affine.matrix(), alone.affine.matrix())
-    assert torch.equal(replay.generator.get_state(), alone.generator.get_state())
-    assert replay.loss(1) == alone.loss(1) and len(draws.levels) == len(cfg.affine_pyramid) + 1
+    return [_start_fit(pair, start, 0) for start in starts]
+
+
+def test_fits_stepping_together_end_where_each_alone_ends(phantom):
+    """Lockstep (``fit_together``: one draw, one batch of terms, one backward and one Adam step
+    for all) gives each start the fit it gets alone: its affine, its history, its generator
+    state (the fields draw on from it) and its judged loss."""
+    from neuralreg.optim.alignment import fit_together, judge
+
+    cfg = RegistrationConfig(**{**CONFIG, "affine_steps": 30})
+    starts = [np.eye(4), tilt(10.0), tilt(-20.0)]
+    together = _fits(phantom, cfg, starts)
+    fit_together(together, range(len(cfg.affine_pyramid)))
+    for fit, start in zip(together, starts, strict=True):
+        (alone,) = _fits(phantom, cfg, [start])
+        alone.run(range(len(cfg.affine_pyramid)))
+        torch.testing.assert_close(fit.affine.matrix(), alone.affine.matrix(), rtol=1e-5, atol=1e-6)
+        assert torch.equal(fit.generator.get_state(), alone.generator.get_state())
+        assert [h["step"] for h in fit.history] == [h["step"] for h in alone.history]
+        np.testing.assert_allclose([h["loss"] for h in fit.history], [h["loss"] for h in alone.history], rtol=1e-4)
+        assert fit.loss(1) == pytest.approx(alone.loss(1), rel=1e-5)
+    assert judge(together, 1) == pytest.approx([fit.loss(1) for fit in together], rel=1e-6)
+
+
+def test_fits_stepping_together_dispatch_about_the_operations_of_one(phantom):
+    """Three starts in lockstep: well under twice the aten operations of one start's fit
+    (alone they would be three times): the step's cost is its operations, not its points."""
+    from neuralreg.optim.alignment import fit_together
+    from neuralreg.testing import OpCounter
+
+    cfg = RegistrationConfig(**{**CONFIG, "affine_steps": 20})
+    counts = []
+    for starts in ([np.eye(4)], [np.eye(4), tilt(10.0), tilt(-20.0)]):
+        fits = _fits(phantom, cfg, starts)
+        with OpCounter() as counter:
+            fit_together(fits, range(len(cfg.affine_pyramid)))
+        counts.append(sum(counter.ops.values()))
+    assert counts[1] < 1.6 * counts[0], counts
