@@ -31,6 +31,9 @@ BATCHED: frozenset = frozenset(SIMILARITIES.values())
 class Regularizer:
     make: Callable  # (config, box) -> term(phi_a, phi_b, u)
     fields_only: bool = False
+    # (config, box) -> term(phi_ab, phi_ba, u_moving, u_fixed), both ways in one (fewer
+    # passes), or None where it does not apply: an inverse-consistency term's two halves at once
+    both_ways: Callable | None = None
 
 
 def _gradicon(cfg, box):
@@ -46,8 +49,12 @@ def _gradicon_fd(cfg, box):
     return term
 
 
+def _gradicon_both_ways(cfg, box):
+    return regularizers.gradicon_analytic_both_ways if cfg.jacobian == "analytic" else None
+
+
 REGULARIZERS: dict[str, Regularizer | None] = {
-    "gradicon": Regularizer(_gradicon),
+    "gradicon": Regularizer(_gradicon, both_ways=_gradicon_both_ways),
     "gradicon_fd": Regularizer(_gradicon_fd),
     "icon": Regularizer(lambda cfg, box: regularizers.icon),
     "diffusion": Regularizer(lambda cfg, box: regularizers.diffusion, fields_only=True),

@@ -148,6 +148,9 @@ class Stage:
         u_moving = apply_affine(self.vox_to_u["moving"], moving_sampler.sample(n, weighted=False).to(device))
         u_fixed = apply_affine(self.vox_to_u["fixed"], fixed_sampler.sample(n, weighted=False).to(device))
         entry = REGULARIZERS[cfg.regularizer]
+        both_ways = entry.both_ways(cfg, self.pair.box) if entry.both_ways is not None else None
+        if both_ways is not None:
+            return both_ways(map_ab, map_ba, u_moving, u_fixed)
         term = entry.make(cfg, self.pair.box)
         if entry.fields_only:  # the fields only, not the global affine part
             return term(map_ab.field, map_ba.field, torch.cat([u_moving, u_fixed]))
