@@ -29,7 +29,7 @@ class AffineMap(nn.Module):
         self.n_dims = n_dims
         self.weight = nn.Parameter(torch.zeros(n_dims, n_dims))
         self.translation = nn.Parameter(torch.zeros(n_dims))
-        self._matrices: dict = {}  # inverse -> (parameters' version key, matrix without graph)
+        self._matrices: dict = {}  # inverse -> (parameters' version key, matrix); ("rows", inverse) -> (matrix, rows)
 
     def linear(self) -> torch.Tensor:
         """I + W, (d, d)."""
@@ -60,11 +60,26 @@ class AffineMap(nn.Module):
         m[:d, d] = c - a @ c + self.translation
         return torch.linalg.inv(m) if inverse else m
 
+    def rows(self, inverse: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """T (or T^-1) as (A^T (d, d), b (d,)): points map as u A^T + b, one ``addmm``. Kept
+        with the matrix where no graph is recorded."""
+        graph = torch.is_grad_enabled() and (self.weight.requires_grad or self.translation.requires_grad)
+        d = self.n_dims
+        if graph:
+            m = self._compute_matrix(inverse)
+            return m[:d, :d].T, m[:d, d]
+        m = self.matrix(inverse)
+        key = ("rows", inverse)
+        cached = self._matrices.get(key)
+        if cached is None or cached[0] is not m:
+            cached = (m, (m[:d, :d].T.contiguous(), m[:d, d].contiguous()))
+            self._matrices[key] = cached
+        return cached[1]
+
     def apply(self, u: torch.Tensor, inverse: bool = False) -> torch.Tensor:
         """T(u) or T^-1(u) for points u (N, d)."""
-        m = self.matrix(inverse).to(u.dtype)
-        d = self.n_dims
-        return u @ m[:d, :d].T + m[:d, d]
+        linear_t, offset = self.rows(inverse)
+        return torch.addmm(offset.to(u.dtype), u, linear_t.to(u.dtype))
 
     def set_matrix(self, matrix) -> None:
         """Set T from a (d+1, d+1) homogeneous matrix on normalized coordinates."""
@@ -99,10 +114,11 @@ class ComposedMap(nn.Module):
 
     def forward_with_jacobian(self, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Phi(u) (N, d) and its Jacobian (N, d, d): J_field(T u) times the linear part of T."""
-        m = self.affine.matrix(self.inverse).to(u.dtype)
-        d = self.affine.n_dims
-        y, jac = self.field.forward_with_jacobian(u @ m[:d, :d].T + m[:d, d])
-        return y, torch.matmul(jac, m[:d, :d])
+        linear_t, offset = self.affine.rows(self.inverse)
+        linear_t, offset = linear_t.to(u.dtype), offset.to(u.dtype)
+        y, jac = self.field.forward_with_jacobian(torch.addmm(offset, u, linear_t))
+        n, d = jac.shape[0], self.affine.n_dims
+        return y, torch.mm(jac.reshape(n * d, d), linear_t.T).view(n, d, d)
 
 
 def world_matrix(affine_normalized: np.ndarray, box) -> np.ndarray:

@@ -91,7 +91,8 @@ class NeuralField(nn.Module):
 
 
 def _relu(z):
-    return torch.relu(z), (z > 0).to(z.dtype), None
+    h = torch.relu(z)
+    return h, torch.sign(h), None  # h >= 0: its sign is 1 where z > 0, else 0
 
 
 def _silu(z):

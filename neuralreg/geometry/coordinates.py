@@ -85,6 +85,29 @@ def apply_affine(matrix: np.ndarray | torch.Tensor, pts: torch.Tensor) -> torch.
     return pts @ m[:d, :d].T + m[:d, d]
 
 
+class PointMap:
+    """A (d+1)x(d+1) affine matrix kept on a device as the pair applied to points (N, d):
+    ``pm(pts)`` = pts A^T + b in one ``addmm`` (``apply_affine`` converts, slices and
+    transposes the matrix on every call: seven operations where a step makes several).
+
+    Attributes:
+        matrix: the (d+1, d+1) matrix (float64, numpy).
+        linear_t: A^T (d, d); offset: b (d,); both float32 on the device.
+    """
+
+    def __init__(self, matrix: np.ndarray, device=None, dtype=torch.float32):
+        self.matrix = np.asarray(matrix, dtype=np.float64)
+        d = self.matrix.shape[0] - 1
+        self.linear_t = torch.tensor(self.matrix[:d, :d].T, dtype=dtype, device=device)
+        self.offset = torch.tensor(self.matrix[:d, d], dtype=dtype, device=device)
+
+    def __call__(self, pts: torch.Tensor) -> torch.Tensor:
+        return torch.addmm(self.offset, pts, self.linear_t)
+
+    def inverse(self) -> PointMap:
+        return PointMap(np.linalg.inv(self.matrix), self.offset.device, self.offset.dtype)
+
+
 def grid_points(shape, device=None, dtype=torch.float32) -> torch.Tensor:
     """All voxel indices of a grid, (prod(shape), d), C order."""
     axes = [torch.arange(n, device=device, dtype=dtype) for n in shape]

@@ -67,45 +67,31 @@ def _spline_bins(x: torch.Tensor, bins: int) -> tuple[torch.Tensor, torch.Tensor
 def joint_histogram(a: torch.Tensor, b: torch.Tensor, bins: int = MI_BINS) -> torch.Tensor:
     """(..., bins, bins) joint probability of two samples (..., N): each scaled by its own
     range (detached) and spread by a quadratic B-spline window (``_spline_bins``); nine
-    entries a point. Differentiable in both samples."""
+    entries a point. Differentiable in both samples (autograd through the nine products)."""
     batch, n = a.shape[:-1], a.shape[-1]
-    a, b = a.reshape(-1, n), b.reshape(-1, n)
-    ia, wa = _spline_bins(a, bins)
-    ib, wb = _spline_bins(b, bins)
+    ia, wa = _spline_bins(a.reshape(-1, n), bins)
+    ib, wb = _spline_bins(b.reshape(-1, n), bins)
+    weight = (wa[:, :, None, :] * wb[:, None, :, :]).reshape(-1)
+    joint = torch.zeros(ia.shape[0] * bins * bins, device=a.device, dtype=weight.dtype)
+    return joint.index_add(0, _joint_index(ia, ib, bins), weight).reshape(*batch, bins, bins) / n
+
+
+def _joint_index(ia: torch.Tensor, ib: torch.Tensor, bins: int) -> torch.Tensor:
+    """Flat joint-histogram entries (B 9 N,) of the bin indices (B, 3, N) of two batches of
+    samples, each sample of the batch its own (bins, bins) histogram."""
     index = ia[:, :, None, :] * bins + ib[:, None, :, :]  # (B, 3, 3, N)
-    if a.shape[0] > 1:  # each sample of the batch fills its own histogram
-        index = index + (torch.arange(a.shape[0], device=a.device) * bins * bins)[:, None, None, None]
-    index = index.reshape(-1)
-    size = a.shape[0] * bins * bins
-    if b.requires_grad:  # both samples differentiable: autograd through the nine products
-        weight = (wa[:, :, None, :] * wb[:, None, :, :]).reshape(-1)
-        joint = torch.zeros(size, device=a.device, dtype=weight.dtype).index_add(0, index, weight)
-    else:
-        joint = _Histogram.apply(wa, wb, index, size)
-    return joint.reshape(*batch, bins, bins) / n
+    if ia.shape[0] > 1:
+        index = index + (torch.arange(ia.shape[0], device=ia.device) * bins * bins)[:, None, None, None]
+    return index.reshape(-1)
 
 
-class _Histogram(torch.autograd.Function):
-    """The joint histograms' entries from the first samples' spline weights ``wa`` (B, 3, N),
-    the second's ``wb`` (B, 3, N, constant) and the entries' flat bin ``index`` (B 9 N,).
-
-    The same values as autograd through the nine products a point, and the gradient
-    (linear in ``wa``: gathered from the histogram's gradient) in a few operations on
-    (B, 9, N), not autograd's broadcasts and reductions. Its backward is differentiable
-    (second derivatives hold).
-    """
-
-    @staticmethod
-    def forward(ctx, wa, wb, index, size):
-        ctx.save_for_backward(wb, index)
-        weight = (wa[:, :, None, :] * wb[:, None, :, :]).reshape(-1)
-        return torch.zeros(size, device=wa.device, dtype=weight.dtype).index_add_(0, index, weight)
-
-    @staticmethod
-    def backward(ctx, grad):
-        wb, index = ctx.saved_tensors
-        g = grad.index_select(0, index).reshape(wb.shape[0], 3, 3, -1)
-        return (g * wb[:, None, :, :]).sum(2), None, None, None
+def _information(joint: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Negative mutual information of joint probabilities (..., bins, bins), and the log of
+    each entry over the product of its marginals (floored at 1e-12)."""
+    pa, pb = joint.sum(-1), joint.sum(-2)
+    ratio = joint / (pa[..., :, None] * pb[..., None, :]).clamp(min=1e-12)
+    log_ratio = torch.log(ratio.clamp(min=1e-12))
+    return -(joint * log_ratio).sum((-2, -1)), log_ratio
 
 
 def mi(warped: torch.Tensor, fixed: torch.Tensor, bins: int = MI_BINS) -> torch.Tensor:
@@ -115,12 +101,57 @@ def mi(warped: torch.Tensor, fixed: torch.Tensor, bins: int = MI_BINS) -> torch.
     optimized) and spread over ``bins`` bins by a quadratic B-spline window (as Mattes et
     al., IEEE TMI 2003, do with cubic ones in ANTs' and elastix' ``MattesMutualInformation``):
     nine joint-histogram entries a point, so the cost grows with the points, not with
-    bins squared. Differentiable in both samples. Inputs (N,), or (..., N) a batch.
+    bins squared. Inputs (N,), or (..., N) a batch. Differentiable in both samples (to second
+    order); where ``fixed`` is constant (as in a registration) one autograd node
+    (``_MutualInformation``).
     """
-    joint = joint_histogram(warped, fixed, bins)
-    pa, pb = joint.sum(-1), joint.sum(-2)
-    ratio = joint / (pa[..., :, None] * pb[..., None, :]).clamp(min=1e-12)
-    return -(joint * torch.log(ratio.clamp(min=1e-12))).sum((-2, -1))
+    if fixed.requires_grad:
+        return _information(joint_histogram(warped, fixed, bins))[0]
+    return _MutualInformation.apply(warped, fixed, bins)
+
+
+class _MutualInformation(torch.autograd.Function):
+    """``mi(warped, fixed)`` for a constant ``fixed``, with its gradient written out.
+
+    The gradient of -MI with respect to a joint entry is 1 - log(p_ij / (p_i p_j)); a point
+    gathers it from its nine entries, weighted by the fixed value's window, times the
+    derivative of its own window (d = the offset from its bin's centre: weights
+    0.5 (0.5 - d)^2, 0.75 - d^2, 0.5 (0.5 + d)^2) and of its scaling. The same value as
+    autograd through the histogram and the gradient to rounding (test), in a few operations
+    on (B, 9, N) instead of autograd's graph of broadcasts and reductions.
+    """
+
+    @staticmethod
+    def forward(ctx, warped, fixed, bins):
+        batch, n = warped.shape[:-1], warped.shape[-1]
+        both = torch.stack([warped.reshape(-1, n), fixed.reshape(-1, n)])  # (2, B, N)
+        index, weights = _spline_bins(both, bins)  # (2, B, 3, N)
+        wa, wb = weights[0], weights[1]
+        weight = (wa[:, :, None, :] * wb[:, None, :, :]).reshape(-1)
+        entries = _joint_index(index[0], index[1], bins)
+        joint = torch.zeros(index.shape[1] * bins * bins, device=warped.device, dtype=weight.dtype)
+        joint = joint.index_add_(0, entries, weight).reshape(-1, bins, bins) / n
+        value, log_ratio = _information(joint)
+        lo, hi = both[0].amin(-1, keepdim=True), both[0].amax(-1, keepdim=True)
+        slope = (bins - 3) / (hi - lo).clamp(min=_EPS)  # dt/dx of the warped sample's scaling
+        ctx.save_for_backward(wa, wb, entries, log_ratio, slope, warped, fixed)
+        ctx.shape, ctx.n, ctx.bins = warped.shape, n, bins
+        return value.reshape(batch)
+
+    @staticmethod
+    def backward(ctx, grad):
+        wa, wb, entries, log_ratio, slope, warped, fixed = ctx.saved_tensors
+        if torch.is_grad_enabled():  # a graph of the gradient (second derivatives): autograd's
+            with torch.enable_grad():
+                value = _information(joint_histogram(warped, fixed, ctx.bins))[0]
+                return torch.autograd.grad(value, warped, grad, create_graph=True)[0], None, None
+        b = wa.shape[0]
+        g_joint = (1 - log_ratio) * (grad.reshape(b, 1, 1) / ctx.n)
+        g = g_joint.reshape(-1).index_select(0, entries).reshape(b, 3, 3, -1)
+        g_w = (g * wb[:, None, :, :]).sum(2)  # (B, 3, N): d(-MI)/d(the warped value's weights)
+        d = wa[:, 2] - wa[:, 0]  # the offset from the bin's centre
+        g_d = d * (g_w[:, 0] - 2 * g_w[:, 1] + g_w[:, 2]) + 0.5 * (g_w[:, 2] - g_w[:, 0])
+        return (g_d * slope).reshape(ctx.shape), None, None
 
 
 def normalized_mi(a: torch.Tensor, b: torch.Tensor, bins: int = MI_BINS) -> float:

@@ -2,7 +2,7 @@
 
 Coordinates: a stage's points are voxel indices (N, d) of its down-sampled image, in
 array-axis order; the maps take normalized coordinates of the pair's ``NormalizedBox``
-(``Stage.vox_to_u``/``u_to_vox`` convert). The similarity of a term is a name looked up
+(``Stage.vox_to_u``/``u_to_vox``, ``PointMap`` s, convert). The similarity of a term is a name looked up
 in ``PairData.similarities`` (``losses.SIMILARITIES`` unless a run is given its own table).
 """
 
@@ -11,11 +11,10 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Mapping
 
-import numpy as np
 import torch
 
 from neuralreg.config import RegistrationConfig
-from neuralreg.geometry.coordinates import NormalizedBox, apply_affine
+from neuralreg.geometry.coordinates import NormalizedBox, PointMap
 from neuralreg.geometry.image import Image
 from neuralreg.losses import REGULARIZERS, SIMILARITIES, WINDOWED
 from neuralreg.optim.adam import Adam
@@ -86,10 +85,10 @@ class Stage:
                 for img, mask in zip((self.moving, self.fixed), given, strict=True)
             )
         self.vox_to_u = {
-            "moving": pair.box.voxel_to_normalized_matrix(self.moving.affine),
-            "fixed": pair.box.voxel_to_normalized_matrix(self.fixed.affine),
+            k: PointMap(pair.box.voxel_to_normalized_matrix(img.affine), device)
+            for k, img in (("moving", self.moving), ("fixed", self.fixed))
         }
-        self.u_to_vox = {k: np.linalg.inv(v) for k, v in self.vox_to_u.items()}
+        self.u_to_vox = {k: v.inverse() for k, v in self.vox_to_u.items()}
 
     def draw(self, target: str, similarity: str, fused: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The similarity's points in the ``target``'s domain ("moving" or "fixed"), voxel
@@ -119,8 +118,7 @@ class Stage:
         fused = self.pair.fused_warp if fused is None else fused
         source_img = self.moving if source == "moving" else self.fixed
         vox, target_vals = draw if draw is not None else self.draw(target, similarity, fused)
-        u = apply_affine(self.vox_to_u[target], vox)
-        warped_vox = apply_affine(self.u_to_vox[source], mapping(u))
+        warped_vox = self.u_to_vox[source](mapping(self.vox_to_u[target](vox)))
         if fused:  # native fused value + gradient kernel
             from neuralreg.fields import native
 
@@ -145,8 +143,8 @@ class Stage:
             return torch.zeros((), device=device)
         n = max(1, n_points // 2)
         moving_sampler, fixed_sampler = self.regularizer_samplers
-        u_moving = apply_affine(self.vox_to_u["moving"], moving_sampler.sample(n, weighted=False).to(device))
-        u_fixed = apply_affine(self.vox_to_u["fixed"], fixed_sampler.sample(n, weighted=False).to(device))
+        u_moving = self.vox_to_u["moving"](moving_sampler.sample(n, weighted=False).to(device))
+        u_fixed = self.vox_to_u["fixed"](fixed_sampler.sample(n, weighted=False).to(device))
         entry = REGULARIZERS[cfg.regularizer]
         both_ways = entry.both_ways(cfg, self.pair.box) if entry.both_ways is not None else None
         if both_ways is not None:
