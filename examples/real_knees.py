@@ -58,7 +58,9 @@ def fair_knee(root: Path, out: Path, base_config, overwrite: bool) -> dict:
     reg = neuralreg.register_pair(moving, fixed, base_config)
     report = write_outputs(out / "fair_knee", reg, moving, fixed, overwrite=overwrite)
     return {
-        "ncc_before": ncc(Registration.identity_warp(moving, fixed, mode="linear").data.reshape(-1), fixed.data.reshape(-1)),
+        "ncc_before": ncc(
+            Registration.identity_warp(moving, fixed, mode="linear").data.reshape(-1), fixed.data.reshape(-1)
+        ),
         "ncc_affine_only": ncc(affine_only.warp(moving).data.reshape(-1), fixed.data.reshape(-1)),
         "ncc_after": ncc(reg.warp(moving).data.reshape(-1), fixed.data.reshape(-1)),
         "percent_folds_forward": report["percent_folds_forward"],
