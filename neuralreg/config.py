@@ -61,6 +61,7 @@ Activation = Literal["relu", "silu", "softplus", "tanh"]
 Interpolation = Literal["Linear", "Smoothstep"]
 Jacobian = Literal["autograd", "analytic"]
 AffineInit = Literal["search", "centroid", "identity"]
+SearchSimilarity = Literal["ncc", "mi", "ncc_mi"]  # search.global_search's measures, "_"-joined
 
 
 def choices(cls, key: str) -> tuple:
@@ -347,7 +348,11 @@ class RegistrationConfig:
             candidates fitted as an affine, one chosen: ``alignment.choose_start``),
             ``"centroid"`` (translation between intensity centroids) or ``"identity"``.
         search_max_angle: rotations searched per axis, -max..max degrees (``"search"``).
-        search_starts: rigid candidates of the search fitted as affines.
+        search_starts: rigid candidates of the search fitted as affines (per measure).
+        search_similarity: what the search scores shifts by: ``"ncc"`` (masked NCC: the
+            intensities must correspond), ``"mi"`` (normalized mutual information: holds
+            across contrasts) or ``"ncc_mi"`` (each searches, the candidates of both are
+            fitted and judged: ``search.global_search``'s ``measures``).
         affine_interior_mm: the affine fits (and the choice between starts) draw their
             points at least this deep inside the body, away from its outline
             (``points.interior_mask``; within a mask given); 0: everywhere. Between subjects
@@ -426,6 +431,7 @@ class RegistrationConfig:
     affine_init: AffineInit = "search"
     search_max_angle: float = 40.0
     search_starts: int = 4
+    search_similarity: SearchSimilarity = "ncc"
     affine_interior_mm: float = 12.0
     field_interior: bool = True
     margin: float = 0.15
@@ -497,6 +503,7 @@ class RegistrationConfig:
         _choice(self, "affine_init")
         _float(self, "search_max_angle", 0.0, 180.0)
         _int(self, "search_starts", 1, 64)
+        _choice(self, "search_similarity")
         _float(self, "affine_interior_mm", 0.0, 1e4)
         _bool(self, "field_interior")
         _float(self, "margin", 0.0, 10.0)

@@ -73,7 +73,11 @@ def choose_start(pair: PairData, progress: bool = False) -> tuple[AffineFit, dic
     """
     cfg = pair.cfg
     candidates = search.global_search(
-        pair.moving, pair.fixed, max_angle_deg=cfg.search_max_angle, keep=cfg.search_starts
+        pair.moving,
+        pair.fixed,
+        max_angle_deg=cfg.search_max_angle,
+        keep=cfg.search_starts,
+        measures=tuple(cfg.search_similarity.split("_")),
     )
     levels = len(cfg.affine_pyramid)
     ways = [0] + ([1] if pair.interior_masks is not None and levels > 1 else [])  # first level from the interior
@@ -92,6 +96,7 @@ def choose_start(pair: PairData, progress: bool = False) -> tuple[AffineFit, dic
         "identity_score": None if math.isnan(chosen.identity_score) else chosen.identity_score,
         "overlap": chosen.overlap,
         "candidate_scores": [candidates[k].score for k, _ in starts],
+        "candidate_measures": [candidates[k].measure for k, _ in starts],
         # 1: the fit drew from everything on the coarsest level, 0: from the interior throughout
         "candidate_outline_first": [way for _, way in starts],
         "candidate_coarse_losses": [float(v) for v in coarse],

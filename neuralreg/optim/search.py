@@ -7,10 +7,15 @@ lost there. This module searches exhaustively, at a coarse isotropic resolution:
 
 - over rotations: a grid of Euler angles (one angle in 2D), then a finer grid around the
   best few;
-- over translations, for each rotation at once: masked normalized cross-correlation of
-  the two images for every shift, by FFT (Padfield, "Masked object registration in the
-  Fourier domain", IEEE TIP 2012), counting only voxels inside both fields of view and
-  only shifts where they overlap enough.
+- over translations, for each rotation at once, by FFT: masked normalized
+  cross-correlation of the two images for every shift (Padfield, "Masked object
+  registration in the Fourier domain", IEEE TIP 2012), or normalized mutual information
+  from the joint histogram of every shift (each pair of intensity bins one FFT
+  correlation, as in Orchard and Mann, "Registering a multisensor ensemble of images",
+  IEEE TIP 2010), counting only voxels inside both fields of view and only shifts where
+  they overlap enough. NCC needs intensities that correspond; mutual information holds
+  across contrasts (fat suppressed in one image, bright in the other), and each finds
+  starts the other misses: ``measures=("ncc", "mi")`` keeps the candidates of both.
 
 The result is a rigid world map S (fixed -> moving points): x_moving = R (x_fixed - c) + c' .
 ``register_pair`` uses it as a pre-alignment (``Registration.prealign``): the fields
@@ -38,11 +43,14 @@ class SearchResult:
 
     Attributes:
         matrix: (d+1, d+1) world matrix, fixed -> moving points.
-        score: masked NCC at the best rotation and shift (1 is perfect).
+        score: the search measure at the best rotation and shift: masked NCC (1 is
+            perfect) or normalized mutual information - 1 (0: independent), times the
+            overlap share's power (``global_search``).
         identity_score: masked NCC of the identity map (physical alignment) on the same
             grid, NaN where the images do not overlap in world space.
         overlap: share of the fixed field of view inside the moving one at the optimum.
         angles_deg: Euler angles (x, y, z order of application; one angle in 2D).
+        measure: ``"ncc"`` or ``"mi"``, the measure that found it.
     """
 
     matrix: np.ndarray
@@ -50,6 +58,7 @@ class SearchResult:
     identity_score: float
     overlap: float
     angles_deg: tuple
+    measure: str = "ncc"
 
 
 def rotation_matrix(angles_deg) -> np.ndarray:
@@ -118,6 +127,54 @@ class _MaskedNCC:
         return score, n
 
 
+MI_BINS = 8
+
+
+def _soft_bins(values: torch.Tensor, mask: torch.Tensor, bins: int = MI_BINS) -> torch.Tensor:
+    """(bins, *shape) weights of intensities in [0, 1] spread linearly over their two
+    nearest bins (a triangular Parzen window), zero outside ``mask``."""
+    x = values.float().clamp(0, 1) * (bins - 1)
+    low = x.floor().clamp(max=bins - 2)
+    w = (x - low) * mask
+    low = low.long()[None]
+    out = torch.zeros((bins, *values.shape))
+    out.scatter_(0, low, (mask - w)[None])
+    out.scatter_add_(0, low + 1, w[None])
+    return out
+
+
+class _MaskedMI:
+    """Normalized mutual information (H(F) + H(M)) / H(F, M) of a fixed image against every
+    cyclic shift of moving images, over the voxels inside both fields of view: the joint
+    histogram of all shifts at once, bin pair (i, j) the FFT correlation of the fixed
+    image's bin-i weights with the moving image's bin-j weights."""
+
+    def __init__(self, fixed: torch.Tensor, fixed_mask: torch.Tensor):
+        self.shape = fixed.shape
+        self.dims = tuple(range(1, fixed.dim() + 1))
+        self.total = fixed_mask.sum()
+        self.F = torch.fft.rfftn(_soft_bins(fixed, fixed_mask), dim=self.dims).conj()[:, None]
+
+    def __call__(self, moving: torch.Tensor, moving_mask: torch.Tensor, min_overlap: float, overlap_power: float):
+        mm = moving_mask.float()
+        M = torch.fft.rfftn(_soft_bins(moving, mm), dim=self.dims)[None]
+        joint = torch.fft.irfftn(self.F * M, s=self.shape, dim=tuple(d + 1 for d in self.dims)).clamp(min=0)
+        n = joint.sum((0, 1))
+        p = joint / n.clamp(min=1.0)
+
+        def entropy(q, dims):
+            return -(q * torch.log(q.clamp(min=1e-12))).sum(dims)
+
+        nmi = (entropy(p.sum(1), 0) + entropy(p.sum(0), 0)) / entropy(p, (0, 1)).clamp(min=1e-6) - 1.0
+        share = n / max(min(float(self.total), float(mm.sum())), 1.0)
+        score = nmi * share.clamp(min=0) ** overlap_power
+        score = torch.where(n >= min_overlap, score, torch.full_like(nmi, -2.0))
+        return score, n
+
+
+_MEASURES = {"ncc": _MaskedNCC, "mi": _MaskedMI}
+
+
 def _shift_vector(index: int, shape) -> np.ndarray:
     """The cyclic shift (in voxels, signed) of a flat index of an FFT-correlation array."""
     idx = np.array(np.unravel_index(index, shape), dtype=np.float64)
@@ -135,6 +192,7 @@ def global_search(
     keep: int = 4,
     min_overlap: float = 0.3,
     overlap_power: float = 0.5,
+    measures: tuple = ("ncc",),
 ) -> list[SearchResult]:
     """Search rotations and translations for the rigid maps that best align two images.
 
@@ -146,14 +204,20 @@ def global_search(
             by ``angle_step_deg / 2`` each way.
         min_overlap: shifts where less than this share of the fixed field of view overlaps
             the moving one are not considered.
-        overlap_power: the score is NCC x (overlap / largest possible overlap) ** this.
+        overlap_power: the score is the measure x (overlap / largest possible overlap) ** this.
+        measures: ``"ncc"`` (masked NCC) and/or ``"mi"`` (normalized mutual information):
+            each searches on its own, and the candidates of all are returned.
 
     Returns:
-        up to ``keep`` distinct ``SearchResult`` s, best score first (the world matrix
-        fixed -> moving), and the best shift at the physical orientation (no rotation,
-        refined like the others) wherever it did not rank among them; seeds refined to
-        the same candidate count once.
+        per measure, in the order given: up to ``keep`` distinct ``SearchResult`` s, best
+        score first (the world matrix fixed -> moving), and the best shift at the physical
+        orientation (no rotation, refined like the others) wherever it did not rank among
+        them; seeds refined to the same candidate count once, and a candidate another
+        measure found before is not repeated.
     """
+    unknown = [m for m in measures if m not in _MEASURES]
+    if unknown or not measures:
+        raise ValueError(f"unknown search measure(s) {unknown}; choose from {', '.join(_MEASURES)}")
     d = fixed.n_dims
     lo_f, hi_f = grid_world_box(fixed.shape, fixed.affine)
     lo_m, hi_m = grid_world_box(moving.shape, moving.affine)
@@ -161,36 +225,40 @@ def global_search(
     extent = float(max((hi_f - lo_f).max(), (hi_m - lo_m).max()))
     steps = np.arange(-max_angle_deg, max_angle_deg + 1e-6, max(angle_step_deg, 1e-3)) if max_angle_deg > 0 else [0.0]
     grid = [tuple(a) for a in itertools.product(steps, repeat=1 if d == 2 else 3)]
-    coarse = _Pass(moving, fixed, c_f, c_m, extent, resolution, min_overlap, overlap_power)(grid)
-    seeds = sorted(coarse, key=lambda r: -r[0])[: 2 * keep]
-    # the scanners' own orientation (no rotation) is always a candidate: two scans of one
-    # body part are rarely far apart, and a score that ties must not rotate them away
-    physical = [r for r in coarse if not any(r[1])]
-    seeds = physical + [r for r in seeds if any(r[1])]
     half = angle_step_deg / 2 if max_angle_deg > 0 else 0.0
     ident = identity_score(moving, fixed, refine_resolution)
-    refine = _Pass(moving, fixed, c_f, c_m, extent, refine_resolution, min_overlap, overlap_power)
-    out = []
-    for seed in seeds:
-        if len(out) == keep + len(physical):
-            break
-        local = [seed[1]] + [  # one axis at a time: 2 d' + 1 rotations around the seed
-            tuple(float(a + (o if k == axis else 0.0)) for k, a in enumerate(seed[1]))
-            for axis in range(len(seed[1]))
-            for o in (-half, half)
-        ]
-        score, angles, matrix, overlap = max(refine(local), key=lambda r: r[0])
-        if any(np.allclose(matrix, r.matrix, atol=1e-6) for r in out):
-            continue  # two seeds refined to the same candidate: keep one
-        out.append(SearchResult(matrix, score, ident, overlap, angles))
-    return sorted(out, key=lambda r: -r.score)
+    found: list[SearchResult] = []
+    for measure in measures:
+        coarse = _Pass(moving, fixed, c_f, c_m, extent, resolution, min_overlap, overlap_power, measure)(grid)
+        seeds = sorted(coarse, key=lambda r: -r[0])[: 2 * keep]
+        # the scanners' own orientation (no rotation) is always a candidate: two scans of one
+        # body part are rarely far apart, and a score that ties must not rotate them away
+        physical = [r for r in coarse if not any(r[1])]
+        seeds = physical + [r for r in seeds if any(r[1])]
+        refine = _Pass(moving, fixed, c_f, c_m, extent, refine_resolution, min_overlap, overlap_power, measure)
+        out: list[SearchResult] = []
+        for seed in seeds:
+            if len(out) == keep + len(physical):
+                break
+            local = [seed[1]] + [  # one axis at a time: 2 d' + 1 rotations around the seed
+                tuple(float(a + (o if k == axis else 0.0)) for k, a in enumerate(seed[1]))
+                for axis in range(len(seed[1]))
+                for o in (-half, half)
+            ]
+            score, angles, matrix, overlap = max(refine(local), key=lambda r: r[0])
+            if any(np.allclose(matrix, r.matrix, atol=1e-6) for r in out + found):
+                continue  # two seeds refined to the same candidate: keep one
+            out.append(SearchResult(matrix, score, ident, overlap, angles, measure))
+        found += sorted(out, key=lambda r: -r.score)
+    return found
 
 
 class _Pass:
-    """One resolution of the search: the fixed side (resampled, its FFTs) prepared once,
-    then ``self(rotations)`` -> [(score, angles, world matrix, overlap)], the best shift of each."""
+    """One resolution of the search with one measure (``_MEASURES``): the fixed side
+    (resampled, its FFTs) prepared once, then ``self(rotations)`` -> [(score, angles,
+    world matrix, overlap)], the best shift of each."""
 
-    def __init__(self, moving, fixed, c_f, c_m, extent, resolution, min_overlap, overlap_power):
+    def __init__(self, moving, fixed, c_f, c_m, extent, resolution, min_overlap, overlap_power, measure: str = "ncc"):
         d = fixed.n_dims
         self.d, self.c_f, self.c_m, self.overlap_power = d, c_f, c_m, overlap_power
         self.spacing = 2.0 * extent / resolution  # the grid spans twice the largest extent: no wrap-around
@@ -198,7 +266,7 @@ class _Pass:
         self.offsets = (grid_points(self.shape, dtype=torch.float64) - (resolution - 1) / 2) * self.spacing
         self.moving = _smoothed(moving, self.spacing)
         f, fm = _resample(_smoothed(fixed, self.spacing), self.offsets + torch.as_tensor(c_f), self.shape)
-        self.ncc = _MaskedNCC(_normalize(f, fm), fm)
+        self.score = _MEASURES[measure](_normalize(f, fm), fm)
         self.fixed_voxels = float(fm.sum())
         self.need = min_overlap * self.fixed_voxels
 
@@ -208,7 +276,7 @@ class _Pass:
             rot = rotation_matrix(angles)
             pts = self.offsets @ torch.as_tensor(rot).T + torch.as_tensor(self.c_m)
             m, mm = _resample(self.moving, pts, self.shape)
-            score, n = self.ncc(_normalize(m, mm), mm, self.need, self.overlap_power)
+            score, n = self.score(_normalize(m, mm), mm, self.need, self.overlap_power)
             k = int(torch.argmax(score))
             shift = _shift_vector(k, self.shape) * self.spacing  # x_m = R (x - c_f + shift) + c_m
             matrix = np.eye(d + 1)
