@@ -7,9 +7,13 @@ a smooth random deformation (up to 4 mm) with new noise, whose header is rotated
 (``neuralreg_eval.headers``). Every method runs as its whole command on the pair's files
 and is scored against the true map: mean and 95th-percentile error (mm) inside the body,
 label Dice (IXI), gross failure when the mean error exceeds 4 mm, and neuralreg's verdict.
+With ``--contrast`` every moving scan is also put in another contrast: its intensities
+pass through a random curve that is not monotonic (``headers.remap_contrast``), so
+tissues swap order between the two images as between fat-suppressed, T1 and T2 scans.
 
     python examples/header_benchmark.py --out header_results                 # 20 IXI + 20 DESS pairs
     python examples/header_benchmark.py --out quick --ixi 2 --dess 2 --methods neuralreg
+    python examples/header_benchmark.py --out other_contrast --contrast   # the moving scans in another contrast
 
 Writes OUT/pairs/<id>/ (reused on re-runs), OUT/results.csv (finished rows are kept when
 re-run) and OUT/results.md (per family and method: means, gross failures, verdicts).
@@ -54,6 +58,12 @@ def parse_args(argv=None):
     p.add_argument("--dess", type=int, default=20, help="DESS knee pairs (default: 20)")
     p.add_argument("--methods", default="neuralreg,ants", help="comma-separated methods (default: neuralreg,ants)")
     p.add_argument("--threads", type=int, default=2, help="CPU threads per registration (default: 2)")
+    p.add_argument(
+        "--contrast",
+        action="store_true",
+        help="the moving scans in another contrast (a random non-monotonic intensity curve; families ixi-contrast, "
+        "dess-contrast)",
+    )
     return p.parse_args(argv)
 
 
@@ -71,8 +81,10 @@ def _write(pair: dict, folder: Path) -> None:
     (folder / "pair.json").write_text(json.dumps({"ready": True}))
 
 
-def prepare(data: Path, out: Path, n_ixi: int, n_dess: int) -> list[tuple[str, str, Path]]:
-    """(pair id, family, folder) of every pair, synthesized on first use."""
+def prepare(data: Path, out: Path, n_ixi: int, n_dess: int, contrast: bool = False) -> list[tuple[str, str, Path]]:
+    """(pair id, family, folder) of every pair, synthesized on first use (``contrast``: the
+    moving scans in another contrast, ``headers.perturbed_pair``)."""
+    tag = "-contrast" if contrast else ""
     from neuralreg_eval.brain import image_files
 
     from neuralreg.io import read_image, read_labels
@@ -81,23 +93,24 @@ def prepare(data: Path, out: Path, n_ixi: int, n_dess: int) -> list[tuple[str, s
     ixi = image_files(data / "ixi_brains")
     for k in range(n_ixi if ixi else 0):
         img, lab = ixi[k % len(ixi)]
-        pid = f"ixi-{img.name.split('-')[0]}-{k // len(ixi)}"
+        pid = f"ixi{tag}-{img.name.split('-')[0]}-{k // len(ixi)}"
         folder = out / "pairs" / pid
         if not (folder / "pair.json").exists():
-            _write(headers.perturbed_pair(read_image(img), read_labels(lab), seed=100 + k), folder)
-        pairs.append((pid, "ixi", folder))
+            pair = headers.perturbed_pair(read_image(img), read_labels(lab), seed=100 + k, contrast=contrast)
+            _write(pair, folder)
+        pairs.append((pid, f"ixi{tag}", folder))
     dess_path = data / "dess_knee" / "dess_echo01.nii.gz"
     dess = None
     for k in range(n_dess if dess_path.exists() else 0):
-        pid = f"dess-{k:02d}"
+        pid = f"dess{tag}-{k:02d}"
         folder = out / "pairs" / pid
         if not (folder / "pair.json").exists():
             if dess is None:
                 from neuralreg_eval.knee import resample_to_shape
 
                 dess = resample_to_shape(read_image(dess_path), (256, 256, 80))
-            _write(headers.perturbed_pair(dess, None, seed=200 + k), folder)
-        pairs.append((pid, "dess", folder))
+            _write(headers.perturbed_pair(dess, None, seed=200 + k, contrast=contrast), folder)
+        pairs.append((pid, f"dess{tag}", folder))
     return pairs
 
 
@@ -123,7 +136,7 @@ def main(argv=None) -> int:
     rows = list(csv.DictReader(open(results))) if results.exists() else []
     done = {(r["pair"], r["method"]) for r in rows if not r.get("error")}
     rows = [r for r in rows if (r["pair"], r["method"]) in done]
-    pairs = prepare(data, args.out, args.ixi, args.dess)
+    pairs = prepare(data, args.out, args.ixi, args.dess, args.contrast)
     with tqdm(total=len(pairs) * len(methods), desc="header benchmark", dynamic_ncols=True) as bar:
         for pid, family, folder in pairs:
             for m in methods:

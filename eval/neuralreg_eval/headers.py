@@ -50,10 +50,14 @@ def perturbed_pair(
     max_offset_mm: float = 50.0,
     amplitude_mm: float = 4.0,
     noise: float = 0.02,
+    contrast: bool = False,
 ) -> dict:
     """One pair (see the module doc): ``fixed``, ``moving``, their labels (or None),
     ``truth`` (the forward displacement on the fixed grid, (*shape, 3) mm) and ``body``
-    (bool, the fixed voxels above 10 % of its 99th percentile: where the truth is scored)."""
+    (bool, the fixed voxels above 10 % of its 99th percentile: where the truth is scored).
+
+    ``contrast``: the moving image in another contrast, its intensities passed through
+    ``remap_contrast`` (a random curve that is not monotonic: tissues swap order)."""
     rng = np.random.default_rng(seed)
     d = image.n_dims
     u = smooth_random_displacement(image.shape, image.affine, amplitude_mm, 4, seed + 7).float()
@@ -63,6 +67,8 @@ def perturbed_pair(
     scale = float(torch.quantile(image.data.float().reshape(-1)[::97], 0.99))
     g = torch.Generator().manual_seed(seed)
     data = image.sample(vox, padding="border").reshape(image.shape)
+    if contrast:
+        data = remap_contrast(data, scale, np.random.default_rng(seed + 1000))  # the geometry as without
     data = data + noise * scale * torch.randn(image.shape, generator=g)
     moving_labels = None
     if labels is not None:
@@ -84,6 +90,21 @@ def perturbed_pair(
         "truth": truth.reshape(*image.shape, d),
         "body": body,
     }
+
+
+def remap_contrast(data: torch.Tensor, scale: float, rng: np.random.Generator, knots: int = 5) -> torch.Tensor:
+    """Intensities through a random piecewise-linear curve: dark stays dark (air is dark in
+    every MR contrast), the curve's value at each of ``knots`` evenly spaced intensities in
+    (0, ``scale``] drawn from [0.15, 1] x ``scale`` (never all in increasing order), so that
+    bright and mid-grey tissues change places at random (as fat and fluid do between fat-suppressed, T1 and T2
+    weighting); an intensity correspondence no linear or monotonic map undoes."""
+    xs = np.linspace(0.0, 1.0, knots + 1) * scale
+    values = rng.uniform(0.15, 1.0, knots)
+    if np.all(np.diff(values) >= 0):  # monotonic by chance: the brightest two swap
+        values[-2:] = values[-2:][::-1].copy()
+    ys = np.concatenate([[0.0], values]) * scale
+    flat = np.interp(data.reshape(-1).numpy(), xs, ys, right=ys[-1])
+    return torch.from_numpy(flat).to(data.dtype).reshape(data.shape)
 
 
 def score_maps(forward, inverse, pair_dir) -> dict:

@@ -86,3 +86,30 @@ def test_header_pair_truth_maps_fixed_points_onto_the_same_anatomy(tmp_path):
     assert right["error_mm"] < 0.05 and not right["gross_failure"]
     wrong = headers.score_maps(DisplacementField(torch.zeros_like(truth), fixed.affine), None, tmp_path)
     assert wrong["error_mm"] > headers.GROSS_FAILURE_ERROR_MM and wrong["gross_failure"]
+
+
+def test_header_pair_in_another_contrast_keeps_the_truth_and_swaps_tissue_order():
+    """``contrast=True`` changes the moving image's intensities only: the same map and
+    header, and the order of tissue intensities is not kept (no monotonic
+    map undoes it)."""
+    p = knee_phantom_pair(0, shape=(24, 40, 40))
+    same = headers.perturbed_pair(p["fixed"], p["fixed_labels"], seed=3, noise=0.0)
+    other = headers.perturbed_pair(p["fixed"], p["fixed_labels"], seed=3, noise=0.0, contrast=True)
+    assert torch.equal(same["truth"], other["truth"])
+    assert np.array_equal(same["moving"].affine, other["moving"].affine)
+    a, b = same["moving"].data.reshape(-1), other["moving"].data.reshape(-1)
+    # over pairs of voxels, the remap reverses the order of some
+    g = torch.Generator().manual_seed(0)
+    i, j = torch.randint(0, a.numel(), (2, 20000), generator=g)
+    apart = (a[i] - a[j]).abs() > 0.05 * float(a.max())
+    swapped = ((a[i] - a[j]) * (b[i] - b[j]) < 0)[apart].float().mean()
+    assert 0.0 < float(swapped) < 0.9  # some reversed: no monotonic map undoes it
+
+
+def test_contrast_remap_is_piecewise_linear_through_its_knots():
+    rng = np.random.default_rng(0)
+    x = torch.linspace(0, 2.0, 201)
+    y = headers.remap_contrast(x, 2.0, np.random.default_rng(0), knots=5)
+    knots = np.concatenate([[0.0], rng.uniform(0.15, 1.0, 5)]) * 2.0
+    assert torch.allclose(y[::40], torch.tensor(knots, dtype=y.dtype), atol=1e-5)
+    assert float(y[0]) == 0.0
