@@ -158,13 +158,19 @@ def normalized_mi(a: torch.Tensor, b: torch.Tensor, bins: int = MI_BINS) -> floa
     """Studholme's normalized mutual information (H(a) + H(b)) / H(a, b): 1 for independent
     samples, 2 for samples that determine each other; it does not grow with the overlap's
     entropy, so pairs of different images compare."""
+    return float(normalized_mi_of_joint(joint_histogram(a.double(), b.double(), bins), (0, 1), floor=1e-12))
 
-    def entropy(p: torch.Tensor) -> float:
-        p = p[p > 0]
-        return float(-(p * torch.log(p)).sum())
 
-    joint = joint_histogram(a.double(), b.double(), bins)
-    return (entropy(joint.sum(1)) + entropy(joint.sum(0))) / max(entropy(joint.reshape(-1)), 1e-12)
+def normalized_mi_of_joint(joint: torch.Tensor, dims: tuple = (0, 1), floor: float = 1e-6) -> torch.Tensor:
+    """(H(A) + H(B)) / H(A, B) of joint probabilities whose bin axes are ``dims`` (two
+    non-negative axes, A's first); every other axis is a batch (the global search's shifts).
+    ``floor`` bounds the joint entropy from below."""
+    a, b = dims
+
+    def entropy(p: torch.Tensor, axes) -> torch.Tensor:
+        return -(p * torch.log(p.clamp(min=1e-12))).sum(axes)
+
+    return (entropy(joint.sum(b), a) + entropy(joint.sum(a), b - 1)) / entropy(joint, (a, b)).clamp(min=floor)
 
 
 def lncc_mi(warped: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:

@@ -35,6 +35,7 @@ import torch
 
 from neuralreg.geometry.coordinates import apply_affine, grid_points, grid_world_box
 from neuralreg.geometry.image import Image
+from neuralreg.losses.similarity import normalized_mi_of_joint
 
 
 @dataclass
@@ -160,12 +161,7 @@ class _MaskedMI:
         M = torch.fft.rfftn(_soft_bins(moving, mm), dim=self.dims)[None]
         joint = torch.fft.irfftn(self.F * M, s=self.shape, dim=tuple(d + 1 for d in self.dims)).clamp(min=0)
         n = joint.sum((0, 1))
-        p = joint / n.clamp(min=1.0)
-
-        def entropy(q, dims):
-            return -(q * torch.log(q.clamp(min=1e-12))).sum(dims)
-
-        nmi = (entropy(p.sum(1), 0) + entropy(p.sum(0), 0)) / entropy(p, (0, 1)).clamp(min=1e-6) - 1.0
+        nmi = normalized_mi_of_joint(joint / n.clamp(min=1.0), (0, 1)) - 1.0
         share = n / max(min(float(self.total), float(mm.sum())), 1.0)
         score = nmi * share.clamp(min=0) ** overlap_power
         score = torch.where(n >= min_overlap, score, torch.full_like(nmi, -2.0))
