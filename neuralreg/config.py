@@ -343,6 +343,11 @@ class RegistrationConfig:
         affine_similarity: similarity of the affine fits and of the choice between starts:
             ``"mi"`` holds where the soft tissue of two subjects has intensities of its own,
             and across contrasts (docs/configuration.md).
+        affine_overlap: the affine fits' mutual information counts only the points inside
+            both images' fields of view (not in a scan's zero padding, not outside its grid),
+            times their share (``losses.similarity.overlap_mi``): counted as intensities,
+            the padding lets the fit scale the anatomy away where fields of view differ.
+            False: every point, padding as intensity 0 (``mi``).
         affine_init: how the global alignment starts: ``"search"`` (rotations and, by FFT,
             translations at a coarse resolution; each of the best ``search_starts`` rigid
             candidates fitted as an affine, one chosen: ``alignment.choose_start``),
@@ -428,6 +433,7 @@ class RegistrationConfig:
     affine_pyramid: tuple = (4, 2)
     affine_points: int | None = None
     affine_similarity: Similarity = "mi"
+    affine_overlap: bool = True
     affine_init: AffineInit = "search"
     search_max_angle: float = 40.0
     search_starts: int = 4
@@ -506,6 +512,7 @@ class RegistrationConfig:
         _choice(self, "search_similarity")
         _float(self, "affine_interior_mm", 0.0, 1e4)
         _bool(self, "field_interior")
+        _bool(self, "affine_overlap")
         _float(self, "margin", 0.0, 10.0)
 
     def to_dict(self) -> dict[str, Any]:

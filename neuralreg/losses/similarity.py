@@ -50,12 +50,18 @@ MI_BINS = 32
 WINDOWED = ("lncc", "lncc_mi")  # the similarities that take windows of points (P, K)
 
 
-def _spline_bins(x: torch.Tensor, bins: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _spline_bins(x: torch.Tensor, bins: int, counted: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Quadratic B-spline Parzen window: each value of ``x`` (..., N) spread over its three
-    nearest of ``bins`` bins spanning its sample's own range. Returns (bin indices (..., 3, N),
+    nearest of ``bins`` bins spanning its sample's own range (of the points where
+    ``counted``, a bool (..., N), is set, where given). Returns (bin indices (..., 3, N),
     weights (..., 3, N), summing to 1 over the three, differentiable in ``x``); the points
     run along the last axis, so that products and sums over the three run on contiguous rows."""
-    lo, hi = x.detach().amin(-1, keepdim=True), x.detach().amax(-1, keepdim=True)
+    v = x.detach()
+    if counted is None:
+        lo, hi = v.amin(-1, keepdim=True), v.amax(-1, keepdim=True)
+    else:
+        lo = torch.where(counted, v, torch.inf).amin(-1, keepdim=True).clamp(max=v.amax(-1, keepdim=True))
+        hi = torch.where(counted, v, -torch.inf).amax(-1, keepdim=True).clamp(min=lo)
     t = (x - lo) / (hi - lo).clamp(min=_EPS) * (bins - 3) + 1  # centres 1 .. bins-2: room either side
     centre = t.detach().round()
     d = t - centre
@@ -152,6 +158,37 @@ class _MutualInformation(torch.autograd.Function):
         d = wa[:, 2] - wa[:, 0]  # the offset from the bin's centre
         g_d = d * (g_w[:, 0] - 2 * g_w[:, 1] + g_w[:, 2]) + 0.5 * (g_w[:, 2] - g_w[:, 0])
         return (g_d * slope).reshape(ctx.shape), None, None
+
+
+def overlap_mi(warped: torch.Tensor, fixed: torch.Tensor, weight: torch.Tensor, bins: int = MI_BINS) -> torch.Tensor:
+    """Negative mutual information of the points inside both images' fields of view, times
+    their share: -f MI(q), q the joint histogram of the points weighted by ``weight`` in
+    [0, 1] (1: the point and its warped position both hold data) normalized to sum to 1, f
+    the mean weight.
+
+    A scan's zero padding (where its field of view ends inside its grid) and what lies
+    outside its grid are not tissue: counted as intensities (``mi``), they form a class of
+    their own that a global fit can align with something in the other image, scaling
+    the anatomy away (docs/benchmarks.md). Counting only the overlap, as ITK's and elastix'
+    metrics drop samples outside the moving image, removes that class; the share f keeps
+    the fit from shrinking the overlap to the few points that match best (the mutual
+    information of a small overlap is high). ``weight`` is differentiable (a mask sampled
+    by linear interpolation at the warped points): the overlap's edge moves with the map.
+
+    Inputs (..., N), ``weight`` broadcast to ``warped``; returns (...). With ``weight`` all
+    ones, equal to ``mi``.
+    """
+    batch, n = warped.shape[:-1], warped.shape[-1]
+    weight = weight.expand_as(warped).reshape(-1, n)
+    counted = weight.detach() > 0  # the histograms span the counted points' range
+    ia, wa = _spline_bins(warped.reshape(-1, n), bins, counted)
+    ib, wb = _spline_bins(fixed.expand_as(warped).reshape(-1, n), bins, counted)
+    entry = (wa[:, :, None, :] * wb[:, None, :, :] * weight[:, None, None, :]).reshape(-1)
+    joint = torch.zeros(ia.shape[0] * bins * bins, device=warped.device, dtype=entry.dtype)
+    joint = joint.index_add(0, _joint_index(ia, ib, bins), entry).reshape(-1, bins, bins) / n
+    share = joint.sum((-2, -1))
+    value = share * _information(joint / share.clamp(min=_EPS)[:, None, None])[0]
+    return value.reshape(batch)
 
 
 def normalized_mi(a: torch.Tensor, b: torch.Tensor, bins: int = MI_BINS) -> float:

@@ -20,6 +20,7 @@ from neuralreg.fields.affine import AffineMap, intensity_centroid, world_matrix
 from neuralreg.geometry.coordinates import NormalizedBox, grid_corners_world
 from neuralreg.geometry.image import Image
 from neuralreg.losses import BATCHED, WINDOWED
+from neuralreg.losses.similarity import mi, overlap_mi
 from neuralreg.optim import search
 from neuralreg.optim.adam import Adam, step_together
 from neuralreg.optim.points import interior_mask
@@ -332,19 +333,20 @@ def _terms(fits: list[AffineFit], geometry: _Geometry, draw: tuple, fused: bool)
     similarity = pair.cfg.affine_similarity
     loss = pair.similarities[similarity]
     batched = loss in BATCHED
+    fov = stage.fields_of_view if loss is mi else None  # name -> Image of its field of view, or None
     terms = []
     for (vox, target_vals), target, source in zip(draw, ("fixed", "moving"), (stage.moving, stage.fixed), strict=True):
         m = maps[target]
         d = vox.shape[1]
         points = torch.baddbmm(m[:, None, :d, d], vox.expand(len(fits), -1, -1), m[:, :d, :d].transpose(1, 2))
-        if fused:  # native fused value + gradient kernel
-            from neuralreg.fields import native
-
-            warped = native.warp(source.data.float(), points.reshape(-1, d))
-        else:
-            warped = source.sample(points.reshape(-1, d))
+        warped = _sample(source, points.reshape(-1, d), fused)
         shape = target_vals.shape
         warped = warped.reshape(len(fits), *shape)
+        if fov is not None:  # the overlap's mutual information (``losses.similarity.overlap_mi``)
+            source_name = "moving" if target == "fixed" else "fixed"
+            inside = _sample(fov[source_name], points.reshape(-1, d), fused).reshape(warped.shape)
+            terms.append(overlap_mi(warped, target_vals, inside * _sample(fov[target], vox, False)))
+            continue
         if similarity in WINDOWED:
             shape = (-1, pair.cfg.lncc_patch_points)
             warped, target_vals = warped.reshape(len(fits), *shape), target_vals.reshape(shape)
@@ -353,6 +355,16 @@ def _terms(fits: list[AffineFit], geometry: _Geometry, draw: tuple, fused: bool)
         else:
             terms.append(torch.stack([loss(w, target_vals) for w in warped]))
     return torch.stack(terms, 1)
+
+
+def _sample(image: Image, vox: torch.Tensor, fused: bool) -> torch.Tensor:
+    """``image`` at voxel points (N, d), linear, 0 outside its grid: the native fused value
+    + gradient kernel where ``fused``."""
+    if fused:
+        from neuralreg.fields import native
+
+        return native.warp(image.data.float(), vox)
+    return image.sample(vox)
 
 
 def _read(fits: list[AffineFit], pending: list, level: int, bar) -> None:

@@ -69,6 +69,23 @@ def interior_mask(image: Image, depth_mm: float) -> torch.Tensor | None:
     return inside
 
 
+def field_of_view(image: Image) -> torch.Tensor:
+    """Where ``image`` holds data: float (*shape), 0 in its zero padding, 1 elsewhere.
+
+    A scan resampled onto a larger grid, or cropped, is padded with a constant where its
+    field of view ends; preprocessing maps that constant to the image's minimum. Padding
+    is where the image is at its minimum over whole blocks: the minimum's voxels whose
+    3^d neighbourhood is at the minimum too, grown back by one voxel (a morphological
+    opening). Dark tissue and noisy air reach the minimum in scattered voxels only, so
+    they stay data.
+    """
+    x = image.data
+    low = x <= x.min()
+    ones = [1] * x.dim()
+    padding = _grow(~_grow(~low, ones), ones) & low
+    return (~padding).float()
+
+
 def _grow(mask: torch.Tensor, radii) -> torch.Tensor:
     """Box dilation of a bool mask by ``radii`` voxels per axis; beyond the grid's edge is unset."""
     m = mask.float()

@@ -46,6 +46,7 @@ from neuralreg.losses import SIMILARITIES
 from neuralreg.optim import inputs
 from neuralreg.optim.adam import Adam
 from neuralreg.optim.alignment import AffineFit, choose_start, interior_within
+from neuralreg.optim.points import field_of_view
 from neuralreg.optim.stage import PairData, Stage, stage_steps
 from neuralreg.optim.watchdog import Snapshot, Watchdog
 from neuralreg.quality import assess
@@ -170,6 +171,8 @@ class PairRegistration:
             self.affine.requires_grad_(False)
             return
         self._find_interior()
+        if cfg.affine_overlap:
+            self.pair.fields_of_view = (field_of_view(self.pair.moving), field_of_view(self.pair.fixed))
         if cfg.affine_init == "search":
             fit, self.search = choose_start(self.pair, self.run_config.progress)
         else:

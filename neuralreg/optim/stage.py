@@ -29,7 +29,10 @@ class PairData:
     ``interior_masks``: (moving, fixed) masks of the body's interior
     (``alignment.interior_within``) that the affine fits, and the fields with
     ``config.field_interior``, draw their similarity points from; the moving one in the
-    frame of the start; None: the masks given. ``similarities``: similarity name -> loss
+    frame of the start; None: the masks given. ``fields_of_view``: (moving, fixed) where
+    each image holds data (``points.field_of_view``, on its own grid), which the affine
+    fits' mutual information counts only (``losses.similarity.overlap_mi``); None: all of
+    each grid. ``similarities``: similarity name -> loss
     ``(warped, target) -> scalar``. ``optimizer``: ``(parameters, learning_rate) ->`` an
     optimizer with ``lr``, ``zero_grad``, ``step``, ``state_dict`` and ``load_state_dict``.
     """
@@ -44,6 +47,7 @@ class PairData:
     fused_warp: bool
     points: int  # similarity points per direction and step (``config.similarity_points``)
     interior_masks: tuple | None = None
+    fields_of_view: tuple | None = None  # (moving, fixed) float (*shape) of ``points.field_of_view``
     similarities: Mapping[str, Callable] = dataclasses.field(default_factory=lambda: dict(SIMILARITIES))
     optimizer: Callable = Adam
     check_every: int = 1  # steps between host reads of the loss (``RunConfig.check_every``)
@@ -89,6 +93,18 @@ class Stage:
             for k, img in (("moving", self.moving), ("fixed", self.fixed))
         }
         self.u_to_vox = {k: v.inverse() for k, v in self.vox_to_u.items()}
+        self.fields_of_view = None  # name -> the image's field of view at this level (share of each voxel)
+        if pair.fields_of_view is not None:
+            self.fields_of_view = {
+                k: img.with_data(Image(fov, src.affine).to(device).downsample(factor).data)
+                for k, img, src, fov in zip(
+                    ("moving", "fixed"),
+                    (self.moving, self.fixed),
+                    (pair.moving, pair.fixed),
+                    pair.fields_of_view,
+                    strict=True,
+                )
+            }
 
     def draw(self, target: str, similarity: str, fused: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The similarity's points in the ``target``'s domain ("moving" or "fixed"), voxel

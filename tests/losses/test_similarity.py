@@ -125,3 +125,54 @@ def test_a_batch_of_samples_gives_each_samples_loss_and_gradient(name):
         value = loss(one, fixed)
         torch.testing.assert_close(batch[k], value, rtol=1e-12, atol=1e-14)
         torch.testing.assert_close(grad[k], torch.autograd.grad(value, one)[0], rtol=1e-10, atol=1e-14)
+
+
+def test_overlap_mi_counts_only_the_overlap_times_its_share():
+    """overlap_mi = share x mi of the counted points (their own intensity range), mi itself
+    where every point counts; a batch against one fixed sample."""
+    from neuralreg.losses.similarity import overlap_mi
+
+    g = torch.Generator().manual_seed(0)
+    warped = torch.rand(3, 4000, generator=g, dtype=torch.float64)
+    fixed = warped[0] ** 2 + 0.1 * torch.rand(4000, generator=g, dtype=torch.float64)
+    warped[:, :100] = 5.0  # far outside the counted points' range: must not stretch their bins
+    weight = (torch.rand(4000, generator=g) > 0.3).double()
+    weight[:100] = 0
+    kept = weight > 0
+    expected = torch.stack([mi(w[kept], fixed[kept]) for w in warped]) * kept.double().mean()
+    torch.testing.assert_close(overlap_mi(warped, fixed, weight), expected)
+    torch.testing.assert_close(
+        overlap_mi(warped, fixed, torch.ones(4000, dtype=torch.float64)), mi(warped, fixed.expand_as(warped))
+    )
+
+
+def test_overlap_mi_gradients_in_values_and_weights_match_finite_differences():
+    """The overlap's edge moves with the map: overlap_mi is differentiable in the warped
+    values and in the weights (a mask sampled at the warped points); float64 gradcheck."""
+    from neuralreg.losses.similarity import overlap_mi
+
+    g = torch.Generator().manual_seed(1)
+    fixed = torch.rand(300, generator=g, dtype=torch.float64)
+    warped = (0.1 + 0.8 * (fixed**2 + 0.2 * torch.rand(300, generator=g, dtype=torch.float64)) / 1.2).requires_grad_()
+    weight = (0.1 + 0.9 * torch.rand(300, generator=g, dtype=torch.float64)).requires_grad_()
+    # the range that scales the bins is detached by design: pinned by two anchors that count
+    anchors = torch.tensor([0.0, 1.0], dtype=torch.float64)
+    one = torch.ones(2, dtype=torch.float64)
+
+    def f(w, v):
+        return overlap_mi(torch.cat([w, anchors]), torch.cat([fixed, anchors]), torch.cat([v, one]), bins=8)
+
+    assert torch.autograd.gradcheck(f, (warped, weight))
+
+
+def test_overlap_mi_does_not_reward_a_small_overlap_that_matches():
+    """The mutual information of a few points that match is high; times their share it
+    loses to a large overlap that matches as well (a fit cannot win by leaving the image)."""
+    from neuralreg.losses.similarity import overlap_mi
+
+    g = torch.Generator().manual_seed(2)
+    fixed = torch.rand(5000, generator=g)
+    warped = fixed + 0.05 * torch.randn(5000, generator=g)
+    small = (torch.arange(5000) < 500).float()
+    assert mi(warped[:500], fixed[:500]) < mi(warped, fixed) + 0.5  # alone, about as informative
+    assert overlap_mi(warped, fixed, torch.ones(5000)) < overlap_mi(warped, fixed, small)

@@ -257,3 +257,21 @@ def test_the_stages_after_the_first_fit_the_fine_similarity():
         PairRegistration(pair["moving"], pair["fixed"], cfg, run={"threads": 1}, similarities=similarities).run()
     # 2 affine steps, then stages of 2, 2 and 4 steps; two terms a step
     assert called == [("ncc", (512,))] * 4 + [("lncc", (32, 32))] * 4 + [("mi", (1024,))] * 12
+
+
+def test_field_of_view_is_the_image_less_its_zero_padding():
+    """A scan cropped by its field of view (a block at the minimum) loses that block; dark
+    voxels scattered in the data (noise clipped to the minimum) stay; 2D and 3D."""
+    import numpy as np
+
+    from neuralreg.geometry.image import Image
+    from neuralreg.optim.points import field_of_view
+
+    g = torch.Generator().manual_seed(0)
+    for shape in ((20, 30, 30), (40, 50)):
+        x = (torch.rand(shape, generator=g) - 0.1).clamp(min=0)  # a tenth of the voxels at 0, scattered
+        x[:, :8] = 0  # the padding: 8 of 30 (50) columns
+        fov = field_of_view(Image(x, np.eye(len(shape) + 1)))
+        assert fov.dtype == torch.float32 and fov.shape == x.shape
+        assert bool((fov[:, :8] == 0).all())
+        assert bool((fov[:, 8:] == 1).all())  # the scattered zeros count as data
