@@ -18,6 +18,7 @@ this order by ``run``:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import inspect
 import math
 import os
@@ -42,7 +43,7 @@ from neuralreg.fields.affine import AffineMap, ComposedMap
 from neuralreg.fields.field import NeuralField
 from neuralreg.geometry.coordinates import NormalizedBox
 from neuralreg.geometry.image import Image
-from neuralreg.losses import SIMILARITIES
+from neuralreg.losses import SIMILARITIES, WINDOWED
 from neuralreg.optim import inputs
 from neuralreg.optim.adam import Adam
 from neuralreg.optim.alignment import AffineFit, choose_start, interior_within
@@ -120,6 +121,7 @@ class PairRegistration:
         self.similarities = dict(SIMILARITIES if similarities is None else similarities)
         self.history: list[dict] = []
         self.search: dict | None = None
+        self.contrast: dict | None = None
         self.interior_shares: dict | None = None
         self.prealign = np.eye(self.fixed.n_dims + 1)
 
@@ -205,6 +207,8 @@ class PairRegistration:
         rolls both fields back to the last healthy snapshot at half the learning rate."""
         cfg = self.config
         self.maps = (ComposedMap(self.phi_ab, self.affine, False), ComposedMap(self.phi_ba, self.affine, True))
+        self._check_contrast()
+        cfg = self.config
         self.learning_rate = cfg.learning_rate
         params = list(self.phi_ab.parameters()) + list(self.phi_ba.parameters())
         self.optimizer = self.make_optimizer(params, self.learning_rate)
@@ -217,6 +221,30 @@ class PairRegistration:
                 self.fit_stage(s, n_steps)
         finally:
             self.bar.close()
+
+    def _check_contrast(self) -> None:
+        """Global NCC after the global part (``ncc_after_global``), on points of the first
+        field stage drawn from a generator of their own (the run's draws stay as they are).
+        Where it is negative the two contrasts are inverted (tissues swap order): local NCC,
+        which asks each window's intensities to rise together, then pulls the first stage the
+        wrong way (a head in another contrast: the fields ran 48-81 mm off under three seeds,
+        0.39 mm with mutual information; docs/benchmarks.md), so the first stage fits
+        ``fine_similarity`` (mutual information) instead, and ``first_stage_similarity``
+        says so. Only where the first stage fits a windowed similarity and the later ones
+        mutual information (the defaults), after a global part."""
+        cfg = self.config
+        if cfg.affine_steps == 0 or cfg.similarity not in WINDOWED or cfg.fine_similarity != "mi":
+            return
+        generator = torch.Generator(device=self.device).manual_seed(cfg.seed + 104729)
+        stage = self.pair.stage(cfg.pyramid[0], generator, self.pair.points, cfg.field_interior)
+        with torch.no_grad():  # new fields are the identity: self.maps[0] is the global part
+            ncc = 1.0 - float(stage.similarity(self.maps[0], "moving", "fixed", "ncc", fused=False))
+        first = cfg.similarity
+        if ncc < 0:
+            first = cfg.fine_similarity
+            self.config = dataclasses.replace(cfg, similarity=first)
+            self.pair = dataclasses.replace(self.pair, cfg=self.config)
+        self.contrast = {"ncc_after_global": ncc, "first_stage_similarity": first}
 
     def field_stage(self, s: int) -> Stage:
         """Pyramid stage ``s`` of the fields: its share of the similarity points, drawn
@@ -342,6 +370,8 @@ class PairRegistration:
             # share of each grid the affine fits (and with field_interior the fields' similarity
             # points) drew from (None: all of it, or the mask given)
             "affine_interior": self.interior_shares,
+            # global NCC after the global part, and what the first field stage fitted (``_check_contrast``)
+            "contrast": self.contrast,
             "run": self.run_config.to_dict(),
         }
         reg = Registration(
