@@ -54,6 +54,10 @@ from neuralreg.quality import assess
 from neuralreg.result import Registration
 
 SNAPSHOT_EVERY = 50  # steps between snapshots of the fields a rollback may return to
+# global NCC after the global part below this: the contrasts are inverted (``_check_contrast``); knees of
+# two subjects in one contrast, whose soft tissue does not correspond, scored -0.04 to 0.20, a head in
+# another contrast whose tissues swap order -0.20
+INVERTED_NCC = -0.1
 
 
 class PairRegistration:
@@ -225,22 +229,23 @@ class PairRegistration:
     def _check_contrast(self) -> None:
         """Global NCC after the global part (``ncc_after_global``), on points of the first
         field stage drawn from a generator of their own (the run's draws stay as they are).
-        Where it is negative the two contrasts are inverted (tissues swap order): local NCC,
+        Below ``INVERTED_NCC`` the two contrasts are inverted (tissues swap order): local NCC,
         which asks each window's intensities to rise together, then pulls the first stage the
         wrong way (a head in another contrast: the fields ran 48-81 mm off under three seeds,
         0.39 mm with mutual information; docs/benchmarks.md), so the first stage fits
         ``fine_similarity`` (mutual information) instead, and ``first_stage_similarity``
         says so. Only where the first stage fits a windowed similarity and the later ones
-        mutual information (the defaults), after a global part."""
+        mutual information (the defaults); without a global part (``affine_steps=0``) the images'
+        physical alignment is what is measured."""
         cfg = self.config
-        if cfg.affine_steps == 0 or cfg.similarity not in WINDOWED or cfg.fine_similarity != "mi":
+        if cfg.similarity not in WINDOWED or cfg.fine_similarity != "mi":
             return
         generator = torch.Generator(device=self.device).manual_seed(cfg.seed + 104729)
         stage = self.pair.stage(cfg.pyramid[0], generator, self.pair.points, cfg.field_interior)
         with torch.no_grad():  # new fields are the identity: self.maps[0] is the global part
             ncc = 1.0 - float(stage.similarity(self.maps[0], "moving", "fixed", "ncc", fused=False))
         first = cfg.similarity
-        if ncc < 0:
+        if ncc < INVERTED_NCC:
             first = cfg.fine_similarity
             self.config = dataclasses.replace(cfg, similarity=first)
             self.pair = dataclasses.replace(self.pair, cfg=self.config)
