@@ -44,6 +44,7 @@ from neuralreg.fields.field import NeuralField
 from neuralreg.geometry.coordinates import NormalizedBox
 from neuralreg.geometry.image import Image
 from neuralreg.losses import SIMILARITIES, WINDOWED
+from neuralreg.losses.similarity import ncc as global_ncc
 from neuralreg.optim import inputs
 from neuralreg.optim.adam import Adam
 from neuralreg.optim.alignment import AffineFit, choose_start, interior_within
@@ -243,7 +244,9 @@ class PairRegistration:
         generator = torch.Generator(device=self.device).manual_seed(cfg.seed + 104729)
         stage = self.pair.stage(cfg.pyramid[0], generator, self.pair.points, cfg.field_interior)
         with torch.no_grad():  # new fields are the identity: self.maps[0] is the global part
-            ncc = 1.0 - float(stage.similarity(self.maps[0], "moving", "fixed", "ncc", fused=False))
+            vox, fixed_values = stage.draw("fixed", "ncc", fused=False)
+            warped = stage.moving.sample(stage.u_to_vox["moving"](self.maps[0](stage.vox_to_u["fixed"](vox))))
+            ncc = 1.0 - float(global_ncc(warped, fixed_values))  # not the run's similarity table: a measurement
         first = cfg.similarity
         if ncc < INVERTED_NCC:
             first = cfg.fine_similarity
