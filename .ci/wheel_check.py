@@ -16,6 +16,7 @@ assert status["native"].startswith("available (CPU"), status
 pair = knee_phantom_pair(0, shape=(24, 32, 32))
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")
-    reg = register_pair(pair["moving"], pair["fixed"], RegistrationConfig(steps=20, affine_steps=20), run={"progress": False})
+    config = RegistrationConfig(steps=20, affine_steps=20)
+    reg = register_pair(pair["moving"], pair["fixed"], config, run={"progress": False})
 assert reg.info["backend"] == "native", reg.info["backend"]
 print(f"wheel check: neuralreg from {where.parent}, native backend {status['native']}, a registration used it")

@@ -1,1 +1,2 @@
-"""Kernel sources (C++/CUDA), installed as ``neuralreg._kernels``; compiled on first use by ``neuralreg.fields.native``."""
+"""Kernel sources (C++/CUDA), installed as ``neuralreg._kernels``; compiled on first use by
+``neuralreg.fields.native``."""
