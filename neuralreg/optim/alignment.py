@@ -24,7 +24,7 @@ from neuralreg.losses.similarity import mi, overlap_mi
 from neuralreg.optim import search
 from neuralreg.optim.adam import Adam, step_together
 from neuralreg.optim.points import interior_mask
-from neuralreg.optim.stage import PairData, Stage
+from neuralreg.optim.stage import PairData, Stage, sample
 
 SAME_MAP_MM = 2.0  # two fitted starts whose world maps differ by less (mean over the fixed box) are one
 WHOLE = 0.95  # an interior this share of the grid (or of the mask given) is the whole
@@ -339,13 +339,13 @@ def _terms(fits: list[AffineFit], geometry: _Geometry, draw: tuple, fused: bool)
         m = maps[target]
         d = vox.shape[1]
         points = torch.baddbmm(m[:, None, :d, d], vox.expand(len(fits), -1, -1), m[:, :d, :d].transpose(1, 2))
-        warped = _sample(source, points.reshape(-1, d), fused)
+        warped = sample(source, points.reshape(-1, d), fused)
         shape = target_vals.shape
         warped = warped.reshape(len(fits), *shape)
         if fov is not None:  # the overlap's mutual information (``losses.similarity.overlap_mi``)
             source_name = "moving" if target == "fixed" else "fixed"
-            inside = _sample(fov[source_name], points.reshape(-1, d), fused).reshape(warped.shape)
-            terms.append(overlap_mi(warped, target_vals, inside * _sample(fov[target], vox, False)))
+            inside = sample(fov[source_name], points.reshape(-1, d), fused).reshape(warped.shape)
+            terms.append(overlap_mi(warped, target_vals, inside * sample(fov[target], vox, False)))
             continue
         if similarity in WINDOWED:
             shape = (-1, pair.cfg.lncc_patch_points)
@@ -355,16 +355,6 @@ def _terms(fits: list[AffineFit], geometry: _Geometry, draw: tuple, fused: bool)
         else:
             terms.append(torch.stack([loss(w, target_vals) for w in warped]))
     return torch.stack(terms, 1)
-
-
-def _sample(image: Image, vox: torch.Tensor, fused: bool) -> torch.Tensor:
-    """``image`` at voxel points (N, d), linear, 0 outside its grid: the native fused value
-    + gradient kernel where ``fused``."""
-    if fused:
-        from neuralreg.fields import native
-
-        return native.warp(image.data.float(), vox)
-    return image.sample(vox)
 
 
 def _read(fits: list[AffineFit], pending: list, level: int, bar) -> None:

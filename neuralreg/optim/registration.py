@@ -210,9 +210,8 @@ class PairRegistration:
         """Fit the two fields (the affine part fixed), coarse to fine: the pyramid's stages
         switch on the hash levels in turn; a NaN step or a similarity jump (``Watchdog``)
         rolls both fields back to the last healthy snapshot at half the learning rate."""
-        cfg = self.config
         self.maps = (ComposedMap(self.phi_ab, self.affine, False), ComposedMap(self.phi_ba, self.affine, True))
-        self._check_contrast()
+        self._check_contrast()  # may set the first stage's similarity: self.config after it
         cfg = self.config
         self.learning_rate = cfg.learning_rate
         params = list(self.phi_ab.parameters()) + list(self.phi_ba.parameters())
@@ -244,8 +243,7 @@ class PairRegistration:
         generator = torch.Generator(device=self.device).manual_seed(cfg.seed + 104729)
         stage = self.pair.stage(cfg.pyramid[0], generator, self.pair.points, cfg.field_interior)
         with torch.no_grad():  # new fields are the identity: self.maps[0] is the global part
-            vox, fixed_values = stage.draw("fixed", "ncc", fused=False)
-            warped = stage.moving.sample(stage.u_to_vox["moving"](self.maps[0](stage.vox_to_u["fixed"](vox))))
+            warped, fixed_values = stage.warped(self.maps[0], "moving", "fixed", "ncc", fused=False)
             ncc = 1.0 - float(global_ncc(warped, fixed_values))  # not the run's similarity table: a measurement
         first = cfg.similarity
         if ncc < INVERTED_NCC:

@@ -9,6 +9,7 @@ in ``PairData.similarities`` (``losses.SIMILARITIES`` unless a run is given its 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Mapping
 
 import torch
@@ -93,18 +94,26 @@ class Stage:
             for k, img in (("moving", self.moving), ("fixed", self.fixed))
         }
         self.u_to_vox = {k: v.inverse() for k, v in self.vox_to_u.items()}
-        self.fields_of_view = None  # name -> the image's field of view at this level (share of each voxel)
-        if pair.fields_of_view is not None:
-            self.fields_of_view = {
-                k: img.with_data(Image(fov, src.affine).to(device).downsample(factor).data)
-                for k, img, src, fov in zip(
-                    ("moving", "fixed"),
-                    (self.moving, self.fixed),
-                    (pair.moving, pair.fixed),
-                    pair.fields_of_view,
-                    strict=True,
-                )
-            }
+        self.factor = factor
+
+    @functools.cached_property
+    def fields_of_view(self) -> dict | None:
+        """Name -> the image's field of view at this level (the share of each voxel that holds
+        data), None without ``PairData.fields_of_view``; made on first use (the affine fits'
+        levels read it, the fields' stages do not)."""
+        pair = self.pair
+        if pair.fields_of_view is None:
+            return None
+        return {
+            k: img.with_data(Image(fov, src.affine).to(pair.device).downsample(self.factor).data)
+            for k, img, src, fov in zip(
+                ("moving", "fixed"),
+                (self.moving, self.fixed),
+                (pair.moving, pair.fixed),
+                pair.fields_of_view,
+                strict=True,
+            )
+        }
 
     def draw(self, target: str, similarity: str, fused: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The similarity's points in the ``target``'s domain ("moving" or "fixed"), voxel
@@ -125,22 +134,24 @@ class Stage:
             return vox, native.sample_values(image.data.float(), vox.float())
         return vox, image.sample(vox)
 
+    def warped(
+        self, mapping, source: str, target: str, similarity: str, draw: tuple | None = None, fused: bool | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(source o mapping at points drawn in the target's domain (N,), the target's values
+        there (N,)): ``draw`` a ``draw`` to use instead of a new one for ``similarity``;
+        ``mapping`` takes and returns normalized points."""
+        fused = self.pair.fused_warp if fused is None else fused
+        vox, target_vals = draw if draw is not None else self.draw(target, similarity, fused)
+        warped_vox = self.u_to_vox[source](mapping(self.vox_to_u[target](vox)))
+        return sample(self.moving if source == "moving" else self.fixed, warped_vox, fused), target_vals
+
     def similarity(
         self, mapping, source: str, target: str, similarity: str, draw: tuple | None = None, fused: bool | None = None
     ) -> torch.Tensor:
         """sim(source o mapping, target) at points drawn in the target's domain (``draw``: a
         ``draw`` to use instead of a new one); ``mapping`` takes and returns normalized points."""
         cfg = self.pair.cfg
-        fused = self.pair.fused_warp if fused is None else fused
-        source_img = self.moving if source == "moving" else self.fixed
-        vox, target_vals = draw if draw is not None else self.draw(target, similarity, fused)
-        warped_vox = self.u_to_vox[source](mapping(self.vox_to_u[target](vox)))
-        if fused:  # native fused value + gradient kernel
-            from neuralreg.fields import native
-
-            warped = native.warp(source_img.data.float(), warped_vox)
-        else:
-            warped = source_img.sample(warped_vox)
+        warped, target_vals = self.warped(mapping, source, target, similarity, draw, fused)
         if similarity in WINDOWED:
             warped = warped.reshape(-1, cfg.lncc_patch_points)
             target_vals = target_vals.reshape(-1, cfg.lncc_patch_points)
@@ -169,6 +180,16 @@ class Stage:
         if entry.fields_only:  # the fields only, not the global affine part
             return term(map_ab.field, map_ba.field, torch.cat([u_moving, u_fixed]))
         return 0.5 * (term(map_ab, map_ba, u_moving) + term(map_ba, map_ab, u_fixed))
+
+
+def sample(image: Image, vox: torch.Tensor, fused: bool) -> torch.Tensor:
+    """``image`` at voxel points (N, d), linear, 0 outside its grid, differentiable in the
+    points: the native fused value + gradient kernel where ``fused``."""
+    if fused:
+        from neuralreg.fields import native
+
+        return native.warp(image.data.float(), vox)
+    return image.sample(vox)
 
 
 def stage_mask(mask: Image | None, factor: int, device) -> torch.Tensor | None:
