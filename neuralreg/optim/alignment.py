@@ -53,7 +53,8 @@ def prealigned(image: Image | None, prealign: np.ndarray) -> Image | None:
 
 def choose_start(pair: PairData, progress: bool = False) -> tuple[AffineFit, dict]:
     """The global alignment: rigid starts from ``search.global_search`` (the scanners' own
-    orientation always among them), each fitted as an affine (``AffineFit``); the one whose
+    orientation always among them) and ``search.centre_starts`` (the images' centres
+    brought together), each fitted as an affine (``AffineFit``); the one whose
     symmetric similarity (``config.affine_similarity``) at the finest affine level (inside
     the body, ``PairData.interior_masks``) is lowest wins, unless a start rotated far less
     comes close to it (``search.prefer_small_rotation``).
@@ -79,7 +80,7 @@ def choose_start(pair: PairData, progress: bool = False) -> tuple[AffineFit, dic
         max_angle_deg=cfg.search_max_angle,
         keep=cfg.search_starts,
         measures=tuple(cfg.search_similarity.split("_")),
-    )
+    ) + search.centre_starts(pair.moving, pair.fixed)
     levels = len(cfg.affine_pyramid)
     ways = [0] + ([1] if pair.interior_masks is not None and levels > 1 else [])  # first level from the interior
     starts = [(k, way) for way in ways for k in range(len(candidates))]
@@ -93,10 +94,10 @@ def choose_start(pair: PairData, progress: bool = False) -> tuple[AffineFit, dic
     facts = {
         "matrix_world_fixed_to_moving": chosen.matrix.tolist(),
         "angles_deg": list(chosen.angles_deg),
-        "score": chosen.score,
+        "score": None if math.isnan(chosen.score) else chosen.score,
         "identity_score": None if math.isnan(chosen.identity_score) else chosen.identity_score,
         "overlap": chosen.overlap,
-        "candidate_scores": [candidates[k].score for k, _ in starts],
+        "candidate_scores": [None if math.isnan(candidates[k].score) else candidates[k].score for k, _ in starts],
         "candidate_measures": [candidates[k].measure for k, _ in starts],
         # 1: the fit drew from everything on the coarsest level, 0: from the interior throughout
         "candidate_outline_first": [way for _, way in starts],

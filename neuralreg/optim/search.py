@@ -33,9 +33,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from neuralreg.fields.affine import intensity_centroid
 from neuralreg.geometry.coordinates import apply_affine, grid_points, grid_world_box
 from neuralreg.geometry.image import Image
 from neuralreg.losses.similarity import normalized_mi_of_joint
+from neuralreg.optim.points import field_of_view
 
 
 @dataclass
@@ -51,7 +53,8 @@ class SearchResult:
             grid, NaN where the images do not overlap in world space.
         overlap: share of the fixed field of view inside the moving one at the optimum.
         angles_deg: Euler angles (x, y, z order of application; one angle in 2D).
-        measure: ``"ncc"`` or ``"mi"``, the measure that found it.
+        measure: ``"ncc"`` or ``"mi"``, the measure that found it; ``"centroid"`` or
+            ``"centre"`` for the starts of ``centre_starts``.
     """
 
     matrix: np.ndarray
@@ -292,8 +295,52 @@ def _normalize(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return ((values - lo) / max(hi - lo, 1e-6)).clamp(0, 1) * mask
 
 
+def centre_starts(moving: Image, fixed: Image, resolution: int = 48) -> list[SearchResult]:
+    """Rigid starts at the scanners' orientation (no rotation) that bring two centres
+    together: the images' intensity centroids (``measure="centroid"``, the centre of mass
+    ANTs and elastix start their affine stages from) and the centroids of their fields of
+    view (``measure="centre"``: where each scan holds data, ``points.field_of_view``).
+
+    The search scores shifts by how well intensities (NCC) or their statistics (MI)
+    correspond over the whole overlap; where the tissue of two subjects differs in
+    contrast, every rotation's best shift can land the knee where one image's fat meets
+    the other's marrow. A start from the centres asks nothing of the intensities, and the
+    affine fit and the judge (``alignment.choose_start``) decide whether it wins.
+
+    Returns:
+        two ``SearchResult`` s, world matrices fixed -> moving (x_moving = x_fixed + c_m - c_f);
+        ``score`` the masked NCC at the map and ``overlap`` the share of the fixed field of
+        view inside the moving one (``ncc_at``); ``identity_score`` that of the identity.
+    """
+    d = fixed.n_dims
+    ident = identity_score(moving, fixed, resolution)
+    out = []
+    for measure, centre in (("centroid", intensity_centroid), ("centre", _view_centroid)):
+        matrix = np.eye(d + 1)
+        matrix[:d, d] = centre(moving) - centre(fixed)
+        score, overlap = ncc_at(Image(moving.data, np.linalg.inv(matrix) @ moving.affine), fixed, resolution)
+        out.append(SearchResult(matrix, score, ident, overlap, (0.0,) * (1 if d == 2 else 3), measure))
+    return out
+
+
+def _view_centroid(image: Image) -> np.ndarray:
+    """World centroid (d,) of the image's field of view (``points.field_of_view``)."""
+    small = image.downsample(2) if min(image.shape) >= 8 else image
+    w = field_of_view(small).reshape(-1).double()
+    x = apply_affine(small.affine, grid_points(small.shape, dtype=torch.float64))
+    return (w[:, None] * x).sum(0).numpy() / max(float(w.sum()), 1.0)
+
+
 def identity_score(moving: Image, fixed: Image, resolution: int = 48) -> float:
     """Masked NCC of the two images under the identity map (world coordinates), NaN without overlap."""
+    return ncc_at(moving, fixed, resolution)[0]
+
+
+def ncc_at(moving: Image, fixed: Image, resolution: int = 48) -> tuple[float, float]:
+    """(masked NCC, overlap) of the two images under the identity map (world coordinates),
+    on a grid of about ``resolution`` voxels along the fixed image's longest side, smoothed
+    to it: NCC over the voxels inside both grids (NaN without overlap), overlap the share
+    of the fixed grid's voxels inside the moving one."""
     d = fixed.n_dims
     lo_f, hi_f = grid_world_box(fixed.shape, fixed.affine)
     extent = float((hi_f - lo_f).max())
@@ -303,11 +350,12 @@ def identity_score(moving: Image, fixed: Image, resolution: int = 48) -> float:
     f, fm = _resample(_smoothed(fixed, spacing), pts, shape)
     m, mm = _resample(_smoothed(moving, spacing), pts, shape)
     both = (fm * mm) > 0
+    overlap = float(both.sum()) / max(float((fm > 0).sum()), 1.0)
     if int(both.sum()) < 10 * 2**d:
-        return math.nan
+        return math.nan, overlap
     a, b = f[both].double(), m[both].double()
     a, b = a - a.mean(), b - b.mean()
-    return float((a * b).sum() / torch.sqrt((a * a).sum() * (b * b).sum() + 1e-12))
+    return float((a * b).sum() / torch.sqrt((a * a).sum() * (b * b).sum() + 1e-12)), overlap
 
 
 ROTATION_MARGIN_DEG = 15.0
@@ -329,4 +377,12 @@ def prefer_small_rotation(candidates: list[int], losses: list[float], angles: li
     return min(near, key=lambda k: losses[k]) if near else best
 
 
-__all__ = ["SearchResult", "global_search", "identity_score", "prefer_small_rotation", "rotation_matrix"]
+__all__ = [
+    "SearchResult",
+    "centre_starts",
+    "global_search",
+    "identity_score",
+    "ncc_at",
+    "prefer_small_rotation",
+    "rotation_matrix",
+]

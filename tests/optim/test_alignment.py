@@ -54,6 +54,7 @@ def test_starts_are_judged_by_their_fitted_similarity_not_the_search_order(phant
         search.SearchResult(truth, 0.5, np.nan, 1.0, (0.0,) * 3),
     ]
     monkeypatch.setattr(search, "global_search", lambda *args, **kwargs: starts)
+    monkeypatch.setattr(search, "centre_starts", lambda *args, **kwargs: [])
     config = RegistrationConfig(**{**CONFIG, "steps": 30})
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RegistrationWarning)
@@ -81,6 +82,7 @@ def test_starts_that_converge_to_one_map_are_fitted_once(phantom, monkeypatch):
         search.SearchResult(truth @ nudge, 0.8, np.nan, 1.0, (1.0, 0.0, 0.0)),
     ]
     monkeypatch.setattr(search, "global_search", lambda *args, **kwargs: starts)
+    monkeypatch.setattr(search, "centre_starts", lambda *args, **kwargs: [])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RegistrationWarning)
         reg = register_pair(moving, phantom["fixed"], RegistrationConfig(**{**CONFIG, "steps": 10}))

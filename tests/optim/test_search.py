@@ -5,7 +5,7 @@ import pytest
 from knee_poses import moved, tilt
 
 from neuralreg.geometry.coordinates import grid_corners_world
-from neuralreg.optim.search import global_search, prefer_small_rotation, rotation_matrix
+from neuralreg.optim.search import centre_starts, global_search, prefer_small_rotation, rotation_matrix
 
 
 def test_rotation_matrix_conventions():
@@ -37,6 +37,30 @@ def test_the_physical_orientation_is_always_a_candidate(phantom):
     assert len(candidates) <= 3
     assert max(abs(a) for a in candidates[0].angles_deg) >= 20.0
     assert any(max(abs(a) for a in c.angles_deg) <= 10.0 for c in candidates)
+
+
+def test_centre_starts_bring_the_fields_of_view_together():
+    """Tissue to the edge of the field of view, the moving scan 37 mm away and padded with
+    zeros on one side (its grid's centre 8 mm further): both centre starts map the fixed
+    points within a voxel of the truth, at the scanners' orientation."""
+    import torch
+
+    from neuralreg.geometry.image import Image
+
+    g = torch.Generator().manual_seed(0)
+    coarse = torch.rand(1, 1, 6, 6, 6, generator=g, dtype=torch.float64)
+    tissue = torch.nn.functional.interpolate(coarse, size=(32, 32, 32), mode="trilinear")[0, 0] + 0.2
+    fixed = Image(tissue.float(), np.diag([2.0, 2.0, 2.0, 1.0]))
+    shift = np.array([30.0, -20.0, 10.0])
+    affine = np.diag([2.0, 2.0, 2.0, 1.0])
+    affine[:3, 3] = shift - [16.0, 0.0, 0.0]  # 8 voxels of padding before the data along axis 0
+    moving = Image(torch.cat([torch.zeros(8, 32, 32), tissue.float()]), affine)
+    starts = centre_starts(moving, fixed)
+    assert [s.measure for s in starts] == ["centroid", "centre"]
+    for start in starts:
+        np.testing.assert_allclose(start.matrix[:3, :3], np.eye(3))
+        assert np.abs(start.matrix[:3, 3] - shift).max() < 2.0, start.matrix[:3, 3]
+        assert start.score > 0.95 and start.overlap > 0.9 and start.angles_deg == (0.0, 0.0, 0.0)
 
 
 def test_a_large_rotation_wins_only_by_a_clear_margin():
