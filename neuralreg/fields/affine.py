@@ -132,10 +132,17 @@ def world_matrix(affine_normalized: np.ndarray, box) -> np.ndarray:
 
 def intensity_centroid(image) -> np.ndarray:
     """World centroid (d,) of an image's intensity above its minimum (for translation init)."""
+    return weighted_centroid(image, lambda small: small.data.float() - small.data.float().min())
+
+
+def weighted_centroid(image, weights) -> np.ndarray:
+    """World centroid (d,) of ``image``'s grid weighted by ``weights(small)`` (a tensor of
+    ``small``'s shape, non-negative), ``small`` the image downsampled by 2 (as it is where a
+    side is under 8 voxels); the grid's centre where the weights sum to 0."""
     from neuralreg.geometry.coordinates import apply_affine, grid_points
 
     small = image.downsample(2) if min(image.shape) >= 8 else image
-    w = (small.data.float() - small.data.float().min()).reshape(-1).double()
+    w = weights(small).reshape(-1).double()
     if float(w.sum()) <= 0:
         w = torch.ones_like(w)
     x = apply_affine(small.affine, grid_points(small.shape, dtype=torch.float64))

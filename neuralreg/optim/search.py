@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from neuralreg.fields.affine import intensity_centroid
+from neuralreg.fields.affine import intensity_centroid, weighted_centroid
 from neuralreg.geometry.coordinates import apply_affine, grid_points, grid_world_box
 from neuralreg.geometry.image import Image
 from neuralreg.losses.similarity import normalized_mi_of_joint
@@ -325,10 +325,7 @@ def centre_starts(moving: Image, fixed: Image, resolution: int = 48) -> list[Sea
 
 def _view_centroid(image: Image) -> np.ndarray:
     """World centroid (d,) of the image's field of view (``points.field_of_view``)."""
-    small = image.downsample(2) if min(image.shape) >= 8 else image
-    w = field_of_view(small).reshape(-1).double()
-    x = apply_affine(small.affine, grid_points(small.shape, dtype=torch.float64))
-    return (w[:, None] * x).sum(0).numpy() / max(float(w.sum()), 1.0)
+    return weighted_centroid(image, field_of_view)
 
 
 def identity_score(moving: Image, fixed: Image, resolution: int = 48) -> float:
