@@ -340,6 +340,10 @@ class RegistrationConfig:
         affine_points: similarity points per direction and step of the affine fit; None:
             half the similarity points (``affine_fit_points``). The starts are judged with
             all the similarity points whatever this is.
+        affine_edge_fraction: ``edge_fraction`` of the affine fits and of the choice between
+            starts. Uniform points (0) keep the joint histogram of mutual information
+            representative: edge-weighted draws fill it with the texture of soft tissue,
+            whose edges do not correspond between subjects or contrasts (docs/benchmarks.md).
         affine_similarity: similarity of the affine fits and of the choice between starts:
             ``"mi"`` holds where the soft tissue of two subjects has intensities of its own,
             and across contrasts (docs/configuration.md).
@@ -432,6 +436,7 @@ class RegistrationConfig:
     affine_learning_rate: float = 5e-3
     affine_pyramid: tuple = (4, 2)
     affine_points: int | None = None
+    affine_edge_fraction: float = 0.0
     affine_similarity: Similarity = "mi"
     affine_overlap: bool = True
     affine_init: AffineInit = "search"
@@ -472,6 +477,7 @@ class RegistrationConfig:
         _float(self, "voxels_per_point", 0.0, 1e9, low_open=True)
         _int(self, "regularizer_points", 1, MAX_POINTS, optional=True)
         _float(self, "edge_fraction", 0.0, 1.0)
+        _float(self, "affine_edge_fraction", 0.0, 1.0)
         _float(self, "edge_power", 0.0, 4.0, low_open=True)
         _float(self, "lncc_window", 1.0, 256.0)
         _int(self, "lncc_patch_points", 1, 4096)

@@ -157,7 +157,7 @@ class AffineFit:
     ``config.affine_pyramid`` (``config.affine_steps`` split evenly); the run's optimizer (Adam) with a learning
     rate cosine-decayed over all levels. T starts at the identity or at the translation
     between intensity centroids (``config.affine_init``). Points are drawn as for the
-    fields (``config.edge_fraction`` of them on edges, ``config.edge_power``), from a
+    fields but ``config.affine_edge_fraction`` of them on edges (``config.edge_power``), from a
     generator of ``config.seed``, so every start of one pair sees the same draws.
 
     Attributes:
@@ -265,7 +265,7 @@ def _fit_level(group: list[AffineFit], s: int, key: tuple, bar) -> None:
     """Level ``s`` of fits that draw the same points (``key``), stepping together."""
     lead = group[0]
     cfg, pair = lead.pair.cfg, lead.pair
-    stage = pair.stage(cfg.affine_pyramid[s], lead.generator, key[2], key[1])
+    stage = pair.stage(cfg.affine_pyramid[s], lead.generator, key[2], key[1], cfg.affine_edge_fraction)
     geometry = _Geometry(group, stage)
     pending: list[tuple[int, torch.Tensor]] = []  # (step, (B, 3) [loss, sim_ab, sim_ba]) not yet read
     optimizers = [fit.optimizer for fit in group]
@@ -387,7 +387,7 @@ def judge(fits: list[AffineFit], level: int, draws: int = 4) -> list[float]:
     alone or among others."""
     pair = fits[0].pair
     gen = torch.Generator(device=pair.device).manual_seed(pair.cfg.seed + 7919)
-    stage = pair.stage(pair.cfg.affine_pyramid[level], gen, pair.points, inside_body=True)
+    stage = pair.stage(pair.cfg.affine_pyramid[level], gen, pair.points, True, pair.cfg.affine_edge_fraction)
     shared = [_draw(stage, pair.cfg.affine_similarity, False) for _ in range(draws)]
     geometry = _Geometry(fits, stage)
     total = sum(_terms(fits, geometry, draw, False).sum(1) for draw in shared)

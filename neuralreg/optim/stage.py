@@ -53,10 +53,18 @@ class PairData:
     optimizer: Callable = Adam
     check_every: int = 1  # steps between host reads of the loss (``RunConfig.check_every``)
 
-    def stage(self, factor: int, generator: torch.Generator, points: int, inside_body: bool = False) -> Stage:
+    def stage(
+        self,
+        factor: int,
+        generator: torch.Generator,
+        points: int,
+        inside_body: bool = False,
+        edge_fraction: float | None = None,
+    ) -> Stage:
         """The pyramid level ``factor`` with ``points`` similarity points per step, drawn from
-        the interior masks where ``inside_body`` (and there are some)."""
-        return Stage(self, factor, generator, points, inside_body)
+        the interior masks where ``inside_body`` (and there are some), ``edge_fraction`` of
+        them on edges (None: ``config.edge_fraction``)."""
+        return Stage(self, factor, generator, points, inside_body, edge_fraction)
 
 
 class Stage:
@@ -65,8 +73,17 @@ class Stage:
     regularizer points (uniform; everywhere the given masks allow when the similarity
     draws inside the body)."""
 
-    def __init__(self, pair: PairData, factor: int, generator: torch.Generator, points: int, inside_body: bool):
+    def __init__(
+        self,
+        pair: PairData,
+        factor: int,
+        generator: torch.Generator,
+        points: int,
+        inside_body: bool,
+        edge_fraction: float | None = None,
+    ):
         cfg, device = pair.cfg, pair.device
+        edges = cfg.edge_fraction if edge_fraction is None else edge_fraction
         self.pair, self.points = pair, points  # similarity points per direction and step
         given = (pair.moving_mask, pair.fixed_mask)
         masks = pair.interior_masks if inside_body and pair.interior_masks is not None else given
@@ -77,8 +94,8 @@ class Stage:
                 img.shape,
                 stage_mask(mask, factor, device),
                 generator,
-                weights=edge_weights(img.data, cfg.edge_power) if cfg.edge_fraction > 0 else None,
-                weighted_fraction=cfg.edge_fraction,
+                weights=edge_weights(img.data, cfg.edge_power) if edges > 0 else None,
+                weighted_fraction=edges,
                 device=device,
             )
             for img, mask in ((self.moving, masks[0]), (self.fixed, masks[1]))
