@@ -234,6 +234,15 @@ def stage_similarity(config: RegistrationConfig, stage: int) -> str:
     return config.fine_similarity
 
 
+def stage_edge_fraction(config: RegistrationConfig, stage: int) -> float:
+    """The share of the similarity points drawn on edges in the fields' pyramid stage
+    ``stage``: ``config.mi_edge_fraction`` where the stage fits mutual information (and it
+    is set), else ``config.edge_fraction``."""
+    if config.mi_edge_fraction is not None and stage_similarity(config, stage) == "mi":
+        return config.mi_edge_fraction
+    return config.edge_fraction
+
+
 def regularizer_points(config: RegistrationConfig, similarity_count: int) -> int:
     """Regularizer points per step: ``config.regularizer_points``, or when None one per 8 of
     the ``similarity_count`` similarity points (at least 2)."""
@@ -322,6 +331,11 @@ class RegistrationConfig:
         edge_fraction: share of the similarity points (window centres for ``lncc``) drawn
             with probability proportional to the target image's gradient magnitude at the
             stage's resolution, the rest uniformly: more points where alignment is decided.
+        mi_edge_fraction: ``edge_fraction`` of the field stages that fit mutual information
+            (``stage_similarity``); None: ``edge_fraction``. Mutual information is a
+            statistic of the intensities: edge-drawn points fill its histogram with whatever
+            has edges, between two subjects mostly soft-tissue texture that does not
+            correspond (as for ``affine_edge_fraction``).
         edge_power: the edge weights are the gradient magnitude to this power; below 1 weak
             edges (bone against muscle) are drawn nearly as often as strong ones.
         lncc_window: side of the local NCC window, in voxels of the image sampled.
@@ -413,6 +427,7 @@ class RegistrationConfig:
             "--edge-fraction", "share of similarity points drawn on image edges, the rest uniform (default: {default})"
         ),
     )
+    mi_edge_fraction: float | None = None
     edge_power: float = dataclasses.field(
         default=1.0,
         metadata=flag(
@@ -478,6 +493,8 @@ class RegistrationConfig:
         _int(self, "regularizer_points", 1, MAX_POINTS, optional=True)
         _float(self, "edge_fraction", 0.0, 1.0)
         _float(self, "affine_edge_fraction", 0.0, 1.0)
+        if self.mi_edge_fraction is not None:
+            _float(self, "mi_edge_fraction", 0.0, 1.0)
         _float(self, "edge_power", 0.0, 4.0, low_open=True)
         _float(self, "lncc_window", 1.0, 256.0)
         _int(self, "lncc_patch_points", 1, 4096)

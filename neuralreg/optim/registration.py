@@ -35,6 +35,7 @@ from neuralreg.config import (
     RunConfig,
     regularizer_points,
     similarity_points,
+    stage_edge_fraction,
     stage_point_shares,
     stage_similarity,
 )
@@ -254,10 +255,11 @@ class PairRegistration:
 
     def field_stage(self, s: int) -> Stage:
         """Pyramid stage ``s`` of the fields: its share of the similarity points, drawn
-        inside the body with ``config.field_interior``."""
+        inside the body with ``config.field_interior``, ``stage_edge_fraction`` of them on
+        edges."""
         cfg, pair = self.config, self.pair
         points = max(8, round(pair.points * stage_point_shares(cfg)[s]))
-        return pair.stage(cfg.pyramid[s], self.generator, points, cfg.field_interior)
+        return pair.stage(cfg.pyramid[s], self.generator, points, cfg.field_interior, stage_edge_fraction(cfg, s))
 
     def fit_stage(self, s: int, n_steps: int) -> None:
         """``n_steps`` steps of stage ``s``, the loss read every ``check_every`` steps (one host
