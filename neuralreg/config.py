@@ -235,11 +235,12 @@ def stage_similarity(config: RegistrationConfig, stage: int) -> str:
 
 
 def stage_edge_fraction(config: RegistrationConfig, stage: int) -> float:
-    """The share of the similarity points drawn on edges in the fields' pyramid stage
-    ``stage``: ``config.mi_edge_fraction`` where the stage fits mutual information (and it
-    is set), else ``config.edge_fraction``."""
-    if config.mi_edge_fraction is not None and stage_similarity(config, stage) == "mi":
-        return config.mi_edge_fraction
+    """The share of the fields' similarity points drawn on edges in pyramid stage ``stage``:
+    ``config.middle_edge_fraction`` in the stages between the first and the last (where
+    it is not None), ``config.edge_fraction`` in the others."""
+    middle = 0 < stage < len(config.pyramid) - 1
+    if middle and config.middle_edge_fraction is not None:
+        return config.middle_edge_fraction
     return config.edge_fraction
 
 
@@ -331,11 +332,14 @@ class RegistrationConfig:
         edge_fraction: share of the similarity points (window centres for ``lncc``) drawn
             with probability proportional to the target image's gradient magnitude at the
             stage's resolution, the rest uniformly: more points where alignment is decided.
-        mi_edge_fraction: ``edge_fraction`` of the field stages that fit mutual information
-            (``stage_similarity``); None: ``edge_fraction``. Mutual information is a
-            statistic of the intensities: edge-drawn points fill its histogram with whatever
-            has edges, between two subjects mostly soft-tissue texture that does not
-            correspond (as for ``affine_edge_fraction``).
+        middle_edge_fraction: ``edge_fraction`` of the pyramid stages between the first and
+            the last (``stage_edge_fraction``); None: ``edge_fraction``. The middle stages
+            (mutual information by default) move the bones from where the global part put
+            them to where the fields finish: edge-drawn points fill mutual information's
+            histogram with whatever has edges, between two subjects mostly soft-tissue
+            texture that does not correspond, and the fields follow it. The first stage's
+            local NCC windows and the last stage, which places the cartilage, keep their
+            edges (docs/benchmarks.md, "Uniform points in the middle stage").
         edge_power: the edge weights are the gradient magnitude to this power; below 1 weak
             edges (bone against muscle) are drawn nearly as often as strong ones.
         lncc_window: side of the local NCC window, in voxels of the image sampled.
@@ -427,7 +431,13 @@ class RegistrationConfig:
             "--edge-fraction", "share of similarity points drawn on image edges, the rest uniform (default: {default})"
         ),
     )
-    mi_edge_fraction: float | None = None
+    middle_edge_fraction: float | None = dataclasses.field(
+        default=0.0,
+        metadata=flag(
+            "--middle-edge-fraction",
+            "edge share of the pyramid stages between the first and the last (default: {default})",
+        ),
+    )
     edge_power: float = dataclasses.field(
         default=1.0,
         metadata=flag(
@@ -493,8 +503,8 @@ class RegistrationConfig:
         _int(self, "regularizer_points", 1, MAX_POINTS, optional=True)
         _float(self, "edge_fraction", 0.0, 1.0)
         _float(self, "affine_edge_fraction", 0.0, 1.0)
-        if self.mi_edge_fraction is not None:
-            _float(self, "mi_edge_fraction", 0.0, 1.0)
+        if self.middle_edge_fraction is not None:
+            _float(self, "middle_edge_fraction", 0.0, 1.0)
         _float(self, "edge_power", 0.0, 4.0, low_open=True)
         _float(self, "lncc_window", 1.0, 256.0)
         _int(self, "lncc_patch_points", 1, 4096)

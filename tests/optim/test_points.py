@@ -275,3 +275,34 @@ def test_field_of_view_is_the_image_less_its_zero_padding():
         assert fov.dtype == torch.float32 and fov.shape == x.shape
         assert bool((fov[:, :8] == 0).all())
         assert bool((fov[:, 8:] == 1).all())  # the scattered zeros count as data
+
+
+def test_middle_stages_draw_their_own_edge_share():
+    """middle_edge_fraction sets the edge share of the pyramid stages between the first and
+    the last (uniform points by default); the first and the last keep edge_fraction; None
+    is edge_fraction everywhere; out of [0, 1] is a ConfigError naming the key."""
+    from neuralreg import RegistrationConfig
+    from neuralreg.config import stage_edge_fraction
+    from neuralreg.optim.registration import PairRegistration
+    from neuralreg.phantoms import triangles_pair
+
+    pair = triangles_pair(size=32)
+
+    def shares(**keys):
+        cfg = RegistrationConfig(affine_steps=0, **keys)
+        reg = PairRegistration(pair["moving"], pair["fixed"], cfg, run={"threads": 1})
+        reg.make_fields()
+        reg.align()
+        stages = [reg.field_stage(s) for s in range(len(cfg.pyramid))]
+        return [(s.moving_sampler.weighted_fraction, s.fixed_sampler.weighted_fraction) for s in stages]
+
+    assert RegistrationConfig().middle_edge_fraction == 0.0
+    assert shares() == [(1.0, 1.0), (0.0, 0.0), (1.0, 1.0)]  # the drawn samplers, not only the rule
+    assert shares(middle_edge_fraction=0.25, edge_fraction=0.5) == [(0.5, 0.5), (0.25, 0.25), (0.5, 0.5)]
+    assert shares(middle_edge_fraction=None, edge_fraction=0.5) == [(0.5, 0.5)] * 3
+    four = RegistrationConfig(pyramid=(8, 4, 2, 1), stage_fractions=(0.25,) * 4)
+    assert [stage_edge_fraction(four, s) for s in range(4)] == [1.0, 0.0, 0.0, 1.0]
+    two = RegistrationConfig(pyramid=(2, 1), stage_fractions=(0.5, 0.5))  # no middle stage
+    assert [stage_edge_fraction(two, s) for s in range(2)] == [1.0, 1.0]
+    with pytest.raises(ValueError, match="middle_edge_fraction"):
+        RegistrationConfig(middle_edge_fraction=1.5)
