@@ -58,6 +58,7 @@ def parse_args(argv=None):
     p.add_argument("--dess", type=int, default=20, help="DESS knee pairs (default: 20)")
     p.add_argument("--methods", default="neuralreg,ants", help="comma-separated methods (default: neuralreg,ants)")
     p.add_argument("--threads", type=int, default=2, help="CPU threads per registration (default: 2)")
+    p.add_argument("--config", type=Path, help="JSON of RegistrationConfig keys for neuralreg")
     p.add_argument(
         "--contrast",
         action="store_true",
@@ -125,7 +126,7 @@ def main(argv=None) -> int:
         print("error: no data folder: pass --data or set NEURALREG_DATA", file=sys.stderr)
         return 2
     try:
-        methods, config = benchmark.methods_and_config(args.methods, None, ("neuralreg", "ants"))
+        methods, config = benchmark.methods_and_config(args.methods, args.config, ("neuralreg", "ants"))
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
