@@ -346,7 +346,7 @@ def test_the_register_flags_are_read_from_the_config_dataclasses(capsys):
         for f in dataclasses.fields(cls)
         if "flag" in f.metadata
     ]
-    assert len(flags) == 14 and len(set(flags)) == 14
+    assert len(flags) == 15 and len(set(flags)) == 15
     for command in ("register", "batch"):
         with pytest.raises(SystemExit) as exit_:
             main([command, "--help"])
@@ -355,3 +355,4 @@ def test_the_register_flags_are_read_from_the_config_dataclasses(capsys):
         assert all(flag in text for flag in flags), [f for f in flags if f not in text]
         assert "{mse,ncc,lncc,mi,lncc_mi}" in text and "{auto,torch,native,tcnn}" in text
         assert "similarity measure (default: lncc)" in text and "optimization steps (default: 500)" in text
+        assert "between the first and the last (default: 0.0)" in text
