@@ -41,9 +41,12 @@ def _int(obj, key: str, low: int, high: int | None = None, optional: bool = Fals
         _fail(key, f"must be in [{low}, {high}], not {value}" if high is not None else f"must be >= {low}, not {value}")
 
 
-def _float(obj, key: str, low: float, high: float = math.inf, low_open: bool = False) -> None:
-    """``obj.key`` must be a finite number in [low, high] ((low, high] where ``low_open``); stored as float."""
+def _float(obj, key: str, low: float, high: float = math.inf, low_open: bool = False, optional: bool = False) -> None:
+    """``obj.key`` must be a finite number in [low, high] ((low, high] where ``low_open``), or
+    None where ``optional``; stored as float."""
     value = getattr(obj, key)
+    if value is None and optional:
+        return
     if isinstance(value, bool) or not isinstance(value, int | float):
         _fail(key, f"must be a number, not {value!r}")
     if not math.isfinite(value):
@@ -503,8 +506,7 @@ class RegistrationConfig:
         _int(self, "regularizer_points", 1, MAX_POINTS, optional=True)
         _float(self, "edge_fraction", 0.0, 1.0)
         _float(self, "affine_edge_fraction", 0.0, 1.0)
-        if self.middle_edge_fraction is not None:
-            _float(self, "middle_edge_fraction", 0.0, 1.0)
+        _float(self, "middle_edge_fraction", 0.0, 1.0, optional=True)
         _float(self, "edge_power", 0.0, 4.0, low_open=True)
         _float(self, "lncc_window", 1.0, 256.0)
         _int(self, "lncc_patch_points", 1, 4096)
