@@ -46,6 +46,7 @@ from neuralreg.geometry.coordinates import NormalizedBox
 from neuralreg.geometry.image import Image
 from neuralreg.losses import SIMILARITIES, WINDOWED
 from neuralreg.losses.similarity import ncc as global_ncc
+from neuralreg.losses.similarity import normalized_mi
 from neuralreg.optim import inputs
 from neuralreg.optim.adam import Adam
 from neuralreg.optim.alignment import AffineFit, choose_start, interior_within
@@ -60,6 +61,14 @@ SNAPSHOT_EVERY = 50  # steps between snapshots of the fields a rollback may retu
 # two subjects in one contrast, whose soft tissue does not correspond, scored -0.04 to 0.20, a head in
 # another contrast whose tissues swap order -0.20
 INVERTED_NCC = -0.1
+# shared information (normalized MI on uniform points) that a windowed first field stage may lose
+# against the global part before it is refit with mutual information (``_check_first_stage``): more
+# than LOST_NMI and more than LOST_NMI_SHARE of what the global part shared (NMI - 1). On knees whose
+# soft tissue does not correspond, stages that moved the bones 0.09-0.39 bone Dice off a good global
+# part lost 11-53 % of it (0.012-0.035), the others at most 10 %; canonical and realistic knees at most
+# 3.5 %; an image against itself, from a perfect start, 0.9 % (0.004; docs/benchmarks.md)
+LOST_NMI = 0.005
+LOST_NMI_SHARE = 0.1
 
 
 class PairRegistration:
@@ -210,7 +219,9 @@ class PairRegistration:
     def fit_fields(self) -> None:
         """Fit the two fields (the affine part fixed), coarse to fine: the pyramid's stages
         switch on the hash levels in turn; a NaN step or a similarity jump (``Watchdog``)
-        rolls both fields back to the last healthy snapshot at half the learning rate."""
+        rolls both fields back to the last healthy snapshot at half the learning rate; a
+        windowed first stage that lost the images' shared information is fitted again with
+        mutual information (``_check_first_stage``)."""
         self.maps = (ComposedMap(self.phi_ab, self.affine, False), ComposedMap(self.phi_ba, self.affine, True))
         self._check_contrast()  # may set the first stage's similarity: self.config after it
         cfg = self.config
@@ -221,9 +232,12 @@ class PairRegistration:
         self.snapshot, self.candidate = self._snapshot(), None  # committed, and awaiting a healthy check
         self.recoveries = self.rollbacks = self.step = 0
         self.bar = tqdm(total=cfg.steps, disable=not self.run_config.progress, desc="register", dynamic_ncols=True)
+        start = self._snapshot()  # the new fields: where a refit of the first stage begins
         try:
             for s, n_steps in enumerate(stage_steps(cfg)):
                 self.fit_stage(s, n_steps)
+                if s == 0 and self._check_first_stage():
+                    self._refit_first_stage(start, n_steps)
         finally:
             self.bar.close()
 
@@ -237,7 +251,9 @@ class PairRegistration:
         ``fine_similarity`` (mutual information) instead, and ``first_stage_similarity``
         says so. Only where the first stage fits a windowed similarity and the later ones
         mutual information (the defaults); without a global part (``affine_steps=0``) the images'
-        physical alignment is what is measured."""
+        physical alignment is what is measured. Where the first stage stays windowed, the
+        images' shared information after the global part (``nmi_after_global``,
+        ``_shared_information``) is what ``_check_first_stage`` compares against."""
         cfg = self.config
         if cfg.similarity not in WINDOWED or cfg.fine_similarity != "mi":
             return
@@ -249,9 +265,57 @@ class PairRegistration:
         first = cfg.similarity
         if ncc < INVERTED_NCC:
             first = cfg.fine_similarity
-            self.config = dataclasses.replace(cfg, similarity=first)
-            self.pair = dataclasses.replace(self.pair, cfg=self.config)
+            self._fit_first_stage_with(first)
         self.contrast = {"ncc_after_global": ncc, "first_stage_similarity": first}
+        if first in WINDOWED:
+            self.contrast["nmi_after_global"] = self._shared_information()
+
+    def _fit_first_stage_with(self, similarity: str) -> None:
+        """The first field stage fits ``similarity`` (``config`` and ``pair`` say so)."""
+        self.config = dataclasses.replace(self.config, similarity=similarity)
+        self.pair = dataclasses.replace(self.pair, cfg=self.config)
+
+    def _shared_information(self) -> float:
+        """Normalized mutual information of the two maps' warped images and their targets
+        (mean of both directions), on uniform points of the first field stage (inside the
+        body with ``config.field_interior``) drawn from a generator of their own: the same
+        points at every call, so that two calls compare the maps alone."""
+        cfg = self.config
+        generator = torch.Generator(device=self.device).manual_seed(cfg.seed + 7919)
+        stage = self.pair.stage(cfg.pyramid[0], generator, self.pair.points, cfg.field_interior, 0.0)
+        values = []
+        with torch.no_grad():
+            for mapping, source, target in ((self.maps[0], "moving", "fixed"), (self.maps[1], "fixed", "moving")):
+                warped, target_values = stage.warped(mapping, source, target, "mi", fused=False)
+                values.append(normalized_mi(warped, target_values))
+        return sum(values) / len(values)
+
+    def _check_first_stage(self) -> bool:
+        """Whether the first field stage, fitted with a windowed similarity (local NCC), lost
+        more than ``LOST_NMI`` and more than ``LOST_NMI_SHARE`` of the images' shared
+        information (``_shared_information`` - 1, a measure the stage does not optimize)
+        against the global part alone: then local NCC's model, intensities that rise together
+        window by window, does not hold for this pair (soft tissue of two subjects whose
+        layers and contrasts differ), and it pulled the bones off the global part (on such
+        knees by 0.09-0.39 bone Dice). ``nmi_after_first_stage`` in ``contrast``; the later
+        stages often repair such a stage, not always."""
+        if self.contrast is None or "nmi_after_global" not in self.contrast:
+            return False
+        before, after = self.contrast["nmi_after_global"], self._shared_information()
+        self.contrast["nmi_after_first_stage"] = after
+        return before - after > max(LOST_NMI, LOST_NMI_SHARE * (before - 1.0))
+
+    def _refit_first_stage(self, start: Snapshot, n_steps: int) -> None:
+        """The first stage again from the new fields (``start``), with ``fine_similarity``
+        (mutual information) instead of the windowed similarity that lost information; the
+        steps it takes come on top of ``config.steps``, and ``contrast`` says so."""
+        start.restore(self.phi_ab, self.phi_ba, self.optimizer)
+        self.snapshot, self.candidate = start, None
+        self.learning_rate = self.optimizer.lr = self.config.learning_rate
+        self._fit_first_stage_with(self.config.fine_similarity)
+        self.contrast.update(first_stage_similarity=self.config.similarity, first_stage_refit=True)
+        self.bar.total += n_steps
+        self.fit_stage(0, n_steps)
 
     def field_stage(self, s: int) -> Stage:
         """Pyramid stage ``s`` of the fields: its share of the similarity points, drawn
