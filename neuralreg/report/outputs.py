@@ -159,6 +159,8 @@ def _write_files(tmp: Path, reg, moving, fixed, moving_labels, fixed_labels, ext
         "backend": reg.info.get("backend"),
         "recoveries": reg.info.get("recoveries"),
         "global_search": reg.info.get("search"),
+        # what the first field stage fitted, and why (``PairRegistration._check_contrast``, ``_check_first_stage``)
+        "contrast": reg.info.get("contrast"),
         "final_loss_terms": reg.info.get("final"),
         "affine_world_fixed_to_moving": reg.affine_world().tolist(),
         "fixed_grid": {"shape": list(fixed.shape), "affine": fixed.affine.tolist()},

@@ -78,6 +78,9 @@ def test_register_writes_every_output(registered):
     assert search["chosen"] == prefer_small_rotation(distinct, losses, rotations)
     assert 0 <= report["dice_after"]["mean"] <= 1
     assert report["inverse_consistency_error_mm"] >= 0
+    contrast = report["contrast"]  # what the first field stage fitted: the images' NCC and NMI after the global part
+    assert contrast["first_stage_similarity"] in ("lncc", "mi") and -1 <= contrast["ncc_after_global"] <= 1
+    assert contrast["nmi_after_global"] >= 1 and contrast["nmi_after_first_stage"] >= 1
     warped = nib.load(registered / "warped.nii.gz")
     assert warped.shape == (20, 28, 24)
 
