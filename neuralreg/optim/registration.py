@@ -232,7 +232,7 @@ class PairRegistration:
         self.snapshot, self.candidate = self._snapshot(), None  # committed, and awaiting a healthy check
         self.recoveries = self.rollbacks = self.step = 0
         self.bar = tqdm(total=cfg.steps, disable=not self.run_config.progress, desc="register", dynamic_ncols=True)
-        start = self._snapshot()  # the new fields: where a refit of the first stage begins
+        start = self.snapshot  # the new fields (snapshots are replaced, never changed): where a refit begins
         try:
             for s, n_steps in enumerate(stage_steps(cfg)):
                 self.fit_stage(s, n_steps)
