@@ -238,6 +238,18 @@ def test_inverted_contrast_fits_the_first_stage_with_mutual_information(phantom)
     assert runs["same"].config.similarity == "lncc"
 
 
+def contrast_pair(shared_data) -> dict:
+    """Benchmark family ``contrast``, pair 9003430-9004175 (seed 11, 80x192x192): two knees,
+    each in its own soft-tissue contrast, the moving one in thick slices."""
+    from neuralreg_eval import families
+
+    files = sorted((shared_data / "oai_zib_labels").glob("*_labels.nii.gz"))
+    names = [f.name.split("_")[0] for f in files]
+    return families.family_pair(
+        "contrast", files[names.index("9003430")], files[names.index("9004175")], 11, (80, 192, 192)
+    )
+
+
 def test_affine_fits_draw_uniform_points_across_contrasts(shared_data):
     """Two subjects' knees, each in its own soft-tissue contrast, with rings of texture that
     follow the distance from its bones (benchmark family ``contrast``, pair 9003430-9004175,
@@ -245,15 +257,9 @@ def test_affine_fits_draw_uniform_points_across_contrasts(shared_data):
     with the affine fits drawing uniform points (``affine_edge_fraction=0``, the default),
     and loses them drawing on edges, most of which are the texture's (0.54 when measured:
     docs/benchmarks.md)."""
-    from neuralreg_eval import families
-
     from neuralreg.geometry.transforms import AffineTransform
 
-    files = sorted((shared_data / "oai_zib_labels").glob("*_labels.nii.gz"))
-    names = [f.name.split("_")[0] for f in files]
-    pair = families.family_pair(
-        "contrast", files[names.index("9003430")], files[names.index("9004175")], 11, (80, 192, 192)
-    )
+    pair = contrast_pair(shared_data)
     bone = {}
     for edges in (0.0, 1.0):
         with warnings.catch_warnings():
@@ -274,15 +280,9 @@ def test_a_first_stage_that_loses_shared_information_is_refit_with_mutual_inform
     optimize), so the stage is fitted again from the new fields with mutual information,
     which moves them less (0.70 when measured). Only the first stage is run (its 125
     default steps, then one)."""
-    from neuralreg_eval import families
-
     from neuralreg.optim import registration
 
-    files = sorted((shared_data / "oai_zib_labels").glob("*_labels.nii.gz"))
-    names = [f.name.split("_")[0] for f in files]
-    pair = families.family_pair(
-        "contrast", files[names.index("9003430")], files[names.index("9004175")], 11, (80, 192, 192)
-    )
+    pair = contrast_pair(shared_data)
 
     def bone(reg_or_run) -> float:
         forward = knee.registration_maps(reg_or_run)[0]
