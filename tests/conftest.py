@@ -7,6 +7,18 @@ import torch
 torch.set_num_threads(int(os.environ.get("NEURALREG_TEST_THREADS", "2")))
 
 
+@pytest.fixture(autouse=True)
+def _seeded():
+    """Every test draws from torch's and numpy's global generators seeded alike, whatever ran
+    before it: a test's random inputs do not depend on the order or the set of tests
+    (``NEURALREG_TEST_SEED``, default 0, draws other inputs: a test must pass for any)."""
+    import numpy as np
+
+    seed = int(os.environ.get("NEURALREG_TEST_SEED", "0"))
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+
+
 def data_dir() -> Path | None:
     root = os.environ.get("NEURALREG_DATA")
     if root and Path(root).is_dir():
