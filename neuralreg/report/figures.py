@@ -40,12 +40,14 @@ def _moving_slice(moving: Image, fixed: Image, axis: int) -> np.ndarray:
 
 def _deformed_grid(ax, p0: np.ndarray, p1: np.ndarray, shape, aspect: float) -> None:
     """Every few rows and columns of the map's in-plane coordinates (p0, p1: voxels of the
-    fixed slice) drawn as lines on ``ax``, over the slice's extent ``shape``."""
+    fixed slice) drawn as lines on ``ax``, over the slice's extent ``shape``: one
+    ``LineCollection`` (a ``Line2D`` per grid line was 645 artists and a third of the figure's time)."""
+    from matplotlib.collections import LineCollection
+
     step = max(1, min(shape) // 24)
-    for i in range(0, p0.shape[0], step):
-        ax.plot(p0[i, :], p1[i, :], "k-", lw=0.5)
-    for j in range(0, p0.shape[1], step):
-        ax.plot(p0[:, j], p1[:, j], "k-", lw=0.5)
+    rows = [np.stack([p0[i, :], p1[i, :]], -1) for i in range(0, p0.shape[0], step)]
+    columns = [np.stack([p0[:, j], p1[:, j]], -1) for j in range(0, p0.shape[1], step)]
+    ax.add_collection(LineCollection(rows + columns, colors="k", linewidths=0.5))
     ax.set_xlim(0, shape[0] - 1)
     ax.set_ylim(0, shape[1] - 1)
     ax.set_aspect(aspect)

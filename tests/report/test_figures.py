@@ -43,6 +43,31 @@ def test_deformed_grid_slice_is_drawn_in_the_fixed_grids_voxels(axis):
     np.testing.assert_allclose(_slice_map(world, axis, fixed.affine), expected, atol=1e-5)
 
 
+def test_deformed_grid_draws_every_few_rows_and_columns_of_the_map_as_one_collection():
+    """The deformed-grid panel: one LineCollection holding every ``step``-th row and column
+    of the map's in-plane coordinates, in order (rows first), nothing else drawn."""
+    from matplotlib.collections import LineCollection
+    from matplotlib.figure import Figure
+
+    from neuralreg.report.figures import _deformed_grid
+
+    g = torch.Generator().manual_seed(0)
+    p0 = torch.rand(50, 30, generator=g, dtype=torch.float64).numpy() * 49
+    p1 = torch.rand(50, 30, generator=g, dtype=torch.float64).numpy() * 29
+    ax = Figure().subplots()
+    _deformed_grid(ax, p0, p1, (50, 30), 1.0)
+    assert len(ax.lines) == 0 and len(ax.collections) == 1
+    (lines,) = ax.collections
+    assert isinstance(lines, LineCollection)
+    step = 30 // 24
+    expected = [np.stack([p0[i], p1[i]], -1) for i in range(0, 50, step)]
+    expected += [np.stack([p0[:, j], p1[:, j]], -1) for j in range(0, 30, step)]
+    segments = lines.get_segments()
+    assert len(segments) == len(expected)
+    for got, want in zip(segments, expected, strict=True):
+        np.testing.assert_allclose(got, want)
+
+
 def test_figure_is_written_without_pyplot(tmp_path):
     moving, fixed = _oblique_pair()
     registration_figure(tmp_path / "f.png", fixed, moving, fixed, _identity_world(fixed)[1], torch.ones(fixed.shape))
