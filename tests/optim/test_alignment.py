@@ -238,6 +238,30 @@ def test_inverted_contrast_fits_the_first_stage_with_mutual_information(phantom)
     assert runs["same"].config.similarity == "lncc"
 
 
+def test_one_anatomy_in_one_contrast_keeps_local_ncc_after_the_first_stage(phantom):
+    """The phantom pair (one knee, deformed) in one contrast: after the local-NCC first stage
+    the windows correlate almost perfectly (``ONE_CONTRAST_LNCC``), so the later stages fit
+    local NCC too, on edge points in every stage; the same moving knee in another contrast
+    (intensities cubed: related, not linearly) stays below the line and the later stages fit
+    mutual information on the defaults' points. ``contrast`` says which, and the result's
+    config records what was fitted."""
+    from neuralreg.optim import registration
+
+    runs = {}
+    for name, moving in (
+        ("one", phantom["moving"]),
+        ("other", phantom["moving"].with_data(phantom["moving"].data ** 3)),
+    ):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RegistrationWarning)
+            runs[name] = register_pair(moving, phantom["fixed"], RegistrationConfig(**CONFIG), run={"progress": False})
+    one, other = runs["one"].info["contrast"], runs["other"].info["contrast"]
+    assert one["lncc_after_first_stage"] >= registration.ONE_CONTRAST_LNCC > other["lncc_after_first_stage"] > 0.8
+    assert one["later_similarity"] == "lncc" and other["later_similarity"] == "mi"
+    assert (runs["one"].config.fine_similarity, runs["one"].config.middle_edge_fraction) == ("lncc", None)
+    assert (runs["other"].config.fine_similarity, runs["other"].config.middle_edge_fraction) == ("mi", 0.0)
+
+
 def contrast_pair(shared_data) -> dict:
     """Benchmark family ``contrast``, pair 9003430-9004175 (seed 11, 80x192x192): two knees,
     each in its own soft-tissue contrast, the moving one in thick slices."""
