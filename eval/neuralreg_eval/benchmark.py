@@ -218,15 +218,19 @@ def _score(forward, inverse, affine_only, pair_dir: Path) -> dict:
 
     moving_labels, fixed_labels = read_pair_labels(pair_dir)
     scores = knee.score_maps(forward, inverse, moving_labels, fixed_labels)
-    scores["affine_bone"] = (
-        knee.score_maps(affine_only, None, moving_labels, fixed_labels)["bone"] if affine_only is not None else math.nan
-    )
+    affine = knee.score_maps(affine_only, None, moving_labels, fixed_labels) if affine_only is not None else {}
+    scores["affine_bone"] = affine.get("bone", math.nan)
+    scores["affine_bone_in_view"] = affine.get("bone_in_view", math.nan)
     scores["field_correction_mm"] = (
         field_correction(forward, affine_only, (fixed_labels.shape, fixed_labels.affine))
         if affine_only is not None
         else math.nan
     )
     scores["gross_failure"] = knee.gross_failure(scores["bone"], scores["affine_bone"], scores["cartilage"])
+    # the same where the moving image has data: bone that its field of view cuts off cannot be placed
+    scores["gross_failure_in_view"] = knee.gross_failure(
+        scores["bone_in_view"], scores["affine_bone_in_view"], scores["cartilage_in_view"]
+    )
     return scores
 
 
@@ -245,7 +249,12 @@ def summarize(rows: list[dict], methods) -> list[dict]:
         ok = [r for r in rows if r["method"] == m and not r.get("error")]
         if not ok:
             continue
-        s = {"method": m, "pairs": len(ok), "gross_failures": sum(_truthy(r.get("gross_failure")) for r in ok)}
+        s = {
+            "method": m,
+            "pairs": len(ok),
+            "gross_failures": sum(_truthy(r.get("gross_failure")) for r in ok),
+            "gross_failures_in_view": sum(_truthy(r.get("gross_failure_in_view")) for r in ok),
+        }
         for k in (*SCORE_KEYS, *TIME_KEYS):
             v = np.array([_number(r.get(k)) for r in ok], dtype=float)
             s[k] = float(np.nanmean(v)) if np.isfinite(v).any() else math.nan
@@ -254,12 +263,24 @@ def summarize(rows: list[dict], methods) -> list[dict]:
     return out
 
 
+def _gross_cell(row: dict) -> str:
+    """``**yes**`` / ``no``, and what the in-view scores say where they disagree."""
+    whole, in_view = _truthy(row.get("gross_failure")), row.get("gross_failure_in_view")
+    cell = "**yes**" if whole else "no"
+    if in_view not in (None, "") and _truthy(in_view) != whole:
+        cell += f" (in view: {'yes' if _truthy(in_view) else 'no'})"
+    return cell
+
+
 def markdown_table(rows: list[dict], summary: list[dict]) -> str:
     """The per-pair table (worst initial bone overlap first) and the mean ± std table.
 
     ``affine bone`` is the bone Dice of the method's affine stage alone; a pair is a
     gross failure (``gross``) when its bone Dice after registration is below 0.85 or below
-    its affine-only value (``knee.gross_failure``); ``verdict`` is neuralreg's own quality verdict.
+    its affine-only value, or its cartilage Dice below 0.30 (``knee.gross_failure``); "in view"
+    judges the same scores where the moving image has data (``knee.in_view``: a field of view
+    that cuts the bones cuts what any method can place); ``verdict`` is neuralreg's own
+    quality verdict.
     """
     lines = [
         "| pair | method | initial bone Dice | femoral | tibial | cartilage | bone | affine bone | gross "
@@ -274,7 +295,7 @@ def markdown_table(rows: list[dict], summary: list[dict]) -> str:
         lines.append(
             f"| {r['pair']} | {r['method']} | {float(r['initial_bone']):.3f} | {float(r['femoral']):.3f} | "
             f"{float(r['tibial']):.3f} | {float(r['cartilage']):.3f} | {float(r['bone']):.3f} | "
-            f"{_fmt(r.get('affine_bone', 'nan'), 3)} | {'**yes**' if _truthy(r.get('gross_failure')) else 'no'} | "
+            f"{_fmt(r.get('affine_bone', 'nan'), 3)} | {_gross_cell(r)} | "
             f"{r.get('quality') or '-'} | "
             f"{float(r['percent_folds_forward']):.4f} | {_fmt(r['inverse_consistency_error_mm'], 2)} | "
             f"{_fmt(_number(r.get('field_correction_mm')), 1)} | {_fmt(_number(r.get('command_seconds')), 1)} | "
@@ -289,8 +310,9 @@ def markdown_table(rows: list[dict], summary: list[dict]) -> str:
     ]
     for s in summary:
         cells = [f"{s[k]:.3f} ± {s[k + '_std']:.3f}" for k in ("femoral", "tibial", "cartilage", "bone")]
+        gross = f"{s['gross_failures']} ({s['gross_failures_in_view']} in view)"
         lines.append(
-            f"| {s['method']} | {s['pairs']} | {s['gross_failures']} | {' | '.join(cells)} | "
+            f"| {s['method']} | {s['pairs']} | {gross} | {' | '.join(cells)} | "
             f"{s['percent_folds_forward']:.4f} | {_fmt(s['inverse_consistency_error_mm'], 2)} | "
             f"{_fmt(s['command_seconds'], 1)} | {_fmt(s['command_cpu_seconds'], 1)} | {s['seconds']:.1f} | "
             f"{_fmt(s['peak_memory_mb'], 0)} |"
