@@ -315,7 +315,10 @@ class RegistrationConfig:
             the fields off soft tissue that does not correspond between two knees (fat
             layers, other contrasts), which local NCC follows. On knees of every family this
             scored higher than either alone; on same-contrast brains local NCC throughout
-            (``"lncc"``) scores higher (docs/benchmarks.md, "The fields' similarity").
+            (``"lncc"``) scores higher (docs/benchmarks.md, "The fields' similarity"). Where
+            a local-NCC first stage leaves the images' windows correlating almost perfectly
+            (one anatomy in one contrast: ``registration.ONE_CONTRAST_LNCC``), the later
+            stages fit local NCC in its place (``report.json``: ``contrast``).
         regularizer: ``"gradicon"`` (autograd Jacobian), ``"gradicon_fd"`` (finite
             differences), ``"icon"``, ``"diffusion"``, ``"bending"`` or ``"none"``.
         regularizer_weight: lambda multiplying the regularizer.
