@@ -344,7 +344,8 @@ class PairRegistration:
         information (docs/benchmarks.md). ``lncc_after_first_stage`` and
         ``later_similarity`` in ``contrast``."""
         cfg = self.config
-        if self.contrast is None or cfg.similarity not in WINDOWED or cfg.fine_similarity == cfg.similarity:
+        windowed_first = self.contrast is not None and cfg.similarity in WINDOWED
+        if not windowed_first or cfg.fine_similarity == cfg.similarity or len(cfg.pyramid) < 2:
             return
         value = self._local_correlation()
         self.contrast["lncc_after_first_stage"] = value
