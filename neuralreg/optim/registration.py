@@ -231,7 +231,9 @@ class PairRegistration:
         switch on the hash levels in turn; a NaN step or a similarity jump (``Watchdog``)
         rolls both fields back to the last healthy snapshot at half the learning rate; a
         windowed first stage that lost the images' shared information is fitted again with
-        mutual information (``_check_first_stage``)."""
+        mutual information (``_check_first_stage``); one that leaves the images' windows
+        correlating almost perfectly keeps local NCC in the later stages
+        (``_check_one_contrast``)."""
         self.maps = (ComposedMap(self.phi_ab, self.affine, False), ComposedMap(self.phi_ba, self.affine, True))
         self._check_contrast()  # may set the first stage's similarity: self.config after it
         cfg = self.config
