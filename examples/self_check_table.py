@@ -47,7 +47,8 @@ def rows_of(path: Path) -> list[dict]:
         gross = whole = str(r.get("gross_failure")) == "True"
         bone = r.get("bone")
         if bone not in (None, "") and r.get("cartilage") not in (None, ""):  # the knee rule of the installed eval
-            whole = knee.gross_failure(float(bone), _number(r, "affine_bone"), float(r["cartilage"]))
+            affine = float(r["affine_bone"]) if r.get("affine_bone") not in (None, "") else float("nan")
+            whole = knee.gross_failure(float(bone), affine, float(r["cartilage"]))
             cartilage = r["cartilage"]
             if r.get("bone_in_view") not in (None, "") and r.get("cartilage_in_view") not in (None, ""):
                 # where the moving image has data: bone its field of view cuts off cannot be placed
@@ -59,11 +60,6 @@ def rows_of(path: Path) -> list[dict]:
             {"pair": r["pair"], "gross": gross, "gross_whole": whole, "good_result": good_result, "verdict": verdict}
         )
     return out
-
-
-def _number(row: dict, key: str, default: float = float("nan")) -> float:
-    value = row.get(key)
-    return default if value in (None, "") else float(value)
 
 
 def table(rows: list[dict], title: str) -> str:

@@ -293,15 +293,24 @@ class PairRegistration:
         """Normalized mutual information of the two maps' warped images and their targets
         (mean of both directions), on uniform points of the first field stage (inside the
         body with ``config.field_interior``) drawn from a generator of their own: the same
-        points at every call, so that two calls compare the maps alone."""
+        points at every call, so that two calls compare the maps alone (``_probe``)."""
+        return self._probe(7919, "mi", 0.0, normalized_mi)
+
+    def _probe(self, seed_offset: int, draw: str, edge_fraction: float | None, measure: Callable) -> float:
+        """``measure(warped, target) -> float`` of both maps (mean of the two directions) on
+        points of the first field stage drawn as for the similarity ``draw`` (windows for a
+        windowed one), inside the body with ``config.field_interior``, ``edge_fraction`` of
+        them on edges (None: ``config.edge_fraction``), from a generator of their own
+        (``config.seed + seed_offset``): the run's draws stay as they are, and every call
+        reads the same points."""
         cfg = self.config
-        generator = torch.Generator(device=self.device).manual_seed(cfg.seed + 7919)
-        stage = self.pair.stage(cfg.pyramid[0], generator, self.pair.points, cfg.field_interior, 0.0)
+        generator = torch.Generator(device=self.device).manual_seed(cfg.seed + seed_offset)
+        stage = self.pair.stage(cfg.pyramid[0], generator, self.pair.points, cfg.field_interior, edge_fraction)
         values = []
         with torch.no_grad():
             for mapping, source, target in ((self.maps[0], "moving", "fixed"), (self.maps[1], "fixed", "moving")):
-                warped, target_values = stage.warped(mapping, source, target, "mi", fused=False)
-                values.append(normalized_mi(warped, target_values))
+                warped, target_values = stage.warped(mapping, source, target, draw, fused=False)
+                values.append(float(measure(warped, target_values)))
         return sum(values) / len(values)
 
     def _check_first_stage(self) -> bool:
@@ -323,17 +332,9 @@ class PairRegistration:
         """Local NCC of the two maps' warped images and their targets (mean of both
         directions), on windows of the first field stage (inside the body with
         ``config.field_interior``, ``config.edge_fraction`` of them on edges) drawn from a
-        generator of their own."""
-        cfg = self.config
-        generator = torch.Generator(device=self.device).manual_seed(cfg.seed + 15485863)
-        stage = self.pair.stage(cfg.pyramid[0], generator, self.pair.points, cfg.field_interior)
-        values = []
-        with torch.no_grad():
-            for mapping, source, target in ((self.maps[0], "moving", "fixed"), (self.maps[1], "fixed", "moving")):
-                warped, target_values = stage.warped(mapping, source, target, "lncc", fused=False)
-                k = cfg.lncc_patch_points
-                values.append(1.0 - float(local_ncc(warped.reshape(-1, k), target_values.reshape(-1, k))))
-        return sum(values) / len(values)
+        generator of their own (``_probe``)."""
+        k = self.config.lncc_patch_points
+        return self._probe(15485863, "lncc", None, lambda w, t: 1.0 - local_ncc(w.reshape(-1, k), t.reshape(-1, k)))
 
     def _check_one_contrast(self) -> None:
         """After a windowed first stage that was kept: where its local NCC
@@ -346,8 +347,9 @@ class PairRegistration:
         information (docs/benchmarks.md). ``lncc_after_first_stage`` and
         ``later_similarity`` in ``contrast``."""
         cfg = self.config
-        windowed_first = self.contrast is not None and cfg.similarity in WINDOWED
-        if not windowed_first or cfg.fine_similarity == cfg.similarity or len(cfg.pyramid) < 2:
+        # ``contrast`` is set only where the first stage was to fit a windowed similarity and the
+        # later ones mutual information; it still does unless inverted contrasts switched it
+        if self.contrast is None or cfg.similarity not in WINDOWED or len(cfg.pyramid) < 2:
             return
         value = self._local_correlation()
         self.contrast["lncc_after_first_stage"] = value
