@@ -176,3 +176,27 @@ def test_overlap_mi_does_not_reward_a_small_overlap_that_matches():
     small = (torch.arange(5000) < 500).float()
     assert mi(warped[:500], fixed[:500]) < mi(warped, fixed) + 0.5  # alone, about as informative
     assert overlap_mi(warped, fixed, torch.ones(5000)) < overlap_mi(warped, fixed, small)
+
+
+@pytest.mark.parametrize("shape", [(40, 32), (3, 16, 32)])
+def test_local_ncc_node_is_autograds_expression_and_gradcheck(shape):
+    """Local NCC with a constant target is one autograd node (``_LocalNCC``, its gradient
+    written out): the same value as the expression autograd differentiates (bit for bit),
+    the same gradient to rounding, and first and second derivatives against finite
+    differences (float64)."""
+    from neuralreg.losses.similarity import _ncc, lncc
+
+    g = torch.Generator().manual_seed(5)
+    fixed = torch.rand(shape, generator=g, dtype=torch.float64)
+    warped = (fixed**2 + 0.3 * torch.rand(shape, generator=g, dtype=torch.float64)).requires_grad_()
+    node = lncc(warped, fixed)
+    assert type(node.grad_fn).__name__ == "_LocalNCCBackward"
+    reference = 1.0 - _ncc(warped, fixed, -1).mean(-1)
+    assert torch.equal(node, reference)
+    weights = torch.rand(node.shape, generator=g, dtype=torch.float64)
+    (fast,) = torch.autograd.grad(node, warped, weights)
+    (slow,) = torch.autograd.grad(reference, warped, weights)
+    torch.testing.assert_close(fast, slow, rtol=1e-10, atol=1e-15)
+    x = warped.detach()[..., :4, :].clone().requires_grad_()
+    assert torch.autograd.gradcheck(lambda w: lncc(w, fixed[..., :4, :]), (x,))
+    assert torch.autograd.gradgradcheck(lambda w: lncc(w, fixed[..., :4, :]), (x,))
