@@ -57,10 +57,20 @@ class NeuralField(nn.Module):
         self.encoding.set_backend(backend)
 
     def displacement(self, u: torch.Tensor) -> torch.Tensor:
-        """Displacement D(u) (N, d), normalized units."""
+        """Displacement D(u) (N, d), normalized units.
+
+        Where a graph is recorded, the MLP is one autograd node (``_MLP``, backward written
+        out); without one (evaluation) the layers run as they are."""
         feats = self.encoding(u)
         w = self.mlp[0].weight
-        return self.mlp(feats.to(w.dtype)).to(u.dtype)
+        h = feats.to(w.dtype)
+        if not torch.is_grad_enabled():
+            return self.mlp(h).to(u.dtype)
+        return _MLP.apply(h, self.mlp, *self._mlp_parameters()).to(u.dtype)
+
+    def _mlp_parameters(self) -> list[torch.Tensor]:
+        """(W, b) of each linear layer, first to last."""
+        return [t for layer in self.mlp if isinstance(layer, nn.Linear) for t in (layer.weight, layer.bias)]
 
     def forward(self, u: torch.Tensor) -> torch.Tensor:
         return u + self.displacement(u)
@@ -74,9 +84,8 @@ class NeuralField(nn.Module):
         transposes and copies (a step of the fields makes four of these calls)."""
         feats, jac = self.encoding.forward_with_jacobian(u)
         w = self.mlp[0].weight
-        linears = [layer for layer in self.mlp if isinstance(layer, nn.Linear)]
         derivatives = _derivatives(self.mlp[1]) if len(self.mlp) > 1 else _relu
-        params = [t for layer in linears for t in (layer.weight, layer.bias)]
+        params = self._mlp_parameters()
         h, t = _PushForward.apply(feats.to(w.dtype), jac.to(w.dtype), derivatives, *params)
         eye = torch.eye(self.n_dims, dtype=u.dtype, device=u.device)
         return u + h.to(u.dtype), eye + t.to(u.dtype)
@@ -120,6 +129,64 @@ def _derivatives(layer: nn.Module):
     if type(layer) not in table:
         raise TypeError(f"no derivatives for {type(layer).__name__}")
     return table[type(layer)]
+
+
+class _MLP(torch.autograd.Function):
+    """The MLP ``mlp`` (``nn.Sequential`` of linear layers and one kind of activation) at
+    features h (N, F) -> y (N, m), its backward written out: per layer a product for the
+    input's gradient, one for the weight's and a sum for the bias' instead of autograd's
+    graph of transposes. The same value as ``mlp(h)``, op for op, the gradients to rounding
+    (test). Arguments after ``mlp``: (W, b) of each layer, first to last. A graph of the
+    gradient (second derivatives: GradICON by autograd) is autograd's, through the same
+    layers applied to these parameters.
+    """
+
+    @staticmethod
+    def forward(ctx, h, mlp, *params):
+        activation = mlp[1] if len(mlp) > 1 else None
+        derivatives = _derivatives(activation) if activation is not None else _relu
+        inputs, slopes = [], []
+        for k in range(0, len(params) - 2, 2):
+            inputs.append(h)
+            z = torch.addmm(params[k + 1], h, params[k].t())
+            if isinstance(activation, nn.ReLU):
+                h = torch.relu(z)
+                slopes.append(torch.sign(h))  # h >= 0: 1 where z > 0, else 0
+            else:  # the slope from the derivatives, the value from the layer itself (bit for bit)
+                slopes.append(derivatives(z)[1])
+                h = activation(z)
+        y = torch.addmm(params[-1], h, params[-2].t())
+        ctx.save_for_backward(h, *inputs, *slopes, *params)
+        ctx.activation, ctx.hidden = activation, len(inputs)
+        return y
+
+    @staticmethod
+    def backward(ctx, gy):
+        tensors = ctx.saved_tensors
+        n = ctx.hidden
+        h, inputs, slopes, params = tensors[0], tensors[1 : 1 + n], tensors[1 + n : 1 + 2 * n], tensors[1 + 2 * n :]
+        if torch.is_grad_enabled():  # a graph of the gradient (second derivatives): autograd's
+            h0 = inputs[0] if n else h
+            with torch.enable_grad():
+                y = h0
+                for k in range(0, len(params) - 2, 2):
+                    y = ctx.activation(torch.addmm(params[k + 1], y, params[k].t()))
+                y = torch.addmm(params[-1], y, params[-2].t())
+                wanted = [t for t in (h0, *params) if t.requires_grad]
+                got = iter(torch.autograd.grad(y, wanted, gy, create_graph=True))
+                return (
+                    (next(got) if h0.requires_grad else None),
+                    None,
+                    *(next(got) if t.requires_grad else None for t in params),
+                )
+        grads = [None] * len(params)
+        grads[-2], grads[-1] = gy.t() @ h, gy.sum(0)
+        g = gy @ params[-2]
+        for k in range(n - 1, -1, -1):
+            gz = g * slopes[k]
+            grads[2 * k], grads[2 * k + 1] = gz.t() @ inputs[k], gz.sum(0)
+            g = gz @ params[2 * k]
+        return g, None, *grads
 
 
 class _PushForward(torch.autograd.Function):

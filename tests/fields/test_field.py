@@ -152,3 +152,32 @@ def test_mlp_push_forward_matches_autograd_and_gradcheck(activation, layers):
     assert torch.autograd.gradcheck(lambda f, j, *ps: _PushForward.apply(f, j, derivatives, *ps), inputs)
     # where only the Jacobian is used (GradICON's outer map), the value's gradient is None
     assert torch.autograd.gradcheck(lambda f, j, *ps: _PushForward.apply(f, j, derivatives, *ps)[1], inputs)
+
+
+@pytest.mark.parametrize("activation", ["relu", "silu", "softplus", "tanh"])
+@pytest.mark.parametrize("layers", [0, 1, 2])
+def test_mlp_node_is_the_mlp_and_gradcheck(activation, layers):
+    """With a graph recorded, the field's MLP is one autograd node (``_MLP``, its backward
+    written out): the value of the layers themselves bit for bit, autograd's gradients (in
+    the features and every weight and bias) to rounding, and first and second derivatives
+    against finite differences (float64; the second by autograd through the layers)."""
+    from neuralreg.fields.field import _MLP
+
+    cfg = FieldConfig(hidden_width=5, hidden_layers=layers, activation=activation, backend="torch")
+    field = NeuralField(3, cfg, generator=torch.Generator().manual_seed(0)).double()
+    torch.nn.init.normal_(field.mlp[-1].weight, std=0.5, generator=torch.Generator().manual_seed(1))
+    g = torch.Generator().manual_seed(2)
+    feats = torch.randn(7, field.encoding.n_output_dims, generator=g, dtype=torch.float64, requires_grad=True)
+    params = field._mlp_parameters()
+    node = _MLP.apply(feats, field.mlp, *params)
+    assert type(node.grad_fn).__name__ == "_MLPBackward"
+    reference = field.mlp(feats)
+    assert torch.equal(node, reference)
+    weights = torch.randn(node.shape, generator=g, dtype=torch.float64)
+    fast = torch.autograd.grad(node, (feats, *params), weights)
+    slow = torch.autograd.grad(reference, (feats, *params), weights)
+    for a, b in zip(fast, slow, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-12)
+    inputs = (feats, *params)
+    assert torch.autograd.gradcheck(lambda f, *ps: _MLP.apply(f, field.mlp, *ps), inputs)
+    assert torch.autograd.gradgradcheck(lambda f, *ps: _MLP.apply(f, field.mlp, *ps), inputs)
