@@ -118,3 +118,22 @@ def test_relation_to_icon_registration_gradient_icon(d):
         torch.testing.assert_close(theirs * d, ours, rtol=2e-3, atol=0)  # their FD step is 1e-3
     finally:
         torch.set_default_dtype(torch.float32)
+
+
+def test_product_penalty_node_is_autograds_expression_and_gradcheck():
+    """GradICON's last part, mean ||outer inner - I||_F^2 of two stacks of Jacobians, is one
+    autograd node (``_ProductPenalty``): autograd's value bit for bit, its gradients to
+    rounding, first and second derivatives against finite differences (float64)."""
+    from neuralreg.losses.regularizers import _product_penalty
+
+    g = torch.Generator().manual_seed(4)
+    outer, inner = (torch.randn(30, 3, 3, generator=g, dtype=torch.float64).requires_grad_() for _ in range(2))
+    node = _product_penalty(outer, inner)
+    assert type(node.grad_fn).__name__ == "_ProductPenaltyBackward"
+    reference = ((torch.matmul(outer, inner) - torch.eye(3, dtype=torch.float64)) ** 2).sum((1, 2)).mean()
+    assert torch.equal(node, reference)
+    for fast, slow in zip(torch.autograd.grad(node, (outer, inner)), torch.autograd.grad(reference, (outer, inner))):
+        torch.testing.assert_close(fast, slow, rtol=1e-12, atol=1e-14)
+    small = tuple(t.detach()[:4].clone().requires_grad_() for t in (outer, inner))
+    assert torch.autograd.gradcheck(_product_penalty, small)
+    assert torch.autograd.gradgradcheck(_product_penalty, small)
