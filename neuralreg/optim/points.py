@@ -129,6 +129,10 @@ class VoxelSampler:
         weighted_fraction: share of points drawn by ``weights`` (0: all uniform).
         device: where points are drawn (``generator`` must live there too); the mask and
             weights are moved there once.
+        draws_at_once: each kind of draw (``sample`` of n points, ``sample_windows`` of a
+            shape) is made for this many calls at once and handed out one call's share at a
+            time: a few operations a call instead of a dozen (a GPU step is bound by its
+            launches), the same distribution, another order of the generator's numbers.
     """
 
     def __init__(
@@ -139,8 +143,13 @@ class VoxelSampler:
         weights: torch.Tensor | None = None,
         weighted_fraction: float = 0.0,
         device: torch.device | str = "cpu",
+        draws_at_once: int = 1,
     ):
+        if draws_at_once < 1:
+            raise ValueError("draws_at_once must be at least 1")
         self.shape = tuple(shape)
+        self.draws_at_once = draws_at_once
+        self._pools: dict[tuple, list] = {}  # kind of draw -> [(calls, ...) draws, calls handed out]
         self.generator = generator
         self.device = torch.device(device)
         self.upper = torch.tensor([n - 1 for n in self.shape], dtype=torch.float32, device=self.device)
@@ -183,19 +192,41 @@ class VoxelSampler:
 
     def sample(self, n: int, weighted: bool = True) -> torch.Tensor:
         """(n, d) voxel-index points; ``weighted=False`` ignores the weights."""
-        n_w = round(n * self.weighted_fraction) if weighted and self.cdf is not None else 0
-        if n_w == 0:
-            return self._uniform(n)
-        if n_w == n:
-            return self._weighted(n)
-        return torch.cat([self._weighted(n_w), self._uniform(n - n_w)])
+        return self._handed_out(("points", n, weighted), lambda calls: self._points(calls, n, weighted))
 
     def sample_windows(self, n_windows: int, points_per_window: int, window: float) -> torch.Tensor:
         """(n_windows * points_per_window, d) points, grouped by window (side ``window`` voxels)."""
-        centers = self.sample(n_windows)
-        shape = (n_windows, points_per_window, len(self.shape))
+        key = ("windows", n_windows, points_per_window, window)
+        return self._handed_out(key, lambda calls: self._windows(calls, n_windows, points_per_window, window))
+
+    def _handed_out(self, key: tuple, draw) -> torch.Tensor:
+        """The next call's share of the draws of kind ``key``, ``draw(calls)`` (calls, ...)
+        made anew when those made are handed out (``draws_at_once``)."""
+        pool = self._pools.get(key)
+        if pool is None or pool[1] == pool[0].shape[0]:
+            pool = self._pools[key] = [draw(self.draws_at_once), 0]
+        pool[1] += 1
+        return pool[0][pool[1] - 1]
+
+    def _points(self, calls: int, n: int, weighted: bool) -> torch.Tensor:
+        """(calls, n, d): each call's n points, the weighted share of each call first."""
+        d = len(self.shape)
+        n_w = round(n * self.weighted_fraction) if weighted and self.cdf is not None else 0
+        if n_w == 0:
+            return self._uniform(calls * n).view(calls, n, d)
+        if n_w == n:
+            return self._weighted(calls * n).view(calls, n, d)
+        weighted_part = self._weighted(calls * n_w).view(calls, n_w, d)
+        return torch.cat([weighted_part, self._uniform(calls * (n - n_w)).view(calls, n - n_w, d)], 1)
+
+    def _windows(self, calls: int, n_windows: int, points_per_window: int, window: float) -> torch.Tensor:
+        """(calls, n_windows * points_per_window, d): each call's windows, a centre and
+        ``points_per_window`` points around it each."""
+        d = len(self.shape)
+        centers = self._points(calls, n_windows, True)
+        shape = (calls, n_windows, points_per_window, d)
         offsets = (torch.rand(shape, generator=self.generator, device=self.device) - 0.5) * window
-        return (centers[:, None, :] + offsets).reshape(-1, len(self.shape))
+        return (centers[:, :, None, :] + offsets).view(calls, -1, d)
 
 
 def _unravel(flat: torch.Tensor, shape) -> torch.Tensor:

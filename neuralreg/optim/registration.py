@@ -52,7 +52,7 @@ from neuralreg.optim import inputs
 from neuralreg.optim.adam import Adam
 from neuralreg.optim.alignment import AffineFit, choose_start, interior_within
 from neuralreg.optim.points import field_of_view
-from neuralreg.optim.stage import PairData, Stage, stage_steps
+from neuralreg.optim.stage import FIELD_DRAWS_AT_ONCE, PairData, Stage, stage_steps
 from neuralreg.optim.watchdog import Snapshot, Watchdog
 from neuralreg.quality import assess
 from neuralreg.result import Registration
@@ -376,7 +376,8 @@ class PairRegistration:
         edges."""
         cfg, pair = self.config, self.pair
         points = max(8, round(pair.points * stage_point_shares(cfg)[s]))
-        return pair.stage(cfg.pyramid[s], self.generator, points, cfg.field_interior, stage_edge_fraction(cfg, s))
+        edges = stage_edge_fraction(cfg, s)
+        return pair.stage(cfg.pyramid[s], self.generator, points, cfg.field_interior, edges, FIELD_DRAWS_AT_ONCE)
 
     def fit_stage(self, s: int, n_steps: int) -> None:
         """``n_steps`` steps of stage ``s``, the loss read every ``check_every`` steps (one host

@@ -60,18 +60,25 @@ class PairData:
         points: int,
         inside_body: bool = False,
         edge_fraction: float | None = None,
+        draws_at_once: int = 1,
     ) -> Stage:
         """The pyramid level ``factor`` with ``points`` similarity points per step, drawn from
         the interior masks where ``inside_body`` (and there are some), ``edge_fraction`` of
-        them on edges (None: ``config.edge_fraction``)."""
-        return Stage(self, factor, generator, points, inside_body, edge_fraction)
+        them on edges (None: ``config.edge_fraction``), for ``draws_at_once`` steps at a
+        time (``VoxelSampler``)."""
+        return Stage(self, factor, generator, points, inside_body, edge_fraction, draws_at_once)
+
+
+# the fields' stages draw their points for this many steps at once (``VoxelSampler``): on
+# the knee phantom's step 471 -> 433 operations (docs/benchmarks.md), each a launch on a GPU
+FIELD_DRAWS_AT_ONCE = 8
 
 
 class Stage:
     """One pyramid level of a pair: down-sampled images, their voxel <-> normalized maps, the
     samplers of similarity points (edge-weighted as configured, within the masks) and of
     regularizer points (uniform; everywhere the given masks allow when the similarity
-    draws inside the body)."""
+    draws inside the body), each drawing for ``draws_at_once`` steps at a time."""
 
     def __init__(
         self,
@@ -81,6 +88,7 @@ class Stage:
         points: int,
         inside_body: bool,
         edge_fraction: float | None = None,
+        draws_at_once: int = 1,
     ):
         cfg, device = pair.cfg, pair.device
         edges = cfg.edge_fraction if edge_fraction is None else edge_fraction
@@ -97,13 +105,16 @@ class Stage:
                 weights=edge_weights(img.data, cfg.edge_power) if edges > 0 else None,
                 weighted_fraction=edges,
                 device=device,
+                draws_at_once=draws_at_once,
             )
             for img, mask in ((self.moving, masks[0]), (self.fixed, masks[1]))
         )
         self.regularizer_samplers = (self.moving_sampler, self.fixed_sampler)
         if masks is not given:
             self.regularizer_samplers = tuple(
-                VoxelSampler(img.shape, stage_mask(mask, factor, device), generator, device=device)
+                VoxelSampler(
+                    img.shape, stage_mask(mask, factor, device), generator, device=device, draws_at_once=draws_at_once
+                )
                 for img, mask in zip((self.moving, self.fixed), given, strict=True)
             )
         self.vox_to_u = {

@@ -306,3 +306,55 @@ def test_middle_stages_draw_their_own_edge_share():
     assert [stage_edge_fraction(two, s) for s in range(2)] == [1.0, 1.0]
     with pytest.raises(ValueError, match="middle_edge_fraction"):
         RegistrationConfig(middle_edge_fraction=1.5)
+
+
+def test_draws_made_at_once_hand_out_each_calls_mix_and_windows():
+    """A sampler that draws for several calls at once (``draws_at_once``, as the fields'
+    stages do) hands out one call's share at a time: each call gets its own n points with
+    its weighted share first, each window stays within its side, the pool is drawn anew
+    when handed out, and one call at a time is the single draw bit for bit."""
+    w = torch.zeros(20, 20)
+    w[4, 4] = 1.0  # the weighted share lands on this voxel, the uniform share spreads
+    peak = torch.tensor([4.0, 4.0])
+
+    def sampler(at_once, seed=1):
+        return VoxelSampler(
+            w.shape,
+            generator=torch.Generator().manual_seed(seed),
+            weights=w,
+            weighted_fraction=0.5,
+            draws_at_once=at_once,
+        )
+
+    s = sampler(4)
+    calls = [s.sample(1000) for _ in range(10)]  # two pools and a half
+    for p in calls:
+        on_peak = ((p - peak).abs() <= 0.5).all(1)
+        assert p.shape == (1000, 2) and bool(on_peak[:500].all())
+        assert float(on_peak[500:].float().mean()) < 0.02  # the uniform half, not the peak
+    assert len({tuple(p[0].tolist()) for p in calls}) == 10  # every call its own points
+    windows = [s.sample_windows(50, 8, 3.0).reshape(50, 8, 2) for _ in range(5)]
+    for win in windows:
+        assert float((win.amax(1) - win.amin(1)).max()) <= 3.0
+    assert not torch.equal(windows[0], windows[1])
+    one, plain = sampler(1, seed=7), sampler(1, seed=7)
+    assert torch.equal(one.sample(300), plain.sample(300))
+    with pytest.raises(ValueError, match="draws_at_once"):
+        sampler(0)
+
+
+def test_fields_stages_draw_for_several_steps_at_once():
+    """The fields' stages draw their points for ``FIELD_DRAWS_AT_ONCE`` steps at a time; the
+    probes and the affine fits draw step by step."""
+    from neuralreg import RegistrationConfig
+    from neuralreg.optim.registration import PairRegistration
+    from neuralreg.optim.stage import FIELD_DRAWS_AT_ONCE
+    from neuralreg.phantoms import knee_phantom_pair
+
+    pair = knee_phantom_pair(0, shape=(16, 32, 32))
+    reg = PairRegistration(pair["moving"], pair["fixed"], RegistrationConfig(affine_steps=0), run={"progress": False})
+    reg.make_fields()
+    reg.align()
+    assert FIELD_DRAWS_AT_ONCE > 1
+    assert {reg.field_stage(s).fixed_sampler.draws_at_once for s in range(3)} == {FIELD_DRAWS_AT_ONCE}
+    assert reg.pair.stage(4, torch.Generator(), 100).fixed_sampler.draws_at_once == 1
