@@ -17,7 +17,7 @@ import torch
 from neuralreg.config import RegistrationConfig
 from neuralreg.geometry.coordinates import NormalizedBox, PointMap
 from neuralreg.geometry.image import Image
-from neuralreg.losses import REGULARIZERS, SIMILARITIES, WINDOWED
+from neuralreg.losses import BATCHED, REGULARIZERS, SIMILARITIES, WINDOWED
 from neuralreg.optim.adam import Adam
 from neuralreg.optim.points import VoxelSampler, edge_weights
 
@@ -184,6 +184,24 @@ class Stage:
             warped = warped.reshape(-1, cfg.lncc_patch_points)
             target_vals = target_vals.reshape(-1, cfg.lncc_patch_points)
         return self.pair.similarities[similarity](warped, target_vals)
+
+    def similarity_both_ways(self, map_ab, map_ba, similarity: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sim(A o map_ab, B), sim(B o map_ba, A)) at points drawn in B's and A's domains (in
+        that order, as two ``similarity`` calls draw them). A similarity in ``BATCHED`` sees
+        both directions as one batch of two: one call (half the operations of two)."""
+        loss = self.pair.similarities[similarity]
+        if loss not in BATCHED:
+            return (
+                self.similarity(map_ab, "moving", "fixed", similarity),
+                self.similarity(map_ba, "fixed", "moving", similarity),
+            )
+        ab = self.warped(map_ab, "moving", "fixed", similarity)
+        ba = self.warped(map_ba, "fixed", "moving", similarity)
+        warped, target = torch.stack([ab[0], ba[0]]), torch.stack([ab[1], ba[1]])
+        if similarity in WINDOWED:
+            k = self.pair.cfg.lncc_patch_points
+            warped, target = warped.reshape(2, -1, k), target.reshape(2, -1, k)
+        return loss(warped, target).unbind()
 
     def regularizer(self, map_ab, map_ba, n_points: int) -> torch.Tensor:
         """lambda's term; ``map_*`` are the full maps (affine o field), ``n_points`` points a step.

@@ -358,3 +358,54 @@ def test_fields_stages_draw_for_several_steps_at_once():
     assert FIELD_DRAWS_AT_ONCE > 1
     assert {reg.field_stage(s).fixed_sampler.draws_at_once for s in range(3)} == {FIELD_DRAWS_AT_ONCE}
     assert reg.pair.stage(4, torch.Generator(), 100).fixed_sampler.draws_at_once == 1
+
+
+@pytest.mark.parametrize("similarity", ["lncc", "mi", "custom"])
+def test_both_directions_in_one_similarity_call_are_the_two_calls(similarity):
+    """A field step's two similarity terms: a batched similarity sees both directions as one
+    batch of two, with the points two calls would draw, the same losses and gradients (to
+    rounding); a similarity of a run's own table that is not batched is called twice."""
+    from neuralreg import RegistrationConfig
+    from neuralreg.losses import SIMILARITIES
+    from neuralreg.optim.registration import PairRegistration
+    from neuralreg.phantoms import knee_phantom_pair
+
+    pair = knee_phantom_pair(0, shape=(16, 32, 32))
+    calls = []
+
+    def custom(warped, fixed):  # not in BATCHED: one direction a call
+        calls.append(warped.shape)
+        return SIMILARITIES["mse"](warped, fixed)
+
+    table = {**SIMILARITIES, "custom": custom}
+    cfg = RegistrationConfig(affine_steps=0, similarity="lncc" if similarity == "lncc" else "mse")
+    reg = PairRegistration(pair["moving"], pair["fixed"], cfg, run={"progress": False}, similarities=table)
+    reg.make_fields()
+    reg.align()
+    from neuralreg.fields.affine import ComposedMap
+
+    reg.maps = (ComposedMap(reg.phi_ab, reg.affine, False), ComposedMap(reg.phi_ba, reg.affine, True))
+    with torch.no_grad():  # fields away from the identity: every layer's gradient counts
+        for field in (reg.phi_ab, reg.phi_ba):
+            field.mlp[-1].weight.normal_(0.0, 0.01, generator=torch.Generator().manual_seed(5))
+    results = []
+    for together in (True, False):
+        stage = reg.pair.stage(2, torch.Generator().manual_seed(3), 512, edge_fraction=0.5)
+        map_ab, map_ba = reg.maps
+        if together:
+            terms = stage.similarity_both_ways(map_ab, map_ba, similarity)
+        else:
+            terms = (
+                stage.similarity(map_ab, "moving", "fixed", similarity),
+                stage.similarity(map_ba, "fixed", "moving", similarity),
+            )
+        params = list(reg.phi_ab.parameters()) + list(reg.phi_ba.parameters())
+        grads = torch.autograd.grad(terms[0] + 2 * terms[1], params, allow_unused=True)
+        results.append((torch.stack(terms).detach(), grads))
+    (values, grads), (values_apart, grads_apart) = results
+    torch.testing.assert_close(values, values_apart, rtol=1e-5, atol=1e-6)
+    for a, b in zip(grads, grads_apart, strict=True):
+        if a is not None or b is not None:
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+    if similarity == "custom":
+        assert len(calls) == 4  # two a step, both ways
