@@ -145,26 +145,26 @@ class _MLP(torch.autograd.Function):
     def forward(ctx, h, mlp, *params):
         activation = mlp[1] if len(mlp) > 1 else None
         derivatives = _derivatives(activation) if activation is not None else _relu
+        relu = isinstance(activation, nn.ReLU)  # its slope is read off its output in the backward
         inputs, slopes = [], []
         for k in range(0, len(params) - 2, 2):
             inputs.append(h)
             z = torch.addmm(params[k + 1], h, params[k].t())
-            if isinstance(activation, nn.ReLU):
+            if relu:
                 h = torch.relu(z)
-                slopes.append(torch.sign(h))  # h >= 0: 1 where z > 0, else 0
             else:  # the slope from the derivatives, the value from the layer itself (bit for bit)
                 slopes.append(derivatives(z)[1])
                 h = activation(z)
         y = torch.addmm(params[-1], h, params[-2].t())
         ctx.save_for_backward(h, *inputs, *slopes, *params)
-        ctx.activation, ctx.hidden = activation, len(inputs)
+        ctx.activation, ctx.hidden, ctx.relu = activation, len(inputs), relu
         return y
 
     @staticmethod
     def backward(ctx, gy):
         tensors = ctx.saved_tensors
-        n = ctx.hidden
-        h, inputs, slopes, params = tensors[0], tensors[1 : 1 + n], tensors[1 + n : 1 + 2 * n], tensors[1 + 2 * n :]
+        n, m = ctx.hidden, 0 if ctx.relu else ctx.hidden
+        h, inputs, slopes, params = tensors[0], tensors[1 : 1 + n], tensors[1 + n : 1 + n + m], tensors[1 + n + m :]
         if torch.is_grad_enabled():  # a graph of the gradient (second derivatives): autograd's
             h0 = inputs[0] if n else h
             with torch.enable_grad():
@@ -182,8 +182,10 @@ class _MLP(torch.autograd.Function):
         grads = [None] * len(params)
         grads[-2], grads[-1] = gy.t() @ h, gy.sum(0)
         g = gy @ params[-2]
+        outputs = (*inputs[1:], h)  # each hidden layer's output
         for k in range(n - 1, -1, -1):
-            gz = g * slopes[k]
+            # ReLU: autograd's own backward of it (the gradient where the output is positive)
+            gz = torch.ops.aten.threshold_backward(g, outputs[k], 0) if ctx.relu else g * slopes[k]
             grads[2 * k], grads[2 * k + 1] = gz.t() @ inputs[k], gz.sum(0)
             g = gz @ params[2 * k]
         return g, None, *grads
