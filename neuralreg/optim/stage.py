@@ -70,7 +70,7 @@ class PairData:
 
 
 # the fields' stages draw their points for this many steps at once (``VoxelSampler``): on
-# the knee phantom's step 471 -> 433 operations (docs/benchmarks.md), each a launch on a GPU
+# the knee phantom's step 471 -> 432 operations (docs/benchmarks.md), each a launch on a GPU
 FIELD_DRAWS_AT_ONCE = 8
 
 
