@@ -28,12 +28,19 @@ def mse(warped: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
     return ((warped - fixed) ** 2).mean(-1)
 
 
-def _ncc(a: torch.Tensor, b: torch.Tensor, dim: int) -> torch.Tensor:
+def _ncc_parts(a: torch.Tensor, b: torch.Tensor, dim: int) -> tuple[torch.Tensor, ...]:
+    """(a, b centred along ``dim``, their covariance c, b's variance v_b, s =
+    sqrt(var(a) v_b + eps^2)): NCC is c / s."""
     a = a - a.mean(dim, keepdim=True)
     b = b - b.mean(dim, keepdim=True)
     cov = (a * b).mean(dim)
-    var = (a * a).mean(dim) * (b * b).mean(dim)
-    return cov / torch.sqrt(var + _EPS**2)
+    vb = (b * b).mean(dim)
+    return a, b, cov, vb, torch.sqrt((a * a).mean(dim) * vb + _EPS**2)
+
+
+def _ncc(a: torch.Tensor, b: torch.Tensor, dim: int) -> torch.Tensor:
+    _, _, cov, _, s = _ncc_parts(a, b, dim)
+    return cov / s
 
 
 def ncc(warped: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
@@ -62,11 +69,7 @@ class _LocalNCC(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, warped, fixed):
-        a = warped - warped.mean(-1, keepdim=True)
-        b = fixed - fixed.mean(-1, keepdim=True)
-        cov = (a * b).mean(-1)
-        vb = (b * b).mean(-1)
-        s = torch.sqrt((a * a).mean(-1) * vb + _EPS**2)
+        a, b, cov, vb, s = _ncc_parts(warped, fixed, -1)
         ctx.save_for_backward(a, b, cov, vb, s, warped, fixed)
         return 1.0 - (cov / s).mean(-1)
 

@@ -178,12 +178,16 @@ class Stage:
     ) -> torch.Tensor:
         """sim(source o mapping, target) at points drawn in the target's domain (``draw``: a
         ``draw`` to use instead of a new one); ``mapping`` takes and returns normalized points."""
-        cfg = self.pair.cfg
         warped, target_vals = self.warped(mapping, source, target, similarity, draw, fused)
-        if similarity in WINDOWED:
-            warped = warped.reshape(-1, cfg.lncc_patch_points)
-            target_vals = target_vals.reshape(-1, cfg.lncc_patch_points)
-        return self.pair.similarities[similarity](warped, target_vals)
+        return self.pair.similarities[similarity](*self._windowed(similarity, warped, target_vals))
+
+    def _windowed(self, similarity: str, *samples: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """``samples`` (..., N) as the similarity takes them: (..., P, K) windows of
+        ``config.lncc_patch_points`` for a windowed one, as they are otherwise."""
+        if similarity not in WINDOWED:
+            return samples
+        k = self.pair.cfg.lncc_patch_points
+        return tuple(x.reshape(*x.shape[:-1], -1, k) for x in samples)
 
     def similarity_both_ways(self, map_ab, map_ba, similarity: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(sim(A o map_ab, B), sim(B o map_ba, A)) at points drawn in B's and A's domains (in
@@ -197,10 +201,7 @@ class Stage:
             )
         ab = self.warped(map_ab, "moving", "fixed", similarity)
         ba = self.warped(map_ba, "fixed", "moving", similarity)
-        warped, target = torch.stack([ab[0], ba[0]]), torch.stack([ab[1], ba[1]])
-        if similarity in WINDOWED:
-            k = self.pair.cfg.lncc_patch_points
-            warped, target = warped.reshape(2, -1, k), target.reshape(2, -1, k)
+        warped, target = self._windowed(similarity, torch.stack([ab[0], ba[0]]), torch.stack([ab[1], ba[1]]))
         return loss(warped, target).unbind()
 
     def regularizer(self, map_ab, map_ba, n_points: int) -> torch.Tensor:
