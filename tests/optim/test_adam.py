@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from neuralreg import RegistrationConfig, register_pair
-from neuralreg.optim.adam import Adam
+from neuralreg.optim.adam import Adam, fused_available, step_together
 from neuralreg.optim.registration import PairRegistration
 from neuralreg.phantoms import triangles_pair
 
@@ -18,9 +18,11 @@ def _params(seed):
     return [torch.randn(300, 2, generator=g).requires_grad_(), torch.randn(7, generator=g).requires_grad_()]
 
 
-def test_steps_are_bit_for_bit_those_of_torch_optim_adam_with_a_schedule_and_a_restore():
+@pytest.mark.parametrize("fused", [False, True])
+def test_steps_are_bit_for_bit_those_of_torch_optim_adam_with_a_schedule_and_a_restore(fused):
     ours, theirs = _params(0), _params(0)
-    opt, ref = Adam(ours, 2e-3), torch.optim.Adam(theirs, lr=2e-3)
+    opt, ref = Adam(ours, 2e-3, fused=fused), torch.optim.Adam(theirs, lr=2e-3, fused=fused, foreach=False)
+    assert opt.fused is fused
     g = torch.Generator().manual_seed(1)
     snapshot = None
     for step in range(40):
@@ -60,6 +62,38 @@ def test_steps_are_bit_for_bit_those_of_torch_optim_adam_with_a_schedule_and_a_r
     assert all(p.grad is None for p in ours)
 
 
+def test_fused_is_the_default_where_torch_has_the_kernel_and_an_error_where_it_has_none():
+    assert fused_available("cpu")  # the CPU's kernel came with torch 2.4; CI installs a newer torch
+    assert Adam(_params(0), 1e-3).fused
+    assert not fused_available("meta")
+    assert not Adam([torch.zeros(3, device="meta", requires_grad=True)], 1e-3).fused
+    with pytest.raises(ValueError, match="no fused Adam on meta"):
+        Adam([torch.zeros(3, device="meta", requires_grad=True)], 1e-3, fused=True)
+
+
+def test_optimizers_stepped_together_step_as_they_would_one_by_one():
+    """Fused and unfused optimizers, two learning rates, a parameter without a gradient."""
+    together = [_params(s) for s in range(4)]
+    alone = [[p.detach().clone().requires_grad_() for p in ps] for ps in together]
+    lrs, fused = [1e-2, 1e-2, 3e-3, 1e-2], [True, True, True, False]
+    opts = [Adam(ps, lr, fused=f) for ps, lr, f in zip(together, lrs, fused, strict=True)]
+    refs = [Adam(ps, lr, fused=f) for ps, lr, f in zip(alone, lrs, fused, strict=True)]
+    g = torch.Generator().manual_seed(2)
+    for step in range(6):
+        for ps, qs in zip(together, alone, strict=True):
+            for k, (p, q) in enumerate(zip(ps, qs, strict=True)):
+                grad = None if (k == 1 and step % 2) else torch.randn(p.shape, generator=g)
+                p.grad, q.grad = grad, None if grad is None else grad.clone()
+        step_together(opts)
+        for ref in refs:
+            ref.step()
+    for ps, qs in zip(together, alone, strict=True):
+        for p, q in zip(ps, qs, strict=True):
+            assert torch.equal(p, q)
+    moved = [not torch.equal(p, q) for p, q in zip(together[0], _params(0), strict=True)]
+    assert all(moved)
+
+
 @pytest.mark.filterwarnings("ignore::neuralreg.RegistrationWarning")  # 30 steps: bits, not quality
 def test_a_registration_is_bit_for_bit_the_one_torch_optim_adam_gives():
     pair = triangles_pair(1)
@@ -68,7 +102,7 @@ def test_a_registration_is_bit_for_bit_the_one_torch_optim_adam_gives():
 
     class TorchAdam(torch.optim.Adam):  # torch's, behind neuralreg's interface
         def __init__(self, params, lr):
-            super().__init__(list(params), lr=lr)
+            super().__init__(list(params), lr=lr, fused=True)  # neuralreg's default on this torch
 
         @property
         def lr(self):
