@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from neuralreg import RegistrationConfig, register_pair
-from neuralreg.optim.adam import Adam, fused_available, step_together
+from neuralreg.optim.adam import FUSED_MIN_ELEMENTS, Adam, fused_available, step_together
 from neuralreg.optim.registration import PairRegistration
 from neuralreg.phantoms import triangles_pair
 
@@ -62,9 +62,10 @@ def test_steps_are_bit_for_bit_those_of_torch_optim_adam_with_a_schedule_and_a_r
     assert all(p.grad is None for p in ours)
 
 
-def test_fused_is_the_default_where_torch_has_the_kernel_and_an_error_where_it_has_none():
+def test_fused_is_the_default_for_large_parameters_where_torch_has_the_kernel_and_an_error_where_it_has_none():
     assert fused_available("cpu")  # the CPU's kernel came with torch 2.4; CI installs a newer torch
-    assert Adam(_params(0), 1e-3).fused
+    assert Adam([torch.zeros(FUSED_MIN_ELEMENTS // 2, 2, requires_grad=True)], 1e-3).fused  # a hash table
+    assert not Adam(_params(0), 1e-3).fused  # an affine part's few numbers
     assert not fused_available("meta")
     assert not Adam([torch.zeros(3, device="meta", requires_grad=True)], 1e-3).fused
     with pytest.raises(ValueError, match="no fused Adam on meta"):
@@ -102,7 +103,9 @@ def test_a_registration_is_bit_for_bit_the_one_torch_optim_adam_gives():
 
     class TorchAdam(torch.optim.Adam):  # torch's, behind neuralreg's interface
         def __init__(self, params, lr):
-            super().__init__(list(params), lr=lr, fused=True)  # neuralreg's default on this torch
+            params = list(params)
+            fused = sum(p.numel() for p in params) >= FUSED_MIN_ELEMENTS  # neuralreg's default on this torch
+            super().__init__(params, lr=lr, fused=fused, foreach=False)
 
         @property
         def lr(self):
@@ -116,7 +119,11 @@ def test_a_registration_is_bit_for_bit_the_one_torch_optim_adam_gives():
         def zero_grad(self):
             super().zero_grad(set_to_none=True)
 
-    theirs = PairRegistration(pair["moving"], pair["fixed"], cfg, optimizer=TorchAdam).run()
+    made = []
+    theirs = PairRegistration(
+        pair["moving"], pair["fixed"], cfg, optimizer=lambda p, lr: made.append(TorchAdam(p, lr)) or made[-1]
+    ).run()
+    assert {opt.defaults["fused"] for opt in made} == {False, True}  # the affine fits, the fields
     for a, b in ((ours.phi_ab, theirs.phi_ab), (ours.phi_ba, theirs.phi_ba)):
         for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
             assert torch.equal(x, y), name
