@@ -35,8 +35,7 @@ def fused_available(device: torch.device | str) -> bool:
     if not hasattr(torch, "_fused_adam_"):
         return False
     if kind == "cpu":
-        major, minor = (int(x) for x in torch.__version__.split(".")[:2])
-        return (major, minor) >= (2, 4)
+        return torch.__version__ >= (2, 4)  # torch's TorchVersion compares with tuples
     return kind == "cuda"
 
 
