@@ -322,6 +322,12 @@ class RegistrationConfig:
         regularizer: ``"gradicon"`` (autograd Jacobian), ``"gradicon_fd"`` (finite
             differences), ``"icon"``, ``"diffusion"``, ``"bending"`` or ``"none"``.
         regularizer_weight: lambda multiplying the regularizer.
+        volume_weight: weight of the fields' squared log volume change, mean (log det
+            J_field)^2 over the regularizer points, added to ``gradicon`` inside lambda's
+            term (``losses.regularizers.log_volume_penalty``): the fields pay for
+            shrinking or growing a structure beyond what the global affine part does.
+            Needs ``regularizer="gradicon"`` with ``jacobian="analytic"`` (the Jacobians
+            it reads are that term's own).
         jacobian: how ``gradicon`` takes the spatial Jacobian: ``"autograd"``
             (``torch.autograd.grad(create_graph=True)``, the definition) or ``"analytic"``
             (pushed forward through the MLP: the same value and parameter gradients,
@@ -417,6 +423,12 @@ class RegistrationConfig:
     regularizer_weight: float = dataclasses.field(
         default=1.0, metadata=flag("--lambda", "regularizer weight (default: {default})")
     )
+    volume_weight: float = dataclasses.field(
+        default=0.0,
+        metadata=flag(
+            "--volume-weight", "weight of the fields' local volume change in the regularizer (default: {default})"
+        ),
+    )
     jacobian: Jacobian = "analytic"
     steps: int = dataclasses.field(default=500, metadata=flag("--steps", "optimization steps (default: {default})"))
     learning_rate: float = dataclasses.field(
@@ -494,6 +506,9 @@ class RegistrationConfig:
             _choice(self, "fine_similarity")
         _choice(self, "regularizer")
         _float(self, "regularizer_weight", 0.0, 1e6)
+        _float(self, "volume_weight", 0.0, 1e6)
+        if self.volume_weight and (self.regularizer, self.jacobian) != ("gradicon", "analytic"):
+            _fail("volume_weight", 'needs regularizer "gradicon" with jacobian "analytic" (it reads their Jacobians)')
         _choice(self, "jacobian")
         _int(self, "steps", 1, MAX_STEPS)
         _float(self, "learning_rate", 0.0, 10.0, low_open=True)

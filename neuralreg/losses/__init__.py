@@ -50,7 +50,14 @@ def _gradicon_fd(cfg, box):
 
 
 def _gradicon_both_ways(cfg, box):
-    return regularizers.gradicon_analytic_both_ways if cfg.jacobian == "analytic" else None
+    if cfg.jacobian != "analytic":
+        return None
+    weight = cfg.volume_weight
+
+    def term(a, b, u_moving, u_fixed):
+        return regularizers.gradicon_analytic_both_ways(a, b, u_moving, u_fixed, weight)
+
+    return term
 
 
 REGULARIZERS: dict[str, Regularizer | None] = {

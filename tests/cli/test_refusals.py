@@ -185,6 +185,10 @@ CONFIG_CASES = {
     "points 1e9": ({"points": 10**9}, "points: must be in [8, 2097152], not 1000000000"),
     "steps 1e12": ({"steps": 10**12}, "steps: must be in [1, 1000000]"),
     "samples": ({"points": 1 << 20, "lncc_patch_points": 64}, "points: 67108864 image samples per field and step"),
+    "volume without analytic gradicon": (
+        {"volume_weight": 1.0, "jacobian": "autograd"},
+        'volume_weight: needs regularizer "gradicon" with jacobian "analytic"',
+    ),
 }
 
 

@@ -137,3 +137,74 @@ def test_product_penalty_node_is_autograds_expression_and_gradcheck():
     small = tuple(t.detach()[:4].clone().requires_grad_() for t in (outer, inner))
     assert torch.autograd.gradcheck(_product_penalty, small)
     assert torch.autograd.gradgradcheck(_product_penalty, small)
+
+
+@pytest.mark.parametrize("d", [2, 3])
+def test_determinant_is_torchs(d):
+    jac = torch.randn(50, d, d, generator=torch.Generator().manual_seed(d), dtype=torch.float64)
+    torch.testing.assert_close(regularizers.determinant(jac), torch.linalg.det(jac), rtol=1e-12, atol=1e-14)
+
+
+def test_log_volume_penalty_closed_form_and_derivatives():
+    """mean (log det J)^2 of a map without an affine part: diag(s) gives (log prod s)^2, a
+    shrink by half costs what a growth to double does, a fold is bounded by the floor;
+    first and second derivatives against finite differences (float64)."""
+    scales = torch.tensor([[0.5, 1.0, 1.0], [2.0, 1.0, 1.0], [1.2, 0.9, 1.1]], dtype=torch.float64)
+    jac = torch.diag_embed(scales)
+    per_point = torch.log(scales.prod(1)) ** 2
+    torch.testing.assert_close(regularizers.log_volume_penalty(None, jac), per_point.mean())
+    torch.testing.assert_close(per_point[0], per_point[1])
+    folded = -torch.eye(3, dtype=torch.float64)[None]
+    torch.testing.assert_close(
+        regularizers.log_volume_penalty(None, folded), torch.tensor(math.log(1e-3) ** 2).double()
+    )
+    g = torch.Generator().manual_seed(5)
+    near_identity = torch.eye(3, dtype=torch.float64) + 0.2 * torch.randn(4, 3, 3, generator=g, dtype=torch.float64)
+    near_identity.requires_grad_()
+    assert torch.autograd.gradcheck(lambda j: regularizers.log_volume_penalty(None, j), near_identity)
+    assert torch.autograd.gradgradcheck(lambda j: regularizers.log_volume_penalty(None, j), near_identity)
+
+
+def test_log_volume_penalty_reads_the_field_not_the_affine_part():
+    """A new field under any affine part changes no volume (0); a field that scales its
+    input by s costs (d log s)^2 whatever the affine part, in both directions."""
+    from neuralreg.config import FieldConfig
+    from neuralreg.fields.affine import AffineMap, ComposedMap
+    from neuralreg.fields.field import NeuralField
+
+    torch.manual_seed(0)
+    affine = AffineMap(3)
+    with torch.no_grad():
+        affine.weight.copy_(torch.tensor([[0.3, 0.1, 0.0], [0.0, -0.2, 0.1], [0.05, 0.0, 0.1]]))
+    u = torch.rand(128, 3)
+    for inverse in (False, True):
+        phi = ComposedMap(NeuralField(3, FieldConfig(backend="torch")), affine, inverse)
+        _, jac = phi.forward_with_jacobian(u)
+        assert float(regularizers.log_volume_penalty(phi, jac).detach()) < 1e-10
+        s = 0.8
+        torch.testing.assert_close(
+            regularizers.log_volume_penalty(phi, s * jac), torch.tensor((3 * math.log(s)) ** 2), rtol=1e-4, atol=0
+        )
+
+
+def test_gradicon_both_ways_adds_the_weighted_volume_terms():
+    from neuralreg.config import FieldConfig
+    from neuralreg.fields.affine import AffineMap, ComposedMap
+    from neuralreg.fields.field import NeuralField
+
+    torch.manual_seed(1)
+    affine = AffineMap(3)
+    ab = ComposedMap(NeuralField(3, FieldConfig(activation="silu", backend="torch")), affine, False)
+    ba = ComposedMap(NeuralField(3, FieldConfig(activation="silu", backend="torch")), affine, True)
+    with torch.no_grad():
+        for phi in (ab, ba):
+            phi.field.mlp[-1].weight.normal_(0, 2.0)
+    u_moving, u_fixed = torch.rand(64, 3), torch.rand(64, 3)
+    plain = regularizers.gradicon_analytic_both_ways(ab, ba, u_moving, u_fixed)
+    weighted = regularizers.gradicon_analytic_both_ways(ab, ba, u_moving, u_fixed, volume_weight=2.0)
+    volume = 0.5 * (
+        regularizers.log_volume_penalty(ab, ab.forward_with_jacobian(u_fixed)[1])
+        + regularizers.log_volume_penalty(ba, ba.forward_with_jacobian(u_moving)[1])
+    )
+    assert float(volume.detach()) > 1e-4
+    torch.testing.assert_close(weighted, plain + 2.0 * volume, rtol=1e-5, atol=1e-7)
