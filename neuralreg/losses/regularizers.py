@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import torch
 
+from neuralreg.metrics import det_of_columns
+
 
 def _eye_rows(u: torch.Tensor):
     d = u.shape[1]
@@ -64,27 +66,16 @@ def gradicon_analytic_both_ways(
     return value
 
 
-def determinant(jac: torch.Tensor) -> torch.Tensor:
-    """det of a stack of 2x2 or 3x3 matrices (N, d, d) -> (N,), written out (one fused
-    expression instead of an LU factorization a matrix)."""
-    if jac.shape[-1] == 2:
-        return jac[:, 0, 0] * jac[:, 1, 1] - jac[:, 0, 1] * jac[:, 1, 0]
-    a, b, c = jac[:, 0].unbind(1)
-    d, e, f = jac[:, 1].unbind(1)
-    g, h, i = jac[:, 2].unbind(1)
-    return a * (e * i - f * h) - b * (d * i - f * g) + c * (d * h - e * g)
-
-
 def log_volume_penalty(phi, jac: torch.Tensor, floor: float = 1e-3) -> torch.Tensor:
     """mean_n (log det J_field)^2: the squared log of the local volume change that the map's
     field adds to its global affine part, from the full map's Jacobians ``jac`` (N, d, d)
     (J_full = J_field A, so det J_field = det J_full / det A). Zero where the field keeps
     volumes; a shrink by half costs as much as a growth to double. ``floor`` bounds the log
     where the field folds (det <= 0)."""
-    det = determinant(jac)
+    det = det_of_columns(jac.unbind(-1))
     affine = getattr(phi, "affine", None)
     if affine is not None:
-        det = det / determinant(affine.rows(phi.inverse)[0][None].to(jac.dtype))
+        det = det / det_of_columns(affine.rows(phi.inverse)[0].to(jac.dtype).unbind(-1))
     return torch.log(det.clamp_min(floor)).square().mean()
 
 
