@@ -53,6 +53,9 @@ def gradicon_analytic_both_ways(
     """0.5 (``gradicon_analytic(phi_ab, phi_ba, u_moving)`` + ``gradicon_analytic(phi_ba, phi_ab, u_fixed)``)
     in three Jacobian passes instead of four: ``phi_ab`` is evaluated once, at Phi_BA(u_moving)
     and at u_fixed together (one kernel launch, one table gradient, one node of the graph).
+    ``volume_weight`` > 0 adds that weight times the mean of ``log_volume_penalty`` of
+    Phi_AB at u_fixed and of Phi_BA at u_moving (each field on its own domain's points),
+    from the same Jacobians.
     """
     n = u_moving.shape[0]
     y_moving, jac_ba_moving = phi_ba.forward_with_jacobian(u_moving)
