@@ -349,7 +349,7 @@ def test_the_register_flags_are_read_from_the_config_dataclasses(capsys):
         for f in dataclasses.fields(cls)
         if "flag" in f.metadata
     ]
-    assert len(flags) == 15 and len(set(flags)) == 15
+    assert len(flags) == 16 and len(set(flags)) == 16
     for command in ("register", "batch"):
         with pytest.raises(SystemExit) as exit_:
             main([command, "--help"])
