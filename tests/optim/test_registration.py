@@ -212,15 +212,7 @@ def test_volume_weight_keeps_the_fields_from_changing_volumes():
     inside = _disk(12).data > 0.5
     log_det = {}
     for weight in (0.0, 10.0):
-        cfg = RegistrationConfig(
-            steps=120,
-            points=2048,
-            regularizer_points=512,
-            similarity="mse",
-            fine_similarity=None,
-            affine_steps=0,
-            volume_weight=weight,
-        )
+        cfg = quick_config(steps=120, points=2048, regularizer_points=512, affine_steps=0, volume_weight=weight)
         with pytest.warns(UserWarning):  # disks of unlike size: the self-check does not call it good
             reg = register_pair(moving, fixed, cfg, run={"progress": False})
         log_det[weight] = reg.jacobian_determinant("forward").data[inside].log().median()
