@@ -507,9 +507,9 @@ class RegistrationConfig:
         _choice(self, "regularizer")
         _float(self, "regularizer_weight", 0.0, 1e6)
         _float(self, "volume_weight", 0.0, 1e6)
+        _choice(self, "jacobian")
         if self.volume_weight and (self.regularizer, self.jacobian) != ("gradicon", "analytic"):
             _fail("volume_weight", 'needs regularizer "gradicon" with jacobian "analytic" (it reads their Jacobians)')
-        _choice(self, "jacobian")
         _int(self, "steps", 1, MAX_STEPS)
         _float(self, "learning_rate", 0.0, 10.0, low_open=True)
         _float(self, "final_lr_fraction", 0.0, 1.0)

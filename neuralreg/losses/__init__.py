@@ -14,6 +14,7 @@ a smoothness term (``fields_only=True``) gets the two fields alone and all the p
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -52,12 +53,7 @@ def _gradicon_fd(cfg, box):
 def _gradicon_both_ways(cfg, box):
     if cfg.jacobian != "analytic":
         return None
-    weight = cfg.volume_weight
-
-    def term(a, b, u_moving, u_fixed):
-        return regularizers.gradicon_analytic_both_ways(a, b, u_moving, u_fixed, weight)
-
-    return term
+    return functools.partial(regularizers.gradicon_analytic_both_ways, volume_weight=cfg.volume_weight)
 
 
 REGULARIZERS: dict[str, Regularizer | None] = {
