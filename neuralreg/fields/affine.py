@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from neuralreg.fields import fused
 from neuralreg.fields.field import NeuralField
 
 
@@ -96,7 +97,9 @@ class ComposedMap(nn.Module):
     """Phi(u) = field(T(u)) (``inverse=False``) or field(T^-1(u)): one direction of a pair.
 
     Offers the ``NeuralField`` interface used by the losses: ``forward`` (N, d) -> (N, d),
-    ``forward_with_jacobian`` and ``encoding``.
+    ``forward_with_jacobian`` and ``encoding``; and ``forward_once``, the value where only
+    first derivatives are taken (the similarity). Where ``fields.fused.applies`` (the native
+    encoding, ReLU, T frozen) the latter two are one autograd node each (``fields.fused``).
     """
 
     def __init__(self, field: NeuralField, affine: AffineMap, inverse: bool):
@@ -112,8 +115,17 @@ class ComposedMap(nn.Module):
     def forward(self, u: torch.Tensor) -> torch.Tensor:
         return self.field(self.affine.apply(u, self.inverse))
 
+    def forward_once(self, u: torch.Tensor) -> torch.Tensor:
+        """Phi(u) (N, d), differentiable once (w.r.t. the fields' parameters and u)."""
+        if fused.applies(self, u):
+            return fused.map_pass(self, u, jacobian=False)
+        return self(u)
+
     def forward_with_jacobian(self, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Phi(u) (N, d) and its Jacobian (N, d, d): J_field(T u) times the linear part of T."""
+        """Phi(u) (N, d) and its Jacobian (N, d, d): J_field(T u) times the linear part of T.
+        Differentiable once."""
+        if fused.applies(self, u):
+            return fused.map_pass(self, u, jacobian=True)
         linear_t, offset = self.affine.rows(self.inverse)
         linear_t, offset = linear_t.to(u.dtype), offset.to(u.dtype)
         y, jac = self.field.forward_with_jacobian(torch.addmm(offset, u, linear_t))

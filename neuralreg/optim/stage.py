@@ -170,7 +170,8 @@ class Stage:
         ``mapping`` takes and returns normalized points."""
         fused = self.pair.fused_warp if fused is None else fused
         vox, target_vals = draw if draw is not None else self.draw(target, similarity, fused)
-        warped_vox = self.u_to_vox[source](mapping(self.vox_to_u[target](vox)))
+        evaluate = getattr(mapping, "forward_once", mapping)  # a map's one-node pass where it has one
+        warped_vox = self.u_to_vox[source](evaluate(self.vox_to_u[target](vox)))
         return sample(self.moving if source == "moving" else self.fixed, warped_vox, fused), target_vals
 
     def similarity(
