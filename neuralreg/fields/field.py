@@ -75,13 +75,20 @@ class NeuralField(nn.Module):
     def forward(self, u: torch.Tensor) -> torch.Tensor:
         return u + self.displacement(u)
 
-    def forward_with_jacobian(self, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Phi(u) (N, d) and its spatial Jacobian (N, d, d), by pushing the encoding's
-        Jacobian forward through the MLP (one pass; differentiable once w.r.t. parameters and u).
+    def forward_with_jacobian(self, u: torch.Tensor, n_jacobian: int | None = None):
+        """Phi(u) (N, d) and its spatial Jacobian at the first ``n_jacobian`` points
+        (n_jacobian, d, d) (None: all; 0: None), by pushing the encoding's Jacobian forward
+        through the MLP (one pass; differentiable once w.r.t. parameters and u).
 
         The MLP's part is one autograd node (``_PushForward``) with its backward written
         out: a few matrix products a layer instead of autograd's graph of broadcasts,
         transposes and copies (a step of the fields makes four of these calls)."""
+        m = u.shape[0] if n_jacobian is None else n_jacobian
+        if m == 0:
+            return self(u), None
+        if m < u.shape[0]:
+            y, jac = self.forward_with_jacobian(u[:m])
+            return torch.cat([y, self(u[m:])]), jac
         feats, jac = self.encoding.forward_with_jacobian(u)
         w = self.mlp[0].weight
         derivatives = _derivatives(self.mlp[1]) if len(self.mlp) > 1 else _relu

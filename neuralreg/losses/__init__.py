@@ -32,8 +32,10 @@ BATCHED: frozenset = frozenset(SIMILARITIES.values())
 class Regularizer:
     make: Callable  # (config, box) -> term(phi_a, phi_b, u)
     fields_only: bool = False
-    # (config, box) -> term(phi_ab, phi_ba, u_moving, u_fixed), both ways in one (fewer
-    # passes), or None where it does not apply: an inverse-consistency term's two halves at once
+    # (config, box) -> term(phi_ab, phi_ba, u_moving, u_fixed, values_at=None), both ways in
+    # one (fewer passes), or None where it does not apply: an inverse-consistency term's two
+    # halves at once; with values_at=(v_ab, v_ba) it returns (term, (phi_ab(v_ab), phi_ba(v_ba)))
+    # from the same passes (the similarity's points)
     both_ways: Callable | None = None
 
 

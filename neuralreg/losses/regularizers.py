@@ -48,25 +48,39 @@ def gradicon_analytic(phi_ab, phi_ba, u: torch.Tensor) -> torch.Tensor:
 
 
 def gradicon_analytic_both_ways(
-    phi_ab, phi_ba, u_moving: torch.Tensor, u_fixed: torch.Tensor, volume_weight: float = 0.0
-) -> torch.Tensor:
+    phi_ab,
+    phi_ba,
+    u_moving: torch.Tensor,
+    u_fixed: torch.Tensor,
+    volume_weight: float = 0.0,
+    values_at: tuple[torch.Tensor, torch.Tensor] | None = None,
+):
     """0.5 (``gradicon_analytic(phi_ab, phi_ba, u_moving)`` + ``gradicon_analytic(phi_ba, phi_ab, u_fixed)``)
     in three Jacobian passes instead of four: ``phi_ab`` is evaluated once, at Phi_BA(u_moving)
     and at u_fixed together (one kernel launch, one table gradient, one node of the graph).
     ``volume_weight`` > 0 adds that weight times the mean of ``log_volume_penalty`` of
     Phi_AB at u_fixed and of Phi_BA at u_moving (each field on its own domain's points),
     from the same Jacobians.
+
+    ``values_at``: points (v_ab (P, d), v_ba (Q, d)) where the maps' values are wanted as
+    well (the similarity's), evaluated in the same passes without Jacobians (no pass of
+    their own); then the return is (the term, (Phi_AB(v_ab), Phi_BA(v_ba))).
     """
-    n = u_moving.shape[0]
-    y_moving, jac_ba_moving = phi_ba.forward_with_jacobian(u_moving)
-    y, jac_ab = phi_ab.forward_with_jacobian(torch.cat([y_moving, u_fixed]))
-    _, jac_ba_fixed = phi_ba.forward_with_jacobian(y[n:])
+    n, n_fixed = u_moving.shape[0], u_fixed.shape[0]
+    v_ab, v_ba = values_at if values_at is not None else (None, None)
+    inner = u_moving if v_ba is None else torch.cat([u_moving, v_ba])
+    y_ba, jac_ba_moving = phi_ba.forward_with_jacobian(inner, n)
+    outer = [y_ba[:n], u_fixed] + ([v_ab] if v_ab is not None else [])
+    y_ab, jac_ab = phi_ab.forward_with_jacobian(torch.cat(outer), n + n_fixed)
+    _, jac_ba_fixed = phi_ba.forward_with_jacobian(y_ab[n : n + n_fixed])
     value = 0.5 * (_product_penalty(jac_ab[:n], jac_ba_moving) + _product_penalty(jac_ba_fixed, jac_ab[n:]))
     if volume_weight:
         value = value + volume_weight * 0.5 * (
             log_volume_penalty(phi_ab, jac_ab[n:]) + log_volume_penalty(phi_ba, jac_ba_moving)
         )
-    return value
+    if values_at is None:
+        return value
+    return value, (y_ab[n + n_fixed :], y_ba[n:])
 
 
 def log_volume_penalty(phi, jac: torch.Tensor, floor: float = 1e-3) -> torch.Tensor:

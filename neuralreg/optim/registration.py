@@ -421,8 +421,7 @@ class PairRegistration:
         optimizer.zero_grad()
         map_ab, map_ba = self.maps
         similarity = stage_similarity(cfg, s)
-        sim_ab, sim_ba = stage.similarity_both_ways(map_ab, map_ba, similarity)
-        reg = stage.regularizer(map_ab, map_ba, regularizer_points(cfg, self.pair.points))
+        sim_ab, sim_ba, reg = stage.terms(map_ab, map_ba, similarity, regularizer_points(cfg, self.pair.points))
         loss = sim_ab + sim_ba + cfg.regularizer_weight * reg
         terms = torch.stack([loss, sim_ab, sim_ba, reg.to(loss.dtype)]).detach()
         if self.pair.check_every == 1 and not bool(torch.isfinite(loss)):

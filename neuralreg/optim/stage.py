@@ -171,8 +171,12 @@ class Stage:
         fused = self.pair.fused_warp if fused is None else fused
         vox, target_vals = draw if draw is not None else self.draw(target, similarity, fused)
         evaluate = getattr(mapping, "forward_once", mapping)  # a map's one-node pass where it has one
-        warped_vox = self.u_to_vox[source](evaluate(self.vox_to_u[target](vox)))
-        return sample(self.moving if source == "moving" else self.fixed, warped_vox, fused), target_vals
+        return self._sample_mapped(evaluate(self.vox_to_u[target](vox)), source, fused), target_vals
+
+    def _sample_mapped(self, mapped: torch.Tensor, source: str, fused: bool) -> torch.Tensor:
+        """The ``source`` image at normalized points ``mapped`` (N, d) -> (N,)."""
+        image = self.moving if source == "moving" else self.fixed
+        return sample(image, self.u_to_vox[source](mapped), fused)
 
     def similarity(
         self, mapping, source: str, target: str, similarity: str, draw: tuple | None = None, fused: bool | None = None
@@ -205,6 +209,40 @@ class Stage:
         warped, target = self._windowed(similarity, torch.stack([ab[0], ba[0]]), torch.stack([ab[1], ba[1]]))
         return loss(warped, target).unbind()
 
+    def terms(self, map_ab, map_ba, similarity: str, n_points: int) -> tuple[torch.Tensor, ...]:
+        """(sim(A o map_ab, B), sim(B o map_ba, A), lambda's term) of one step: the same
+        points and values as ``similarity_both_ways`` and then ``regularizer``. Where the
+        regularizer evaluates both maps anyway (``Regularizer.both_ways``: GradICON with
+        analytic Jacobians) and the similarity is ``BATCHED``, the similarity's points ride
+        in its passes (``values_at``): three passes of the maps a step instead of five."""
+        cfg = self.pair.cfg
+        loss = self.pair.similarities[similarity]
+        entry = REGULARIZERS[cfg.regularizer]
+        both_ways = None
+        if entry is not None and entry.both_ways is not None and cfg.regularizer_weight != 0 and loss in BATCHED:
+            both_ways = entry.both_ways(cfg, self.pair.box)
+        if both_ways is None:
+            sim_ab, sim_ba = self.similarity_both_ways(map_ab, map_ba, similarity)
+            return sim_ab, sim_ba, self.regularizer(map_ab, map_ba, n_points)
+        fused = self.pair.fused_warp
+        draw_ab, draw_ba = self.draw("fixed", similarity), self.draw("moving", similarity)
+        u_moving, u_fixed = self._regularizer_points(n_points)
+        at = (self.vox_to_u["fixed"](draw_ab[0]), self.vox_to_u["moving"](draw_ba[0]))
+        reg, (y_ab, y_ba) = both_ways(map_ab, map_ba, u_moving, u_fixed, values_at=at)
+        warped = torch.stack([self._sample_mapped(y_ab, "moving", fused), self._sample_mapped(y_ba, "fixed", fused)])
+        target = torch.stack([draw_ab[1], draw_ba[1]])
+        sim_ab, sim_ba = loss(*self._windowed(similarity, warped, target)).unbind()
+        return sim_ab, sim_ba, reg
+
+    def _regularizer_points(self, n_points: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Half of ``n_points`` uniform points in each domain (moving, then fixed), normalized (N, d)."""
+        n = max(1, n_points // 2)
+        moving_sampler, fixed_sampler = self.regularizer_samplers
+        device = self.pair.device
+        u_moving = self.vox_to_u["moving"](moving_sampler.sample(n, weighted=False).to(device))
+        u_fixed = self.vox_to_u["fixed"](fixed_sampler.sample(n, weighted=False).to(device))
+        return u_moving, u_fixed
+
     def regularizer(self, map_ab, map_ba, n_points: int) -> torch.Tensor:
         """lambda's term; ``map_*`` are the full maps (affine o field), ``n_points`` points a step.
 
@@ -216,10 +254,7 @@ class Stage:
         cfg, device = self.pair.cfg, self.pair.device
         if cfg.regularizer == "none" or cfg.regularizer_weight == 0:
             return torch.zeros((), device=device)
-        n = max(1, n_points // 2)
-        moving_sampler, fixed_sampler = self.regularizer_samplers
-        u_moving = self.vox_to_u["moving"](moving_sampler.sample(n, weighted=False).to(device))
-        u_fixed = self.vox_to_u["fixed"](fixed_sampler.sample(n, weighted=False).to(device))
+        u_moving, u_fixed = self._regularizer_points(n_points)
         entry = REGULARIZERS[cfg.regularizer]
         both_ways = entry.both_ways(cfg, self.pair.box) if entry.both_ways is not None else None
         if both_ways is not None:

@@ -46,7 +46,7 @@ def _points(d: int, n: int = 40, seed: int = 1):
     return (1.2 * torch.rand(n, d, generator=g, dtype=torch.float64) - 0.1).requires_grad_(True)
 
 
-def _both_paths(phi, u, jacobian: bool, monkeypatch):
+def _both_paths(phi, u, jacobian, monkeypatch):
     """(fused, op-by-op) outputs of one evaluation, each with the gradients of a random
     linear function of it w.r.t. u and every parameter."""
     g = torch.Generator().manual_seed(2)
@@ -57,7 +57,10 @@ def _both_paths(phi, u, jacobian: bool, monkeypatch):
             monkeypatch.setattr(fused, "applies", lambda phi, u: False)
         else:
             assert fused.applies(phi, u)
-        out = phi.forward_with_jacobian(u) if jacobian else (phi.forward_once(u),)
+        if jacobian is None:
+            out = (phi.forward_once(u),)
+        else:
+            out = phi.forward_with_jacobian(u, jacobian)
         if weights is None:
             weights = [torch.randn(o.shape, generator=g, dtype=o.dtype) for o in out]
         loss = sum((o * w).sum() for o, w in zip(out, weights, strict=True))
@@ -70,8 +73,10 @@ def _both_paths(phi, u, jacobian: bool, monkeypatch):
 
 @pytest.mark.parametrize("d", [2, 3])
 @pytest.mark.parametrize("layers", [0, 1, 2])
-@pytest.mark.parametrize("jacobian", [True, False])
+@pytest.mark.parametrize("jacobian", [None, 40, 15])
 def test_fused_pass_equals_the_op_by_op_map(d, layers, jacobian, device, monkeypatch):  # noqa: F811
+    """``jacobian``: None the value alone (``forward_once``), else the Jacobian at that many
+    of the 40 points (15: the similarity's points after GradICON's, value only)."""
     phi = _map(d, layers, inverse=d == 3)
     (out_f, grads_f), (out_r, grads_r) = _both_paths(phi, _points(d), jacobian, monkeypatch)
     for a, b in zip(out_f, out_r, strict=True):
@@ -85,7 +90,7 @@ def test_fused_pass_with_switched_off_levels_and_smoothstep(monkeypatch):
     """Coarse-to-fine: the finer levels give zero features and receive no gradient."""
     phi = _map(3, interpolation="Smoothstep")
     phi.field.encoding.set_active_levels(2)
-    (out_f, grads_f), (out_r, grads_r) = _both_paths(phi, _points(3), True, monkeypatch)
+    (out_f, grads_f), (out_r, grads_r) = _both_paths(phi, _points(3), 25, monkeypatch)
     for a, b in zip([*out_f, *grads_f], [*out_r, *grads_r], strict=True):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
     table_grad = grads_f[1]
@@ -106,8 +111,8 @@ def test_only_one_output_used():
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
 
 
-@pytest.mark.parametrize("jacobian", [True, False])
-def test_fused_pass_gradcheck(jacobian, device):  # noqa: F811
+@pytest.mark.parametrize("n_jacobian", [6, 3, 0])
+def test_fused_pass_gradcheck(n_jacobian, device):  # noqa: F811
     phi = _map(3, layers=1)
     u = _points(3, n=6)
     table, *params = phi.field.parameters()
@@ -115,7 +120,7 @@ def test_fused_pass_gradcheck(jacobian, device):  # noqa: F811
     def f(u, table, *params):
         linear_t, offset = (t.double() for t in phi.affine.rows(phi.inverse))
         enc = phi.field.encoding
-        return fused._MapPass.apply(u, linear_t, offset, jacobian, enc.layout, False, table, *params)
+        return fused._MapPass.apply(u, linear_t, offset, n_jacobian, enc.layout, False, table, *params)
 
     check_derivatives(f, (u, table, *params), second_atol=None)
 
@@ -135,3 +140,29 @@ def test_applies_only_where_its_conditions_hold():
     silu = _map(3)
     silu.field.config = FieldConfig(activation="silu")
     assert not fused.applies(silu, u)
+
+
+def test_similarity_points_in_the_gradicon_passes_change_nothing(monkeypatch):
+    """GradICON both ways with the similarity's points riding in its passes (``values_at``):
+    the same term, the maps' values at those points and every gradient as three passes
+    plus two of their own, op by op."""
+    from neuralreg.losses import regularizers
+
+    phi_ab, phi_ba = _map(3, seed=0), _map(3, inverse=True, seed=3)
+    u_moving, u_fixed = _points(3, 12, seed=4), _points(3, 12, seed=5)
+    v_ab, v_ba = _points(3, 30, seed=6), _points(3, 20, seed=7)
+    params = [*phi_ab.field.parameters(), *phi_ba.field.parameters()]
+    results = []
+    for path in ("folded", "separate"):
+        if path == "folded":
+            reg, (y_ab, y_ba) = regularizers.gradicon_analytic_both_ways(
+                phi_ab, phi_ba, u_moving, u_fixed, volume_weight=0.5, values_at=(v_ab, v_ba)
+            )
+        else:
+            monkeypatch.setattr(fused, "applies", lambda phi, u: False)
+            reg = regularizers.gradicon_analytic_both_ways(phi_ab, phi_ba, u_moving, u_fixed, volume_weight=0.5)
+            y_ab, y_ba = phi_ab(v_ab), phi_ba(v_ba)
+        loss = reg + y_ab.square().sum() + (y_ba * 0.3).sum()
+        results.append([reg, y_ab, y_ba, *torch.autograd.grad(loss, params + [u_moving, v_ab, v_ba])])
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(a.detach(), b.detach(), rtol=1e-10, atol=1e-12)
