@@ -27,16 +27,19 @@ int nr_hashgrid_double_backward_f32(int d, const float* ggx, const float* ggT, c
 int nr_hashgrid_double_backward_f64(int d, const double* ggx, const double* ggT, const double* gy, const double* x,
                                     const double* table, double* g_gy, double* g_x, double* g_T, int64_t n, int F,
                                     const nr::LevelLayout* lay, bool smooth, cudaStream_t s);
-int nr_hashgrid_forward_jacobian_f32(int d, const float* x, const float* table, float* y, float* jac, int64_t n,
-                                     int F, const nr::LevelLayout* lay, bool smooth, cudaStream_t s);
-int nr_hashgrid_forward_jacobian_f64(int d, const double* x, const double* table, double* y, double* jac, int64_t n,
-                                     int F, const nr::LevelLayout* lay, bool smooth, cudaStream_t s);
-int nr_hashgrid_jacobian_backward_f32(int d, const float* gy, const float* gjac, const float* x, const float* table,
-                                      float* g_x, float* g_T, int64_t n, int F, const nr::LevelLayout* lay,
-                                      bool smooth, cudaStream_t s);
-int nr_hashgrid_jacobian_backward_f64(int d, const double* gy, const double* gjac, const double* x,
-                                      const double* table, double* g_x, double* g_T, int64_t n, int F,
+int nr_hashgrid_forward_jacobian_f32(int d, const float* x, const float* table, const float* directions, float* y,
+                                     float* dirs, int64_t n, int64_t n_jac, int F, const nr::LevelLayout* lay,
+                                     bool smooth, cudaStream_t s);
+int nr_hashgrid_forward_jacobian_f64(int d, const double* x, const double* table, const double* directions, double* y,
+                                     double* dirs, int64_t n, int64_t n_jac, int F, const nr::LevelLayout* lay,
+                                     bool smooth, cudaStream_t s);
+int nr_hashgrid_jacobian_backward_f32(int d, const float* gy, const float* gdirs, const float* x, const float* table,
+                                      const float* directions, float* g_x, float* g_T, int64_t n, int64_t n_jac, int F,
                                       const nr::LevelLayout* lay, bool smooth, cudaStream_t s);
+int nr_hashgrid_jacobian_backward_f64(int d, const double* gy, const double* gdirs, const double* x,
+                                      const double* table, const double* directions, double* g_x, double* g_T,
+                                      int64_t n, int64_t n_jac, int F, const nr::LevelLayout* lay, bool smooth,
+                                      cudaStream_t s);
 int nr_warp_f32(int d, const float* image, const int64_t* shape, const float* points, float* values, float* grads,
                 int64_t n, cudaStream_t s);
 int nr_warp_f64(int d, const double* image, const int64_t* shape, const double* points, double* values,

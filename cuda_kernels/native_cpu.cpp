@@ -174,27 +174,46 @@ void double_backward_impl(const T* __restrict__ ggx, const T* __restrict__ ggT, 
   }
 }
 
-// Encoding and its spatial Jacobian in one pass: y (N, L*F), jac (N, L*F, D).
+// Encoding of the clamped points and its Jacobian rows along D directions, in one pass:
+//   y[p, l F + f]           = enc(xc_p)
+//   dirs[p, j, l F + f]     = sum_k m_p[j][k] d enc_{l F + f} / d xc_k     (p < n_jac)
+// with xc = clamp(x, 0, 1) and m_p = dmat diag(inside_p) (pointmath.h): the rows of the
+// Jacobian of enc(clamp(x)) along x = u dmat + b, i.e. with respect to u.
 template <int D, int FC, typename T>
-void forward_jacobian_impl(const T* __restrict__ x, const T* __restrict__ table, T* __restrict__ y, T* __restrict__ jac, int64_t n, int64_t F_, const Layout& lay,
-                           bool smooth) {
+void forward_jacobian_impl(const T* __restrict__ x, const T* __restrict__ table, const T* __restrict__ dmat,
+                           T* __restrict__ y, T* __restrict__ dirs, int64_t n, int64_t n_jac, int64_t F_,
+                           const Layout& lay, bool smooth) {
   const int64_t L = lay.n_levels();
   const int64_t F = FC > 0 ? FC : F_;  // compile-time for the common widths
+  const int64_t LF = L * F;
   at::parallel_for(0, n, 512, [&](int64_t begin, int64_t end) {
     for (int64_t p = begin; p < end; ++p) {
+      T xc[D], inside[D], m[D][D], jl[8 * D];
+      nr::clamp_point<D, T>(x + p * D, xc, inside);
+      nr::direction_matrix<D, T>(dmat, inside, m);
+      const bool with_dirs = p < n_jac;
       for (int64_t l = 0; l < L; ++l) {
-        auto cell = cell_at<D, T>(x + p * D, lay, l, smooth);
-        T* out = y + (p * L + l) * F;
-        T* jout = jac + (p * L + l) * F * D;
+        auto cell = cell_at<D, T>(xc, lay, l, smooth);
+        T* out = y + p * LF + l * F;
         for (int64_t f = 0; f < F; ++f) out[f] = T(0);
-        for (int64_t k = 0; k < F * D; ++k) jout[k] = T(0);
+        for (int64_t k = 0; k < F * D; ++k) jl[k] = T(0);
         for (int c = 0; c < (1 << D); ++c) {
           T w, dw[D];
           cell.corner(c, w, dw, nullptr);
           const T* row = table + (int64_t)cell.rows[c] * F;
           for (int64_t f = 0; f < F; ++f) {
             out[f] += w * row[f];
-            for (int i = 0; i < D; ++i) jout[f * D + i] += dw[i] * row[f];
+            if (with_dirs)
+              for (int i = 0; i < D; ++i) jl[f * D + i] += dw[i] * row[f];
+          }
+        }
+        if (!with_dirs) continue;
+        for (int j = 0; j < D; ++j) {
+          T* dout = dirs + (p * D + j) * LF + l * F;
+          for (int64_t f = 0; f < F; ++f) {
+            T a = T(0);
+            for (int k = 0; k < D; ++k) a += m[j][k] * jl[f * D + k];
+            dout[f] = a;
           }
         }
       }
@@ -202,36 +221,56 @@ void forward_jacobian_impl(const T* __restrict__ x, const T* __restrict__ table,
   });
 }
 
-// Backward of (y, jac) against (gy, gjac):
-//   g_T[row,f] += w_c gy[p,l,f] + sum_i dw_c/dx_i gjac[p,l,f,i]
-//   g_x[p,j]    = sum_{l,c,f} T[row,f] (gy[p,l,f] dw_c/dx_j + sum_i gjac[p,l,f,i] d2w_c/dx_i dx_j)
+// The gradient of point p's x-Jacobian rows at level l from that of its direction rows:
+// G[f D + k] = sum_j gdirs[p, j, l F + f] m[j][k].
+template <int D, typename T>
+inline void jacobian_rows_grad(const T* gdirs, const T (*m)[D], int64_t p, int64_t l, int64_t F, int64_t LF, T* G) {
+  for (int64_t f = 0; f < F; ++f)
+    for (int k = 0; k < D; ++k) {
+      T a = T(0);
+      for (int j = 0; j < D; ++j) a += gdirs[(p * D + j) * LF + l * F + f] * m[j][k];
+      G[f * D + k] = a;
+    }
+}
+
+// Backward of (y, dirs) against (gy, gdirs), G as in jacobian_rows_grad (zero for p >= n_jac):
+//   g_T[row,f] += w_c gy[p,l,f] + sum_i dw_c/dx_i G[f,i]
+//   g_x[p,j]    = inside_j sum_{l,c,f} T[row,f] (gy[p,l,f] dw_c/dx_j + sum_i G[f,i] d2w_c/dx_i dx_j)
 template <int D, int FC, typename T>
-void jacobian_backward_impl(const T* __restrict__ gy, const T* __restrict__ gjac, const T* __restrict__ x, const T* __restrict__ table, T* __restrict__ g_x, T* __restrict__ g_T, int64_t n,
-                            int64_t F_, const Layout& lay, bool smooth) {
+void jacobian_backward_impl(const T* __restrict__ gy, const T* __restrict__ gdirs, const T* __restrict__ x,
+                            const T* __restrict__ table, const T* __restrict__ dmat, T* __restrict__ g_x,
+                            T* __restrict__ g_T, int64_t n, int64_t n_jac, int64_t F_, const Layout& lay,
+                            bool smooth) {
   const int64_t L = lay.n_levels();
   const int64_t F = FC > 0 ? FC : F_;  // compile-time for the common widths
+  const int64_t LF = L * F;
   if (g_x) {
     at::parallel_for(0, n, 512, [&](int64_t begin, int64_t end) {
       for (int64_t p = begin; p < end; ++p) {
+        T xc[D], inside[D], m[D][D], G[8 * D];
+        nr::clamp_point<D, T>(x + p * D, xc, inside);
+        nr::direction_matrix<D, T>(dmat, inside, m);
+        const bool with_dirs = p < n_jac;
         T acc[D] = {};
         for (int64_t l = 0; l < L; ++l) {
-          auto cell = cell_at<D, T>(x + p * D, lay, l, smooth);
-          const T* g = gy + (p * L + l) * F;
-          const T* gj = gjac + (p * L + l) * F * D;
+          auto cell = cell_at<D, T>(xc, lay, l, smooth);
+          const T* g = gy + p * LF + l * F;
+          if (with_dirs) jacobian_rows_grad<D, T>(gdirs, m, p, l, F, LF, G);
           for (int c = 0; c < (1 << D); ++c) {
             T w, dw[D], d2w[D][D];
-            cell.corner(c, w, dw, d2w);
+            cell.corner(c, w, dw, with_dirs ? d2w : nullptr);
             const T* row = table + (int64_t)cell.rows[c] * F;
             for (int64_t f = 0; f < F; ++f) {
               for (int j = 0; j < D; ++j) {
                 T a = g[f] * dw[j];
-                for (int i = 0; i < D; ++i) a += gj[f * D + i] * d2w[i][j];
+                if (with_dirs)
+                  for (int i = 0; i < D; ++i) a += G[f * D + i] * d2w[i][j];
                 acc[j] += row[f] * a;
               }
             }
           }
         }
-        for (int j = 0; j < D; ++j) g_x[p * D + j] = acc[j];
+        for (int j = 0; j < D; ++j) g_x[p * D + j] = acc[j] * inside[j];
       }
     });
   }
@@ -239,16 +278,23 @@ void jacobian_backward_impl(const T* __restrict__ gy, const T* __restrict__ gjac
     at::parallel_for(0, L, 1, [&](int64_t lbegin, int64_t lend) {
       for (int64_t l = lbegin; l < lend; ++l) {
         for (int64_t p = 0; p < n; ++p) {
-          auto cell = cell_at<D, T>(x + p * D, lay, l, smooth);
-          const T* g = gy + (p * L + l) * F;
-          const T* gj = gjac + (p * L + l) * F * D;
+          T xc[D], inside[D], m[D][D], G[8 * D];
+          nr::clamp_point<D, T>(x + p * D, xc, inside);
+          const bool with_dirs = p < n_jac;
+          if (with_dirs) {
+            nr::direction_matrix<D, T>(dmat, inside, m);
+            jacobian_rows_grad<D, T>(gdirs, m, p, l, F, LF, G);
+          }
+          auto cell = cell_at<D, T>(xc, lay, l, smooth);
+          const T* g = gy + p * LF + l * F;
           for (int c = 0; c < (1 << D); ++c) {
             T w, dw[D];
             cell.corner(c, w, dw, nullptr);
             T* row = g_T + (int64_t)cell.rows[c] * F;
             for (int64_t f = 0; f < F; ++f) {
               T a = w * g[f];
-              for (int i = 0; i < D; ++i) a += dw[i] * gj[f * D + i];
+              if (with_dirs)
+                for (int i = 0; i < D; ++i) a += dw[i] * G[f * D + i];
               row[f] += a;
             }
           }
@@ -351,40 +397,58 @@ std::vector<torch::Tensor> hashgrid_double_backward(c10::optional<torch::Tensor>
   return {g_gy, g_x, g_T};
 }
 
-std::vector<torch::Tensor> hashgrid_forward_jacobian(torch::Tensor x, torch::Tensor table, std::vector<double> scales,
+void check_directions(const torch::Tensor& x, const torch::Tensor& directions, int64_t n_jacobian) {
+  const int64_t d = x.size(1);
+  TORCH_CHECK(directions.dim() == 2 && directions.size(0) == d && directions.size(1) == d,
+              "directions must be (d, d)");
+  TORCH_CHECK(directions.scalar_type() == x.scalar_type(), "x and directions must share a dtype");
+  TORCH_CHECK(n_jacobian >= 0 && n_jacobian <= x.size(0), "n_jacobian must be within [0, N]");
+}
+
+std::vector<torch::Tensor> hashgrid_forward_jacobian(torch::Tensor x, torch::Tensor table, torch::Tensor directions,
+                                                     int64_t n_jacobian, std::vector<double> scales,
                                                      std::vector<int64_t> resolutions, std::vector<int64_t> sizes,
                                                      std::vector<int64_t> offsets, std::vector<bool> hashed,
                                                      bool smooth) {
   check_inputs(x, table);
+  check_directions(x, directions, n_jacobian);
+  directions = directions.contiguous();
   auto lay = make_layout(scales, resolutions, sizes, offsets, hashed);
   const int64_t n = x.size(0), F = table.size(1), d = x.size(1);
+  TORCH_CHECK(F <= 8, "at most 8 features per level");
   auto y = torch::empty({n, lay.n_levels() * F}, x.options());
-  auto jac = torch::empty({n, lay.n_levels() * F, d}, x.options());
+  auto dirs = torch::empty({n_jacobian, d, lay.n_levels() * F}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "hashgrid_forward_jacobian", [&] {
-    DISPATCH_DIMS_F(d, F, forward_jacobian_impl<D, FC, scalar_t>(x.data_ptr<scalar_t>(), table.data_ptr<scalar_t>(),
-                                                        y.data_ptr<scalar_t>(), jac.data_ptr<scalar_t>(), n, F, lay,
-                                                        smooth));
+    DISPATCH_DIMS_F(d, F, forward_jacobian_impl<D, FC, scalar_t>(
+                         x.data_ptr<scalar_t>(), table.data_ptr<scalar_t>(), directions.data_ptr<scalar_t>(),
+                         y.data_ptr<scalar_t>(), dirs.data_ptr<scalar_t>(), n, n_jacobian, F, lay, smooth));
   });
-  return {y, jac};
+  return {y, dirs};
 }
 
-std::vector<torch::Tensor> hashgrid_jacobian_backward(torch::Tensor gy, torch::Tensor gjac, torch::Tensor x,
-                                                      torch::Tensor table, std::vector<double> scales,
+std::vector<torch::Tensor> hashgrid_jacobian_backward(torch::Tensor gy, torch::Tensor gdirs, torch::Tensor x,
+                                                      torch::Tensor table, torch::Tensor directions,
+                                                      int64_t n_jacobian, std::vector<double> scales,
                                                       std::vector<int64_t> resolutions, std::vector<int64_t> sizes,
                                                       std::vector<int64_t> offsets, std::vector<bool> hashed,
                                                       bool smooth, bool need_x, bool need_table) {
   check_inputs(x, table);
+  check_directions(x, directions, n_jacobian);
+  directions = directions.contiguous();
   gy = gy.contiguous();
-  gjac = gjac.contiguous();
+  gdirs = gdirs.contiguous();
   auto lay = make_layout(scales, resolutions, sizes, offsets, hashed);
   const int64_t n = x.size(0), F = table.size(1), d = x.size(1);
+  TORCH_CHECK(F <= 8, "at most 8 features per level");
+  TORCH_CHECK(gdirs.numel() == n_jacobian * d * lay.n_levels() * F, "gdirs must be (n_jacobian, d, L F)");
   torch::Tensor g_x = need_x ? torch::empty_like(x) : torch::Tensor();
   torch::Tensor g_T = need_table ? torch::zeros_like(table) : torch::Tensor();
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "hashgrid_jacobian_backward", [&] {
     DISPATCH_DIMS_F(d, F, jacobian_backward_impl<D, FC, scalar_t>(
-                         gy.data_ptr<scalar_t>(), gjac.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(),
-                         table.data_ptr<scalar_t>(), need_x ? g_x.data_ptr<scalar_t>() : nullptr,
-                         need_table ? g_T.data_ptr<scalar_t>() : nullptr, n, F, lay, smooth));
+                         gy.data_ptr<scalar_t>(), gdirs.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(),
+                         table.data_ptr<scalar_t>(), directions.data_ptr<scalar_t>(),
+                         need_x ? g_x.data_ptr<scalar_t>() : nullptr, need_table ? g_T.data_ptr<scalar_t>() : nullptr,
+                         n, n_jacobian, F, lay, smooth));
   });
   return {g_x, g_T};
 }

@@ -142,57 +142,79 @@ std::vector<torch::Tensor> hashgrid_double_backward(c10::optional<torch::Tensor>
   return {g_gy, g_x, g_T};
 }
 
-std::vector<torch::Tensor> hashgrid_forward_jacobian(torch::Tensor x, torch::Tensor table, std::vector<double> scales,
+void check_directions(const torch::Tensor& x, const torch::Tensor& directions, int64_t n_jacobian) {
+  const int64_t d = x.size(1);
+  TORCH_CHECK(directions.dim() == 2 && directions.size(0) == d && directions.size(1) == d,
+              "directions must be (d, d)");
+  TORCH_CHECK(directions.scalar_type() == x.scalar_type(), "x and directions must share a dtype");
+  TORCH_CHECK(n_jacobian >= 0 && n_jacobian <= x.size(0), "n_jacobian must be within [0, N]");
+}
+
+std::vector<torch::Tensor> hashgrid_forward_jacobian(torch::Tensor x, torch::Tensor table, torch::Tensor directions,
+                                                     int64_t n_jacobian, std::vector<double> scales,
                                                      std::vector<int64_t> resolutions, std::vector<int64_t> sizes,
                                                      std::vector<int64_t> offsets, std::vector<bool> hashed,
                                                      bool smooth) {
+  directions = directions.contiguous();
   check(x, "x");
   check(table, "table");
+  check(directions, "directions");
+  check_directions(x, directions, n_jacobian);
   auto lay = make_layout(scales, resolutions, sizes, offsets, hashed);
   const int64_t n = x.size(0);
   const int F = (int)table.size(1), d = (int)x.size(1);
+  TORCH_CHECK(F <= 8, "at most 8 features per level");
   auto y = torch::empty({n, lay.n_levels * F}, x.options());
-  auto jac = torch::empty({n, lay.n_levels * F, d}, x.options());
+  auto dirs = torch::empty({n_jacobian, d, lay.n_levels * F}, x.options());
   NR_DEVICE_GUARD(x);
   auto stream = NR_STREAM;
   if (x.scalar_type() == torch::kFloat64)
     check_status(nr_hashgrid_forward_jacobian_f64(d, x.data_ptr<double>(), table.data_ptr<double>(),
-                                                  y.data_ptr<double>(), jac.data_ptr<double>(), n, F, &lay, smooth,
-                                                  stream));
+                                                  directions.data_ptr<double>(), y.data_ptr<double>(),
+                                                  dirs.data_ptr<double>(), n, n_jacobian, F, &lay, smooth, stream));
   else
-    check_status(nr_hashgrid_forward_jacobian_f32(d, x.data_ptr<float>(), table.data_ptr<float>(), y.data_ptr<float>(),
-                                                  jac.data_ptr<float>(), n, F, &lay, smooth, stream));
-  return {y, jac};
+    check_status(nr_hashgrid_forward_jacobian_f32(d, x.data_ptr<float>(), table.data_ptr<float>(),
+                                                  directions.data_ptr<float>(), y.data_ptr<float>(),
+                                                  dirs.data_ptr<float>(), n, n_jacobian, F, &lay, smooth, stream));
+  return {y, dirs};
 }
 
-std::vector<torch::Tensor> hashgrid_jacobian_backward(torch::Tensor gy, torch::Tensor gjac, torch::Tensor x,
-                                                      torch::Tensor table, std::vector<double> scales,
+std::vector<torch::Tensor> hashgrid_jacobian_backward(torch::Tensor gy, torch::Tensor gdirs, torch::Tensor x,
+                                                      torch::Tensor table, torch::Tensor directions,
+                                                      int64_t n_jacobian, std::vector<double> scales,
                                                       std::vector<int64_t> resolutions, std::vector<int64_t> sizes,
                                                       std::vector<int64_t> offsets, std::vector<bool> hashed,
                                                       bool smooth, bool need_x, bool need_table) {
   gy = gy.contiguous();
-  gjac = gjac.contiguous();
+  gdirs = gdirs.contiguous();
+  directions = directions.contiguous();
   check(gy, "gy");
-  check(gjac, "gjac");
+  check(gdirs, "gdirs");
   check(x, "x");
   check(table, "table");
+  check(directions, "directions");
+  check_directions(x, directions, n_jacobian);
   auto lay = make_layout(scales, resolutions, sizes, offsets, hashed);
   const int64_t n = x.size(0);
   const int F = (int)table.size(1), d = (int)x.size(1);
+  TORCH_CHECK(F <= 8, "at most 8 features per level");
+  TORCH_CHECK(gdirs.numel() == n_jacobian * d * lay.n_levels * F, "gdirs must be (n_jacobian, d, L F)");
   auto g_x = need_x ? torch::zeros_like(x) : torch::Tensor();
   auto g_T = need_table ? torch::zeros_like(table) : torch::Tensor();
   NR_DEVICE_GUARD(x);
   auto stream = NR_STREAM;
   if (x.scalar_type() == torch::kFloat64)
-    check_status(nr_hashgrid_jacobian_backward_f64(d, gy.data_ptr<double>(), gjac.data_ptr<double>(),
+    check_status(nr_hashgrid_jacobian_backward_f64(d, gy.data_ptr<double>(), gdirs.data_ptr<double>(),
                                                    x.data_ptr<double>(), table.data_ptr<double>(),
-                                                   ptr_if<double>(need_x, g_x), ptr_if<double>(need_table, g_T), n, F,
-                                                   &lay, smooth, stream));
+                                                   directions.data_ptr<double>(), ptr_if<double>(need_x, g_x),
+                                                   ptr_if<double>(need_table, g_T), n, n_jacobian, F, &lay, smooth,
+                                                   stream));
   else
-    check_status(nr_hashgrid_jacobian_backward_f32(d, gy.data_ptr<float>(), gjac.data_ptr<float>(),
+    check_status(nr_hashgrid_jacobian_backward_f32(d, gy.data_ptr<float>(), gdirs.data_ptr<float>(),
                                                    x.data_ptr<float>(), table.data_ptr<float>(),
-                                                   ptr_if<float>(need_x, g_x), ptr_if<float>(need_table, g_T), n, F,
-                                                   &lay, smooth, stream));
+                                                   directions.data_ptr<float>(), ptr_if<float>(need_x, g_x),
+                                                   ptr_if<float>(need_table, g_T), n, n_jacobian, F, &lay, smooth,
+                                                   stream));
   return {g_x, g_T};
 }
 

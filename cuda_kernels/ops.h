@@ -30,11 +30,17 @@ std::vector<torch::Tensor> hashgrid_backward(torch::Tensor gy, torch::Tensor x, 
 std::vector<torch::Tensor> hashgrid_double_backward(c10::optional<torch::Tensor> ggx, c10::optional<torch::Tensor> ggT,
                                                     torch::Tensor gy, torch::Tensor x, torch::Tensor table,
                                                     NR_LAYOUT_ARGS, bool need_gy, bool need_x, bool need_table);
-// (y (N, L*F), dy/dx (N, L*F, d)) in one pass.
-std::vector<torch::Tensor> hashgrid_forward_jacobian(torch::Tensor x, torch::Tensor table, NR_LAYOUT_ARGS);
-// (g_x, g_T) from (gy, gjac), the gradients of hashgrid_forward_jacobian's two outputs.
-std::vector<torch::Tensor> hashgrid_jacobian_backward(torch::Tensor gy, torch::Tensor gjac, torch::Tensor x,
-                                                      torch::Tensor table, NR_LAYOUT_ARGS, bool need_x,
+// (y (N, L*F), dirs (n_jacobian, d, L*F)) in one pass, of the points clamped to [0, 1]^d:
+// dirs[p, j] = sum_k directions[j, k] inside_k d y_p / d xc_k, the Jacobian's rows along the
+// directions (rows of A^T where x = u A^T + b: the derivatives with respect to u), for the
+// first n_jacobian points; inside_k = 1 where 0 <= x_k <= 1 (the clamp's derivative).
+std::vector<torch::Tensor> hashgrid_forward_jacobian(torch::Tensor x, torch::Tensor table, torch::Tensor directions,
+                                                     int64_t n_jacobian, NR_LAYOUT_ARGS);
+// (g_x (N, d), g_T) from (gy, gdirs), the gradients of hashgrid_forward_jacobian's two
+// outputs; g_x with respect to the unclamped points (zero where a coordinate is clamped).
+std::vector<torch::Tensor> hashgrid_jacobian_backward(torch::Tensor gy, torch::Tensor gdirs, torch::Tensor x,
+                                                      torch::Tensor table, torch::Tensor directions,
+                                                      int64_t n_jacobian, NR_LAYOUT_ARGS, bool need_x,
                                                       bool need_table);
 // Fused warp: (values (N), spatial gradients (N, d)) of an image at voxel-index points; the
 // gradients undefined (not computed) unless with_gradient.

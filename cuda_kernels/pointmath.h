@@ -129,6 +129,25 @@ struct Cell {
   }
 };
 
+// A point clamped to the encoding's box [0, 1]^D, and the clamp's derivative: inside[k] = 1
+// where 0 <= x[k] <= 1, else 0 (NaN: 0; xc keeps it, as torch.clamp does).
+template <int D, typename T>
+NR_HD void clamp_point(const T* x, T* xc, T* inside) {
+  for (int k = 0; k < D; ++k) {
+    T v = x[k];
+    inside[k] = (v >= T(0) && v <= T(1)) ? T(1) : T(0);
+    xc[k] = v < T(0) ? T(0) : (v > T(1) ? T(1) : v);
+  }
+}
+
+// The directions of a point's Jacobian rows: m[j][k] = dmat[j][k] inside[k], so that the
+// row along direction j is sum_k m[j][k] d enc / d xc_k (dmat (D, D) row-major).
+template <int D, typename T>
+NR_HD void direction_matrix(const T* dmat, const T* inside, T (*m)[D]) {
+  for (int j = 0; j < D; ++j)
+    for (int k = 0; k < D; ++k) m[j][k] = dmat[j * D + k] * inside[k];
+}
+
 // Linear interpolation of a scalar volume (row-major, axis 0 slowest) at a voxel-index
 // point, with the spatial gradient unless ``grad`` is null (values only); vertices outside
 // the grid count as 0.

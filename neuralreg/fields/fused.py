@@ -79,28 +79,17 @@ class _MapPass(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, u, linear_t, offset, n_jacobian, layout, smooth, table, *params):
-        module = native._mod(u)
         layout_args = native._layout_args(layout)
         n, d = u.shape
         m = n_jacobian
         x = torch.addmm(offset, u, linear_t)
-        xc = x.clamp(0.0, 1.0)
-        inside = x == xc  # the clamp's derivative (x in [0, 1]; NaN: 0)
         rows = layout.n_params_rows
         tab = table if rows == table.shape[0] else table[:rows]
         width = params[0].shape[1]  # the first layer's inputs: L F, the switched-off levels' zero padding included
-        t = None
-        if m == 0:
-            feats = module.hashgrid_forward(xc, tab, *layout_args, smooth)
-        elif m == n:
-            feats, jac = module.hashgrid_forward_jacobian(xc, tab, *layout_args, smooth)
-        else:
-            feats, jac = module.hashgrid_forward_jacobian(xc[:m], tab, *layout_args, smooth)
-            feats = torch.cat([feats, module.hashgrid_forward(xc[m:], tab, *layout_args, smooth)])
-        if m:
-            # d enc / d u_j = sum_k d enc / d xc_k inside_k (A^T)_jk: rows (m, d, F), one product
-            t = torch.bmm(linear_t.unsqueeze(0) * _head(inside, m, n).unsqueeze(1), jac.transpose(1, 2))
-            t = _pad(t, width).view(m * d, width)
+        # the kernel clamps x to the box and gives the encoding's rows along u_j (rows of A^T)
+        # for the first m points: (m, d, F), zero along a clamped coordinate
+        feats, t = native._mod(u).hashgrid_forward_jacobian(x, tab, linear_t, m, *layout_args, smooth)
+        t = _pad(t, width).view(m * d, width) if m else None
         h = _pad(feats, width)
         saved = []  # per hidden layer: its input h, t and its output (ReLU's mask)
         for k in range(0, len(params) - 2, 2):
@@ -114,7 +103,7 @@ class _MapPass(torch.autograd.Function):
             h, t = h_next, t_next
         w_t = params[-2].t()
         phi_u = x + torch.addmm(params[-1], h, w_t)
-        tensors = [xc, inside, tab, linear_t, h, *saved, *params]
+        tensors = [x, tab, linear_t, h, *saved, *params]
         if m:
             tensors.append(t)
             jac_t = (t @ w_t).view(m, d, d) + linear_t  # (dPhi/du)^T: A^T + (dD/du)^T
@@ -129,10 +118,10 @@ class _MapPass(torch.autograd.Function):
     def backward(ctx, g_phi, g_jac_t=None):
         tensors = ctx.saved_tensors
         layers, m = ctx.n_layers, ctx.n_jacobian
-        xc, inside, tab, linear_t, h = tensors[:5]
-        saved = tensors[5 : 5 + 3 * (layers - 1)]
-        params = tensors[5 + 3 * (layers - 1) : 5 + 3 * (layers - 1) + 2 * layers]
-        n, d = xc.shape
+        x, tab, linear_t, h = tensors[:4]
+        saved = tensors[4 : 4 + 3 * (layers - 1)]
+        params = tensors[4 + 3 * (layers - 1) : 4 + 3 * (layers - 1) + 2 * layers]
+        n, d = x.shape
         if not m:
             g_jac_t = None
         grads = [None] * (2 * layers)
@@ -164,42 +153,20 @@ class _MapPass(torch.autograd.Function):
         need_u, need_table = ctx.needs_input_grad[0], ctx.needs_input_grad[6]
         g_x = g_table = None
         if need_u or need_table:
-            g_x, g_table = _encoding_backward(ctx, gh, gt, xc, inside, tab, linear_t, need_u, need_table)
+            active = ctx.active_width
+            g_feats = x.new_zeros(n, active) if gh is None else gh[:, :active]
+            n_rows, g_rows = (0, x.new_empty(0)) if gt is None else (m, gt.view(m, d, -1)[:, :, :active])
+            g_x, g_table = native._mod(x).hashgrid_jacobian_backward(
+                g_feats, g_rows, x, tab, linear_t, n_rows, *ctx.layout_args, ctx.smooth, need_u, need_table
+            )
         g_u = None
         if need_u:
-            g_x = g_x * inside if g_x is not None else None
-            if g_phi is not None:
-                g_x = g_phi if g_x is None else g_x + g_phi
-            if g_x is not None:
-                g_u = g_x @ linear_t.t()
+            if g_phi is not None:  # Phi = x + D(clamp(x)): the kernel's gradient (zero where clamped) and g_phi
+                g_x = g_x + g_phi
+            g_u = g_x @ linear_t.t()
         if need_table and g_table is not None and g_table.shape[0] < ctx.full_rows:
             g_table = functional.pad(g_table, (0, 0, 0, ctx.full_rows - g_table.shape[0]))
         return g_u, None, None, None, None, None, (g_table if need_table else None), *grads
-
-
-def _encoding_backward(ctx, gh, gt, xc, inside, tab, linear_t, need_x: bool, need_table: bool):
-    """(d loss / d xc (N, d) or None, d loss / d table) from the gradients of the first layer's
-    inputs: gh (N, width) of the features, gt (m d, width) of the Jacobian's rows (None:
-    not used)."""
-    module, args = native._mod(xc), (*ctx.layout_args, ctx.smooth)
-    n, d = xc.shape
-    m, active = ctx.n_jacobian, ctx.active_width
-    if gh is None:
-        gh = xc.new_zeros(n, active)
-    g_feats = gh[:, :active].contiguous() if gh.shape[1] > active else gh
-    if gt is None:  # the Jacobian not used: the value kernel's backward for every point
-        g_x, g_table = module.hashgrid_backward(g_feats, xc, tab, *args, need_x, need_table)
-        return (g_x if need_x else None), g_table
-    # t = Q jac^T with Q = (A^T)[None] * inside[:, None, :]: d t / d jac^T = Q^T
-    q = linear_t.unsqueeze(0) * _head(inside, m, n).unsqueeze(1)
-    g_jac = torch.bmm(q.transpose(1, 2), gt.view(m, d, -1)[:, :, :active]).transpose(1, 2).contiguous()
-    if m == n:
-        g_x, g_table = module.hashgrid_jacobian_backward(g_feats, g_jac, xc, tab, *args, need_x, need_table)
-        return (g_x if need_x else None), g_table
-    g_xj, g_tj = module.hashgrid_jacobian_backward(g_feats[:m], g_jac, xc[:m], tab, *args, need_x, need_table)
-    g_xv, g_tv = module.hashgrid_backward(g_feats[m:], xc[m:], tab, *args, need_x, need_table)
-    g_x = torch.cat([g_xj, g_xv]) if need_x else None
-    return g_x, (g_tj + g_tv if need_table else None)
 
 
 def _head(t: torch.Tensor, m: int, n: int) -> torch.Tensor:

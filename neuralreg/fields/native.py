@@ -291,26 +291,29 @@ def hashgrid_encode(x: torch.Tensor, table: torch.Tensor, layout, smoothstep: bo
 
 
 class _HashGridEncodeJacobian(torch.autograd.Function):
-    """(y, dy/dx) in one pass; backward to x and the table (first order)."""
+    """(y, dy/dx) in one pass; backward to x and the table (first order). The kernel gives
+    the Jacobian's rows (N, d, L*F) (along the identity's directions here); dy/dx is their
+    transposed view."""
 
     @staticmethod
     def forward(ctx, x, table, layout, smooth):
         x, table = x.contiguous(), table.contiguous()
-        ctx.save_for_backward(x, table)
+        eye = torch.eye(x.shape[1], dtype=x.dtype, device=x.device)
+        ctx.save_for_backward(x, table, eye)
         ctx.layout, ctx.smooth = layout, smooth
-        return tuple(_mod(x).hashgrid_forward_jacobian(x, table, *_layout_args(layout), smooth))
+        y, rows = _mod(x).hashgrid_forward_jacobian(x, table, eye, x.shape[0], *_layout_args(layout), smooth)
+        return y, rows.transpose(1, 2)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, gy, gjac):
-        x, table = ctx.saved_tensors
+        x, table, eye = ctx.saved_tensors
         need_x, need_t = ctx.needs_input_grad[:2]
         if gy is None:
             gy = torch.zeros(x.shape[0], table.shape[1] * len(ctx.layout.scales), dtype=x.dtype, device=x.device)
-        if gjac is None:
-            gjac = torch.zeros(*gy.shape, x.shape[1], dtype=x.dtype, device=x.device)
+        n_rows, g_rows = (0, gy.new_empty(0)) if gjac is None else (x.shape[0], gjac.transpose(1, 2))
         g_x, g_t = _mod(x).hashgrid_jacobian_backward(
-            gy, gjac, x, table, *_layout_args(ctx.layout), ctx.smooth, need_x, need_t
+            gy, g_rows, x, table, eye, n_rows, *_layout_args(ctx.layout), ctx.smooth, need_x, need_t
         )
         return (g_x if need_x else None), (g_t if need_t else None), None, None
 

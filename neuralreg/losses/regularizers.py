@@ -70,17 +70,20 @@ def gradicon_analytic_both_ways(
     v_ab, v_ba = values_at if values_at is not None else (None, None)
     inner = u_moving if v_ba is None else torch.cat([u_moving, v_ba])
     y_ba, jac_ba_moving = phi_ba.forward_with_jacobian(inner, n)
-    outer = [y_ba[:n], u_fixed] + ([v_ab] if v_ab is not None else [])
+    y_moving, values_ba = y_ba.split([n, y_ba.shape[0] - n])  # one node each: its backward is one cat
+    outer = [y_moving, u_fixed] + ([v_ab] if v_ab is not None else [])
     y_ab, jac_ab = phi_ab.forward_with_jacobian(torch.cat(outer), n + n_fixed)
-    _, jac_ba_fixed = phi_ba.forward_with_jacobian(y_ab[n : n + n_fixed])
-    value = 0.5 * (_product_penalty(jac_ab[:n], jac_ba_moving) + _product_penalty(jac_ba_fixed, jac_ab[n:]))
+    _, y_fixed, values_ab = y_ab.split([n, n_fixed, y_ab.shape[0] - n - n_fixed])
+    _, jac_ba_fixed = phi_ba.forward_with_jacobian(y_fixed)
+    jac_ab_moving, jac_ab_fixed = jac_ab.split([n, n_fixed])
+    value = 0.5 * (_product_penalty(jac_ab_moving, jac_ba_moving) + _product_penalty(jac_ba_fixed, jac_ab_fixed))
     if volume_weight:
         value = value + volume_weight * 0.5 * (
-            log_volume_penalty(phi_ab, jac_ab[n:]) + log_volume_penalty(phi_ba, jac_ba_moving)
+            log_volume_penalty(phi_ab, jac_ab_fixed) + log_volume_penalty(phi_ba, jac_ba_moving)
         )
     if values_at is None:
         return value
-    return value, (y_ab[n + n_fixed :], y_ba[n:])
+    return value, (values_ab, values_ba)
 
 
 def log_volume_penalty(phi, jac: torch.Tensor, floor: float = 1e-3) -> torch.Tensor:
@@ -110,7 +113,8 @@ class _ProductPenalty(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, outer, inner):
-        residual = torch.matmul(outer, inner) - _eye_rows(outer[:, 0])
+        eye = torch.eye(outer.shape[1], dtype=outer.dtype, device=outer.device)
+        residual = torch.baddbmm(eye, outer, inner, beta=-1)  # outer inner - I, one product
         ctx.save_for_backward(outer, inner, residual)
         return (residual**2).sum((1, 2)).mean()
 
