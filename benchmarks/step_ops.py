@@ -7,7 +7,7 @@ differ only in their number of field steps run under a ``TorchDispatchMode`` tha
 every aten operation and those that synchronise with the host; the difference divided by
 the difference in steps is the count per step, the fixed costs (set-up, outputs) cancelled.
 
-    python benchmarks/step_ops.py [--device cpu|cuda] [--json ops.json] [--profile 30]
+    python benchmarks/step_ops.py [--device cpu|cuda] [--similarity lncc|mi] [--json ops.json] [--profile 30]
 
 ``--profile N`` adds a ``torch.profiler`` table of N steps (self time, top operations).
 """
@@ -22,12 +22,14 @@ from pathlib import Path
 from neuralreg.testing import OpCounter
 
 
-def _register(steps: int, device: str, shape=(24, 48, 48)):
+def _register(steps: int, device: str, shape=(24, 48, 48), similarity: str = "lncc"):
     from neuralreg import RegistrationConfig, register_pair
     from neuralreg.phantoms import knee_phantom_pair
 
     pair = knee_phantom_pair(0, shape=shape)
-    cfg = RegistrationConfig(steps=steps, affine_steps=0, pyramid=(1,), stage_fractions=(1.0,), seed=0)
+    cfg = RegistrationConfig(
+        steps=steps, affine_steps=0, pyramid=(1,), stage_fractions=(1.0,), seed=0, similarity=similarity
+    )
     counter = OpCounter()
     import warnings
 
@@ -38,14 +40,16 @@ def _register(steps: int, device: str, shape=(24, 48, 48)):
     return counter
 
 
-def per_step(device: str = "cpu", steps=(20, 40)) -> dict:
-    """Aten operations and host synchronisations per field step (one pyramid stage, no affine part)."""
-    a, b = (_register(n, device) for n in steps)
+def per_step(device: str = "cpu", steps=(20, 40), similarity: str = "lncc") -> dict:
+    """Aten operations and host synchronisations per field step (one pyramid stage, no affine
+    part) with ``similarity`` (the default run's first stage is "lncc", its later ones "mi")."""
+    a, b = (_register(n, device, similarity=similarity) for n in steps)
     span = steps[1] - steps[0]
     ops = {k: (b.ops[k] - a.ops[k]) / span for k in b.ops if b.ops[k] != a.ops[k]}
     syncs = {k: (b.syncs().get(k, 0) - a.syncs().get(k, 0)) / span for k in b.syncs()}
     return {
         "device": device,
+        "similarity": similarity,
         "ops_per_step": sum(ops.values()),
         "syncs_per_step": sum(syncs.values()),
         "syncs_by_op": {k: v for k, v in syncs.items() if v},
@@ -68,10 +72,11 @@ def profile_table(device: str = "cpu", steps: int = 30, rows: int = 30) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--similarity", default="lncc", help="the fields' similarity (default: lncc; the later stages': mi)")
     p.add_argument("--json", type=Path, help="write the counts here")
     p.add_argument("--profile", type=int, default=0, help="also print a torch.profiler table of this many steps")
     args = p.parse_args(argv)
-    counts = per_step(args.device)
+    counts = per_step(args.device, similarity=args.similarity)
     print(json.dumps({k: v for k, v in counts.items() if k != "top_ops"}, indent=1))
     for name, n in counts["top_ops"].items():
         print(f"  {n:8.1f}  {name}")

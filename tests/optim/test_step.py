@@ -42,3 +42,22 @@ def test_a_field_step_does_not_wait_for_the_device(check_every, syncs_per_step):
     assert run.counted == 15  # steps 5.. of both stages
     assert sum(run.counter.ops.values()) > 100 * run.counted  # every operation of a step was seen
     assert sum(run.counter.syncs().values()) == syncs_per_step * run.counted, run.counter.syncs()
+
+
+@pytest.mark.parametrize("similarity, most", [("lncc", 280), ("mi", 350)])
+def test_a_field_step_issues_few_operations(similarity, most):
+    """Each operation is a launch on a GPU, where the step is bound by the host: a step
+    of the default stages (local NCC first, mutual information after) stays near what
+    ``benchmarks/step_ops.py`` measured (267 and 338 operations; 812 on 2026-12-04). The
+    three map passes are one node each (``fields.fused``): the op-by-op path gave 400."""
+    pair = knee_phantom_pair(0, shape=(24, 32, 32))
+    cfg = RegistrationConfig(
+        steps=21, affine_steps=0, pyramid=(1,), stage_fractions=(1.0,), points=2048, similarity=similarity
+    )
+    run = _Counted(pair["moving"], pair["fixed"], cfg, run={"check_every": 10, "progress": False}, skip=5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        run.run()
+    assert run.counted == 16  # two draws of the points (8 steps each) among them
+    per_step = sum(run.counter.ops.values()) / run.counted
+    assert 150 < per_step <= most, per_step
