@@ -4,9 +4,10 @@
 
 1. builds the CUDA extension (``native.status("cuda")``, with its build time; a failed
    build is a failed step, its first compiler error and log path in the JSON);
-2. runs the CUDA-parametrized kernel tests (``tests/fields/test_native.py -k cuda``:
-   values, first and second derivatives, Jacobian kernels and warp against the float64
-   reference); no test run, or any failure, is a failed step;
+2. runs the CUDA-parametrized kernel tests (``tests/fields/test_native.py`` and
+   ``test_fused.py``, ``-k cuda``: values, first and second derivatives, Jacobian kernels,
+   warp and the fused map pass against the float64 reference); no test run, or any
+   failure, is a failed step;
 3. times the kernels (medians): hash-grid forward+backward, encoding with Jacobian
    forward+backward, fused warp forward+backward, native and, where installed, tinycudann;
 4. registers an 80x192x192 knee phantom pair on the GPU with the native backend and, where
@@ -64,7 +65,7 @@ def median_ms(fn, device: str, repeats: int = 20, warmup: int = 3) -> float:
 
 def run_tests(selection: str) -> dict:
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"]
-    cmd += [str(ROOT / "tests" / "fields" / "test_native.py"), "-k", selection]
+    cmd += [str(ROOT / "tests" / "fields" / name) for name in ("test_native.py", "test_fused.py")] + ["-k", selection]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     tail = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else proc.stderr.strip()[-300:]
     counts = {k: int(v) for v, k in re.findall(r"(\d+) (passed|failed|skipped|error)", tail)}

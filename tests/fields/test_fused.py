@@ -40,10 +40,10 @@ def _map(d: int, layers: int = 1, inverse: bool = False, seed: int = 0, interpol
     return ComposedMap(field, affine, inverse)
 
 
-def _points(d: int, n: int = 40, seed: int = 1):
+def _points(d: int, n: int = 40, seed: int = 1, device: str = "cpu"):
     """Points in [-0.1, 1.1]^d: some fall outside the encoding's box (the clamp)."""
     g = torch.Generator().manual_seed(seed)
-    return (1.2 * torch.rand(n, d, generator=g, dtype=torch.float64) - 0.1).requires_grad_(True)
+    return (1.2 * torch.rand(n, d, generator=g, dtype=torch.float64) - 0.1).to(device).requires_grad_(True)
 
 
 def _both_paths(phi, u, jacobian, monkeypatch):
@@ -62,7 +62,7 @@ def _both_paths(phi, u, jacobian, monkeypatch):
         else:
             out = phi.forward_with_jacobian(u, jacobian)
         if weights is None:
-            weights = [torch.randn(o.shape, generator=g, dtype=o.dtype) for o in out]
+            weights = [torch.randn(o.shape, generator=g, dtype=o.dtype).to(o.device) for o in out]
         loss = sum((o * w).sum() for o, w in zip(out, weights, strict=True))
         params = [u, *phi.field.parameters()]
         grads = torch.autograd.grad(loss, params)
@@ -77,8 +77,8 @@ def _both_paths(phi, u, jacobian, monkeypatch):
 def test_fused_pass_equals_the_op_by_op_map(d, layers, jacobian, device, monkeypatch):  # noqa: F811
     """``jacobian``: None the value alone (``forward_once``), else the Jacobian at that many
     of the 40 points (15: the similarity's points after GradICON's, value only)."""
-    phi = _map(d, layers, inverse=d == 3)
-    (out_f, grads_f), (out_r, grads_r) = _both_paths(phi, _points(d), jacobian, monkeypatch)
+    phi = _map(d, layers, inverse=d == 3).to(device)
+    (out_f, grads_f), (out_r, grads_r) = _both_paths(phi, _points(d, device=device), jacobian, monkeypatch)
     for a, b in zip(out_f, out_r, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
     names = ["u"] + [n for n, _ in phi.field.named_parameters()]
@@ -113,8 +113,8 @@ def test_only_one_output_used():
 
 @pytest.mark.parametrize("n_jacobian", [6, 3, 0])
 def test_fused_pass_gradcheck(n_jacobian, device):  # noqa: F811
-    phi = _map(3, layers=1)
-    u = _points(3, n=6)
+    phi = _map(3, layers=1).to(device)
+    u = _points(3, n=6, device=device)
     table, *params = phi.field.parameters()
 
     def f(u, table, *params):
