@@ -6,6 +6,7 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <vector>
 
 #include "ops.h"
@@ -475,6 +476,113 @@ std::vector<torch::Tensor> warp_forward(torch::Tensor image, torch::Tensor point
     }));
   });
   return {values, grads};
+}
+
+namespace {
+
+void check_mi(const torch::Tensor& warped, const torch::Tensor& fixed, int64_t bins) {
+  TORCH_CHECK(warped.device().is_cpu() && fixed.device().is_cpu(), "CPU tensors expected");
+  TORCH_CHECK(warped.dim() == 2 && warped.sizes() == fixed.sizes(), "warped and fixed must be (B, N) alike");
+  TORCH_CHECK(warped.scalar_type() == fixed.scalar_type(), "warped and fixed must share a dtype");
+  TORCH_CHECK(bins >= 4, "at least 4 bins");
+}
+
+// One batch row per task: its range, histogram, marginals and entropies in sequence.
+template <typename T>
+void mi_forward_impl(const T* w, const T* f, T* value, T* log_ratio, T* scale, int64_t B, int64_t n, int bins, T eps) {
+  at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+    std::vector<T> joint(bins * bins), pa(bins), pb(bins);
+    for (int64_t b = b0; b < b1; ++b) {
+      const T* x = w + b * n;
+      const T* y = f + b * n;
+      T* sc = scale + b * 4;
+      for (int s = 0; s < 2; ++s) {
+        const T* v = s == 0 ? x : y;
+        T lo = v[0], hi = v[0];
+        for (int64_t p = 1; p < n; ++p) {
+          lo = v[p] < lo ? v[p] : lo;
+          hi = v[p] > hi ? v[p] : hi;
+        }
+        sc[2 * s] = lo;
+        sc[2 * s + 1] = hi - lo > eps ? hi - lo : eps;
+      }
+      std::fill(joint.begin(), joint.end(), T(0));
+      for (int64_t p = 0; p < n; ++p) {
+        int ia[3], ib[3];
+        T wa[3], wb[3];
+        nr::spline_bins(x[p], sc[0], sc[1], bins, ia, wa);
+        nr::spline_bins(y[p], sc[2], sc[3], bins, ib, wb);
+        for (int k = 0; k < 3; ++k)
+          for (int k2 = 0; k2 < 3; ++k2) joint[ia[k] * bins + ib[k2]] += wa[k] * wb[k2];
+      }
+      for (auto& e : joint) e /= T(n);
+      std::fill(pa.begin(), pa.end(), T(0));
+      std::fill(pb.begin(), pb.end(), T(0));
+      for (int i = 0; i < bins; ++i)
+        for (int j = 0; j < bins; ++j) {
+          pa[i] += joint[i * bins + j];
+          pb[j] += joint[i * bins + j];
+        }
+      T v = T(0);
+      T* lr = log_ratio + b * bins * bins;
+      for (int i = 0; i < bins; ++i)
+        for (int j = 0; j < bins; ++j) {
+          T den = pa[i] * pb[j];
+          den = den > T(1e-12) ? den : T(1e-12);
+          T r = joint[i * bins + j] / den;
+          lr[i * bins + j] = nr::nr_log(r > T(1e-12) ? r : T(1e-12));
+          v -= joint[i * bins + j] * lr[i * bins + j];
+        }
+      value[b] = v;
+    }
+  });
+}
+
+}  // namespace
+
+std::vector<torch::Tensor> mi_forward(torch::Tensor warped, torch::Tensor fixed, int64_t bins, double eps) {
+  check_mi(warped, fixed, bins);
+  warped = warped.contiguous();
+  fixed = fixed.contiguous();
+  const int64_t B = warped.size(0), n = warped.size(1);
+  TORCH_CHECK(n > 0, "empty samples");
+  auto value = torch::empty({B}, warped.options());
+  auto log_ratio = torch::empty({B, bins, bins}, warped.options());
+  auto scale = torch::empty({B, 4}, warped.options());
+  AT_DISPATCH_FLOATING_TYPES(warped.scalar_type(), "mi_forward", [&] {
+    mi_forward_impl<scalar_t>(warped.data_ptr<scalar_t>(), fixed.data_ptr<scalar_t>(), value.data_ptr<scalar_t>(),
+                              log_ratio.data_ptr<scalar_t>(), scale.data_ptr<scalar_t>(), B, n, (int)bins,
+                              (scalar_t)eps);
+  });
+  return {value, log_ratio, scale};
+}
+
+torch::Tensor mi_backward(torch::Tensor grad, torch::Tensor warped, torch::Tensor fixed, torch::Tensor scale,
+                          torch::Tensor log_ratio, int64_t bins) {
+  check_mi(warped, fixed, bins);
+  warped = warped.contiguous();
+  fixed = fixed.contiguous();
+  grad = grad.contiguous();
+  scale = scale.contiguous();
+  log_ratio = log_ratio.contiguous();
+  const int64_t B = warped.size(0), n = warped.size(1);
+  auto g = torch::empty_like(warped);
+  AT_DISPATCH_FLOATING_TYPES(warped.scalar_type(), "mi_backward", [&] {
+    const scalar_t* gr = grad.data_ptr<scalar_t>();
+    const scalar_t* x = warped.data_ptr<scalar_t>();
+    const scalar_t* y = fixed.data_ptr<scalar_t>();
+    const scalar_t* sc = scale.data_ptr<scalar_t>();
+    const scalar_t* lr = log_ratio.data_ptr<scalar_t>();
+    scalar_t* out = g.data_ptr<scalar_t>();
+    at::parallel_for(0, B * n, 2048, [&](int64_t s, int64_t e) {
+      for (int64_t q = s; q < e; ++q) {
+        const int64_t b = q / n;
+        out[q] = nr::mi_point_gradient<scalar_t>(x[q], y[q], sc + b * 4, lr + b * bins * bins, gr[b] / scalar_t(n),
+                                                 (int)bins);
+      }
+    });
+  });
+  return g;
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { NR_OPS(NR_BIND_OP) }

@@ -1,4 +1,4 @@
-// Torch binding of the CUDA kernels (hashgrid.cu, warp.cu): the ops of ops.h, as
+// Torch binding of the CUDA kernels (hashgrid.cu, warp.cu, mi.cu): the ops of ops.h, as
 // native_cpu.cpp. Built on first use by neuralreg/native.py when torch has CUDA and nvcc
 // exists; native_emulated.cpp compiles this file and the kernels as host C++ (CPU tensors,
 // NR_EMULATE_CUDA), which is how CI runs the CUDA kernels without a GPU.
@@ -238,6 +238,57 @@ std::vector<torch::Tensor> warp_forward(torch::Tensor image, torch::Tensor point
     check_status(nr_warp_f32(d, image.data_ptr<float>(), shape, points.data_ptr<float>(), values.data_ptr<float>(),
                              ptr_if<float>(with_gradient, grads), n, stream));
   return {values, grads};
+}
+
+std::vector<torch::Tensor> mi_forward(torch::Tensor warped, torch::Tensor fixed, int64_t bins, double eps) {
+  warped = warped.contiguous();
+  fixed = fixed.contiguous();
+  check(warped, "warped");
+  check(fixed, "fixed");
+  TORCH_CHECK(warped.dim() == 2 && warped.sizes() == fixed.sizes(), "warped and fixed must be (B, N) alike");
+  TORCH_CHECK(warped.scalar_type() == fixed.scalar_type(), "warped and fixed must share a dtype");
+  TORCH_CHECK(bins >= 4, "at least 4 bins");
+  const int64_t B = warped.size(0), n = warped.size(1);
+  TORCH_CHECK(n > 0, "empty samples");
+  auto value = torch::zeros({B}, warped.options());
+  auto log_ratio = torch::empty({B, bins, bins}, warped.options());
+  auto scale = torch::empty({B, 4}, warped.options());
+  auto joint = torch::zeros({B, bins, bins}, warped.options());
+  NR_DEVICE_GUARD(warped);
+  auto stream = NR_STREAM;
+  if (warped.scalar_type() == torch::kFloat64)
+    check_status(nr_mi_forward_f64(warped.data_ptr<double>(), fixed.data_ptr<double>(), value.data_ptr<double>(),
+                                   log_ratio.data_ptr<double>(), scale.data_ptr<double>(), joint.data_ptr<double>(), B,
+                                   n, (int)bins, eps, stream));
+  else
+    check_status(nr_mi_forward_f32(warped.data_ptr<float>(), fixed.data_ptr<float>(), value.data_ptr<float>(),
+                                   log_ratio.data_ptr<float>(), scale.data_ptr<float>(), joint.data_ptr<float>(), B, n,
+                                   (int)bins, (float)eps, stream));
+  return {value, log_ratio, scale};
+}
+
+torch::Tensor mi_backward(torch::Tensor grad, torch::Tensor warped, torch::Tensor fixed, torch::Tensor scale,
+                          torch::Tensor log_ratio, int64_t bins) {
+  grad = grad.contiguous();
+  warped = warped.contiguous();
+  fixed = fixed.contiguous();
+  scale = scale.contiguous();
+  log_ratio = log_ratio.contiguous();
+  for (auto* t : {&grad, &warped, &fixed, &scale, &log_ratio}) check(*t, "mi_backward's inputs");
+  TORCH_CHECK(warped.dim() == 2 && warped.sizes() == fixed.sizes(), "warped and fixed must be (B, N) alike");
+  const int64_t B = warped.size(0), n = warped.size(1);
+  auto g = torch::empty_like(warped);
+  NR_DEVICE_GUARD(warped);
+  auto stream = NR_STREAM;
+  if (warped.scalar_type() == torch::kFloat64)
+    check_status(nr_mi_backward_f64(grad.data_ptr<double>(), warped.data_ptr<double>(), fixed.data_ptr<double>(),
+                                    scale.data_ptr<double>(), log_ratio.data_ptr<double>(), g.data_ptr<double>(), B, n,
+                                    (int)bins, stream));
+  else
+    check_status(nr_mi_backward_f32(grad.data_ptr<float>(), warped.data_ptr<float>(), fixed.data_ptr<float>(),
+                                    scale.data_ptr<float>(), log_ratio.data_ptr<float>(), g.data_ptr<float>(), B, n,
+                                    (int)bins, stream));
+  return g;
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { NR_OPS(NR_BIND_OP) }

@@ -13,7 +13,9 @@
   X(hashgrid_double_backward)    \
   X(hashgrid_forward_jacobian)   \
   X(hashgrid_jacobian_backward)  \
-  X(warp_forward)
+  X(warp_forward)                \
+  X(mi_forward)                  \
+  X(mi_backward)
 
 #define NR_BIND_OP(name) m.def(#name, &name);
 
@@ -45,3 +47,12 @@ std::vector<torch::Tensor> hashgrid_jacobian_backward(torch::Tensor gy, torch::T
 // Fused warp: (values (N), spatial gradients (N, d)) of an image at voxel-index points; the
 // gradients undefined (not computed) unless with_gradient.
 std::vector<torch::Tensor> warp_forward(torch::Tensor image, torch::Tensor points, bool with_gradient);
+// Negative mutual information of B pairs of samples (warped, fixed) (B, N), each pair's
+// from its own joint Parzen histogram (bins x bins, quadratic B-spline windows over each
+// sample's own range, nine entries a point: losses/similarity.py, mi): (value (B),
+// log_ratio (B, bins, bins) = log(p_ij / (p_i p_j)) floored at 1e-12, scale (B, 4) = lo and
+// span of the warped sample, lo and span of the fixed one; span = max(hi - lo, eps)).
+std::vector<torch::Tensor> mi_forward(torch::Tensor warped, torch::Tensor fixed, int64_t bins, double eps);
+// d(-MI)/d warped (B, N), times grad (B,), from mi_forward's scale and log_ratio.
+torch::Tensor mi_backward(torch::Tensor grad, torch::Tensor warped, torch::Tensor fixed, torch::Tensor scale,
+                          torch::Tensor log_ratio, int64_t bins);

@@ -20,6 +20,10 @@ namespace nr {
 
 NR_HD float nr_floor(float x) { return floorf(x); }
 NR_HD double nr_floor(double x) { return ::floor(x); }
+NR_HD float nr_rint(float x) { return rintf(x); }  // half to even (the default rounding mode)
+NR_HD double nr_rint(double x) { return ::rint(x); }
+NR_HD float nr_log(float x) { return logf(x); }
+NR_HD double nr_log(double x) { return ::log(x); }
 
 NR_HD uint32_t prime(int i) { return i == 0 ? 1u : (i == 1 ? 2654435761u : 805459861u); }
 
@@ -146,6 +150,48 @@ template <int D, typename T>
 NR_HD void direction_matrix(const T* dmat, const T* inside, T (*m)[D]) {
   for (int j = 0; j < D; ++j)
     for (int k = 0; k < D; ++k) m[j][k] = dmat[j * D + k] * inside[k];
+}
+
+// Mutual information's quadratic B-spline Parzen window (losses/similarity.py, _spline_bins):
+// the value x scaled by its sample's range (lo, span = max(hi - lo, eps)) to
+// t = (x - lo) / span (bins - 3) + 1, its bin centre c = round(t) (half to even, as
+// torch.round), d = t - c; the three bins c - 1, c, c + 1 (clamped to [0, bins)) and their
+// weights 0.5 (0.5 - d)^2, 0.75 - d^2, 0.5 (0.5 + d)^2. Returns d.
+template <typename T>
+NR_HD T spline_bins(T x, T lo, T span, int bins, int* index, T* weight) {
+  T t = (x - lo) / span * T(bins - 3) + T(1);
+  T c = nr_rint(t);
+  T d = t - c;
+  weight[0] = T(0.5) * (T(0.5) - d) * (T(0.5) - d);
+  weight[1] = T(0.75) - d * d;
+  weight[2] = T(0.5) * (T(0.5) + d) * (T(0.5) + d);
+  for (int k = 0; k < 3; ++k) {
+    int i = (int)c + k - 1;
+    index[k] = i < 0 ? 0 : (i > bins - 1 ? bins - 1 : i);
+  }
+  return d;
+}
+
+// d(-MI)/d(warped value) of one point (losses/similarity.py, _MutualInformation.backward):
+// the gradient of -MI with respect to a joint entry is (1 - log_ratio) grad / n; the point
+// gathers it from its nine entries, weighted by the fixed value's window, times the
+// derivative of its own window and of its scaling (bins - 3) / span. ``row`` = the
+// point's batch row of log_ratio (bins x bins).
+template <typename T>
+NR_HD T mi_point_gradient(T x, T y, const T* scale, const T* row, T grad_over_n, int bins) {
+  int ia[3], ib[3];
+  T wa[3], wb[3];
+  spline_bins(x, scale[0], scale[1], bins, ia, wa);
+  spline_bins(y, scale[2], scale[3], bins, ib, wb);
+  T g[3];
+  for (int k = 0; k < 3; ++k) {
+    T a = T(0);
+    for (int k2 = 0; k2 < 3; ++k2) a += (T(1) - row[ia[k] * bins + ib[k2]]) * grad_over_n * wb[k2];
+    g[k] = a;
+  }
+  T d = wa[2] - wa[0];  // the offset from the bin's centre
+  T gd = d * (g[0] - T(2) * g[1] + g[2]) + T(0.5) * (g[2] - g[0]);
+  return gd * T(bins - 3) / scale[1];
 }
 
 // Linear interpolation of a scalar volume (row-major, axis 0 slowest) at a voxel-index

@@ -163,12 +163,21 @@ class _MutualInformation(torch.autograd.Function):
     derivative of its own window (d = the offset from its bin's centre: weights
     0.5 (0.5 - d)^2, 0.75 - d^2, 0.5 (0.5 + d)^2) and of its scaling. The same value as
     autograd through the histogram and the gradient to rounding (test), in a few operations
-    on (B, 9, N) instead of autograd's graph of broadcasts and reductions.
+    on (B, 9, N) instead of autograd's graph of broadcasts and reductions; where the native
+    kernels are loaded for the sample's device, one kernel call each way (``mi_forward``,
+    ``mi_backward``: ``cuda_kernels/mi.cu`` and its CPU twin, the same math; test).
     """
 
     @staticmethod
     def forward(ctx, warped, fixed, bins):
         batch, n = warped.shape[:-1], warped.shape[-1]
+        ctx.shape, ctx.n, ctx.bins = warped.shape, n, bins
+        module = _native_kernels(warped)
+        ctx.native = module is not None
+        if module is not None:  # ranges, histogram, entropies: one call (the kernels' mi_forward)
+            value, log_ratio, scale = module.mi_forward(warped.reshape(-1, n), fixed.reshape(-1, n), bins, _EPS)
+            ctx.save_for_backward(log_ratio, scale, warped, fixed)
+            return value.reshape(batch)
         both = torch.stack([warped.reshape(-1, n), fixed.reshape(-1, n)])  # (2, B, N)
         index, weights = _spline_bins(both, bins)  # (2, B, 3, N)
         wa, wb = weights[0], weights[1]
@@ -180,16 +189,23 @@ class _MutualInformation(torch.autograd.Function):
         lo, hi = both[0].amin(-1, keepdim=True), both[0].amax(-1, keepdim=True)
         slope = (bins - 3) / (hi - lo).clamp(min=_EPS)  # dt/dx of the warped sample's scaling
         ctx.save_for_backward(wa, wb, entries, log_ratio, slope, warped, fixed)
-        ctx.shape, ctx.n, ctx.bins = warped.shape, n, bins
         return value.reshape(batch)
 
     @staticmethod
     def backward(ctx, grad):
-        wa, wb, entries, log_ratio, slope, warped, fixed = ctx.saved_tensors
+        warped, fixed = ctx.saved_tensors[-2:]
+        if ctx.native and not torch.is_grad_enabled():
+            log_ratio, scale = ctx.saved_tensors[:2]
+            n = ctx.n
+            g = _native_kernels(warped).mi_backward(
+                grad.reshape(-1), warped.reshape(-1, n), fixed.reshape(-1, n), scale, log_ratio, ctx.bins
+            )
+            return g.reshape(ctx.shape), None, None
         if torch.is_grad_enabled():  # a graph of the gradient (second derivatives): autograd's
             with torch.enable_grad():
                 value = _information(joint_histogram(warped, fixed, ctx.bins))[0]
                 return torch.autograd.grad(value, warped, grad, create_graph=True)[0], None, None
+        wa, wb, entries, log_ratio, slope = ctx.saved_tensors[:5]
         b = wa.shape[0]
         g_joint = (1 - log_ratio) * (grad.reshape(b, 1, 1) / ctx.n)
         g = g_joint.reshape(-1).index_select(0, entries).reshape(b, 3, 3, -1)
@@ -197,6 +213,16 @@ class _MutualInformation(torch.autograd.Function):
         d = wa[:, 2] - wa[:, 0]  # the offset from the bin's centre
         g_d = d * (g_w[:, 0] - 2 * g_w[:, 1] + g_w[:, 2]) + 0.5 * (g_w[:, 2] - g_w[:, 0])
         return (g_d * slope).reshape(ctx.shape), None, None
+
+
+def _native_kernels(x: torch.Tensor):
+    """The native kernels' module for ``x``'s device where they are loaded (``fields.native``:
+    the CPU twin, CUDA, or the emulated CUDA kernels in tests) and ``x`` is float32/64; else None."""
+    from neuralreg.fields import native
+
+    if x.dtype not in (torch.float32, torch.float64) or not native.hashgrid_available(x.device):
+        return None
+    return native._mod(x)
 
 
 def overlap_mi(warped: torch.Tensor, fixed: torch.Tensor, weight: torch.Tensor, bins: int = MI_BINS) -> torch.Tensor:

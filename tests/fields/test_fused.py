@@ -40,7 +40,7 @@ def _map(d: int, layers: int = 1, inverse: bool = False, seed: int = 0, interpol
     return ComposedMap(field, affine, inverse)
 
 
-def _points(d: int, n: int = 40, seed: int = 1, device: str = "cpu"):
+def _points(d: int, n: int = 40, seed: int = 1, device: str = "cpu"):  # noqa: F811
     """Points in [-0.1, 1.1]^d: some fall outside the encoding's box (the clamp)."""
     g = torch.Generator().manual_seed(seed)
     return (1.2 * torch.rand(n, d, generator=g, dtype=torch.float64) - 0.1).to(device).requires_grad_(True)

@@ -1,0 +1,128 @@
+// CUDA mutual information of B pairs of samples from their joint Parzen histograms
+// (losses/similarity.py, mi), and its gradient with respect to the warped sample. Same
+// per-point math as the CPU twin (pointmath.h: spline_bins, mi_point_gradient). Four
+// launches forward (ranges, histogram by atomics, entropies), one backward; no shared
+// memory or barriers, so the emulation of cuda_compat.h runs them as they are. Compiles with
+// nvcc, or as host C++ with NR_EMULATE_CUDA (cuda_compat.h).
+#include "cuda_compat.h"
+#include "launchers.h"
+#include "pointmath.h"
+
+namespace {
+
+constexpr int kMiThreads = 256;
+
+inline unsigned mi_blocks(int64_t work) { return (unsigned)((work + kMiThreads - 1) / kMiThreads); }
+
+// One thread per (batch row, sample): lo and span = max(hi - lo, eps) into scale (B, 4).
+template <typename T>
+__global__ void mi_range_kernel(const T* __restrict__ w, const T* __restrict__ f, T* __restrict__ scale, int64_t B,
+                                int64_t n, T eps) {
+  int64_t t = blockIdx.x * (int64_t)blockDim.x + threadIdx.x;
+  if (t >= 2 * B) return;
+  const int64_t b = t / 2;
+  const int s = (int)(t % 2);
+  const T* v = (s == 0 ? w : f) + b * n;
+  T lo = v[0], hi = v[0];
+  for (int64_t p = 1; p < n; ++p) {
+    lo = v[p] < lo ? v[p] : lo;
+    hi = v[p] > hi ? v[p] : hi;
+  }
+  scale[b * 4 + 2 * s] = lo;
+  scale[b * 4 + 2 * s + 1] = hi - lo > eps ? hi - lo : eps;
+}
+
+// One thread per (batch row, point): its nine weights added to the row's histogram (zeroed).
+template <typename T>
+__global__ void mi_histogram_kernel(const T* __restrict__ w, const T* __restrict__ f, const T* __restrict__ scale,
+                                    T* __restrict__ joint, int64_t B, int64_t n, int bins) {
+  int64_t q = blockIdx.x * (int64_t)blockDim.x + threadIdx.x;
+  if (q >= B * n) return;
+  const int64_t b = q / n;
+  const T* sc = scale + b * 4;
+  int ia[3], ib[3];
+  T wa[3], wb[3];
+  nr::spline_bins(w[q], sc[0], sc[1], bins, ia, wa);
+  nr::spline_bins(f[q], sc[2], sc[3], bins, ib, wb);
+  T* row = joint + b * bins * bins;
+  for (int k = 0; k < 3; ++k)
+    for (int k2 = 0; k2 < 3; ++k2) atomicAdd(row + ia[k] * bins + ib[k2], wa[k] * wb[k2]);
+}
+
+// One thread per (batch row, entry): its marginals by loops over its row and column, its
+// log ratio, and its share of -MI added to value (zeroed).
+template <typename T>
+__global__ void mi_information_kernel(const T* __restrict__ joint, T* __restrict__ log_ratio, T* __restrict__ value,
+                                      int64_t B, int64_t n, int bins) {
+  int64_t t = blockIdx.x * (int64_t)blockDim.x + threadIdx.x;
+  const int64_t entries = (int64_t)bins * bins;
+  if (t >= B * entries) return;
+  const int64_t b = t / entries;
+  const int i = (int)((t % entries) / bins), j = (int)(t % bins);
+  const T* row = joint + b * entries;
+  T pa = T(0), pb = T(0);
+  for (int k = 0; k < bins; ++k) {
+    pa += row[i * bins + k] / T(n);
+    pb += row[k * bins + j] / T(n);
+  }
+  const T p = row[i * bins + j] / T(n);
+  T den = pa * pb;
+  den = den > T(1e-12) ? den : T(1e-12);
+  const T r = p / den;
+  const T lr = nr::nr_log(r > T(1e-12) ? r : T(1e-12));
+  log_ratio[t] = lr;
+  atomicAdd(value + b, -p * lr);
+}
+
+// One thread per (batch row, point): d(-MI)/d warped times grad.
+template <typename T>
+__global__ void mi_backward_kernel(const T* __restrict__ grad, const T* __restrict__ w, const T* __restrict__ f,
+                                   const T* __restrict__ scale, const T* __restrict__ log_ratio, T* __restrict__ g,
+                                   int64_t B, int64_t n, int bins) {
+  int64_t q = blockIdx.x * (int64_t)blockDim.x + threadIdx.x;
+  if (q >= B * n) return;
+  const int64_t b = q / n;
+  g[q] = nr::mi_point_gradient<T>(w[q], f[q], scale + b * 4, log_ratio + b * (int64_t)bins * bins, grad[b] / T(n),
+                                  bins);
+}
+
+template <typename T>
+int launch_mi_forward(const T* w, const T* f, T* value, T* log_ratio, T* scale, T* joint, int64_t B, int64_t n,
+                      int bins, T eps, cudaStream_t stream) {
+  if (B * n == 0) return 0;
+  NR_LAUNCH((mi_range_kernel<T>), mi_blocks(2 * B), kMiThreads, stream, w, f, scale, B, n, eps);
+  NR_LAUNCH((mi_histogram_kernel<T>), mi_blocks(B * n), kMiThreads, stream, w, f, scale, joint, B, n, bins);
+  NR_LAUNCH((mi_information_kernel<T>), mi_blocks(B * bins * bins), kMiThreads, stream, joint, log_ratio, value, B, n,
+            bins);
+  return (int)cudaGetLastError();
+}
+
+template <typename T>
+int launch_mi_backward(const T* grad, const T* w, const T* f, const T* scale, const T* log_ratio, T* g, int64_t B,
+                       int64_t n, int bins, cudaStream_t stream) {
+  if (B * n == 0) return 0;
+  NR_LAUNCH((mi_backward_kernel<T>), mi_blocks(B * n), kMiThreads, stream, grad, w, f, scale, log_ratio, g, B, n,
+            bins);
+  return (int)cudaGetLastError();
+}
+
+}  // namespace
+
+extern "C" {
+int nr_mi_forward_f32(const float* w, const float* f, float* value, float* log_ratio, float* scale, float* joint,
+                      int64_t B, int64_t n, int bins, float eps, cudaStream_t s) {
+  return launch_mi_forward<float>(w, f, value, log_ratio, scale, joint, B, n, bins, eps, s);
+}
+int nr_mi_forward_f64(const double* w, const double* f, double* value, double* log_ratio, double* scale,
+                      double* joint, int64_t B, int64_t n, int bins, double eps, cudaStream_t s) {
+  return launch_mi_forward<double>(w, f, value, log_ratio, scale, joint, B, n, bins, eps, s);
+}
+int nr_mi_backward_f32(const float* grad, const float* w, const float* f, const float* scale, const float* log_ratio,
+                       float* g, int64_t B, int64_t n, int bins, cudaStream_t s) {
+  return launch_mi_backward<float>(grad, w, f, scale, log_ratio, g, B, n, bins, s);
+}
+int nr_mi_backward_f64(const double* grad, const double* w, const double* f, const double* scale,
+                       const double* log_ratio, double* g, int64_t B, int64_t n, int bins, cudaStream_t s) {
+  return launch_mi_backward<double>(grad, w, f, scale, log_ratio, g, B, n, bins, s);
+}
+}
