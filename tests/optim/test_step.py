@@ -44,12 +44,13 @@ def test_a_field_step_does_not_wait_for_the_device(check_every, syncs_per_step):
     assert sum(run.counter.syncs().values()) == syncs_per_step * run.counted, run.counter.syncs()
 
 
-@pytest.mark.parametrize("similarity, most", [("lncc", 280), ("mi", 350)])
+@pytest.mark.parametrize("similarity, most", [("lncc", 280), ("mi", 260)])
 def test_a_field_step_issues_few_operations(similarity, most):
     """Each operation is a launch on a GPU, where the step is bound by the host: a step
     of the default stages (local NCC first, mutual information after) stays near what
-    ``benchmarks/step_ops.py`` measured (267 and 338 operations; 812 on 2026-12-04). The
-    three map passes are one node each (``fields.fused``): the op-by-op path gave 400."""
+    ``benchmarks/step_ops.py`` measured (267 and 247 operations; 812 on 2026-12-04). The
+    three map passes are one node each (``fields.fused``: the op-by-op path gave 400) and
+    mutual information one kernel each way (it was 338 without)."""
     pair = knee_phantom_pair(0, shape=(24, 32, 32))
     cfg = RegistrationConfig(
         steps=21, affine_steps=0, pyramid=(1,), stage_fractions=(1.0,), points=2048, similarity=similarity
