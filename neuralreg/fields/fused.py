@@ -1,20 +1,22 @@
 """One autograd node per evaluation of a pair's map (global affine part, hash grid, ReLU MLP).
 
-``map_pass(phi, u, jacobian)`` evaluates Phi(u) = psi(T(u)), psi(x) = x + D(x) and
-D = MLP(enc(clamp(x, 0, 1))), as ``ComposedMap`` does op by op, but as a single
-``torch.autograd.Function`` with its backward written out. Where the fields are fitted a step
-evaluates the maps five times (the similarity's two, GradICON's three); each evaluation
-was about 80 operations with autograd's graph of its pieces (the affine part's product,
-the clamp and its mask, the transposes of the encoding's Jacobian, the product with T's
-linear part) and is about 45 here: on a GPU each operation is a launch and the step is
-bound by the host, not the GPU (``benchmarks/step_ops.py``).
+``map_pass(phi, u, n_jacobian)`` evaluates Phi(u) = psi(T(u)), psi(x) = x + D(x) and
+D = MLP(enc(clamp(x, 0, 1))), as ``ComposedMap`` does op by op, with the Jacobian dPhi/du
+at the first ``n_jacobian`` points, as a single ``torch.autograd.Function`` with its
+backward written out. A step of the fields evaluates the maps three times (GradICON's
+passes, the similarity's points riding in the first two: ``Stage.terms``); op by op, with
+autograd's graph of the pieces (the affine part's product, the clamp and its mask, the
+transposes of the encoding's Jacobian, the product with T's linear part), a step was 400
+operations, and is 267 with these nodes: on a GPU each operation is a launch, and the step
+is bound by the host, not the GPU (``benchmarks/step_ops.py``).
 
 Coordinates: u (N, d) normalized points (``neuralreg.geometry.coordinates``); T(u) = u A^T + b
-with (A^T, b) = ``AffineMap.rows``. The Jacobian pass gives dPhi/du as its transpose: rows
-j = 0..d-1 are the derivatives along u_j, one GEMM over N d rows a layer, each pushed
-forward as t' = 1[z > 0] (t W^T) (ReLU). Only first derivatives: the pass is
-``once_differentiable`` (GradICON by autograd, which differentiates twice, takes
-``ComposedMap``'s own path).
+with (A^T, b) = ``AffineMap.rows``. The encoding's kernel clamps x = T(u) to the box and
+gives the Jacobian's rows along u_j (the rows of A^T; zero along a clamped coordinate);
+each layer pushes them forward in one GEMM over the m d rows, t' = 1[z > 0] (t W^T) (ReLU),
+and the pass returns (dPhi/du)^T = A^T + (dD/du)^T, transposed by ``map_pass``. Only first
+derivatives: the pass is ``once_differentiable`` (GradICON by autograd, which
+differentiates twice, takes ``ComposedMap``'s own path).
 
 It applies where the encoding runs on the native kernels, the activation is ReLU, the
 affine part is frozen (no gradient to T) and the points and parameters share a dtype;
