@@ -398,21 +398,13 @@ std::vector<torch::Tensor> hashgrid_double_backward(c10::optional<torch::Tensor>
   return {g_gy, g_x, g_T};
 }
 
-void check_directions(const torch::Tensor& x, const torch::Tensor& directions, int64_t n_jacobian) {
-  const int64_t d = x.size(1);
-  TORCH_CHECK(directions.dim() == 2 && directions.size(0) == d && directions.size(1) == d,
-              "directions must be (d, d)");
-  TORCH_CHECK(directions.scalar_type() == x.scalar_type(), "x and directions must share a dtype");
-  TORCH_CHECK(n_jacobian >= 0 && n_jacobian <= x.size(0), "n_jacobian must be within [0, N]");
-}
-
 std::vector<torch::Tensor> hashgrid_forward_jacobian(torch::Tensor x, torch::Tensor table, torch::Tensor directions,
                                                      int64_t n_jacobian, std::vector<double> scales,
                                                      std::vector<int64_t> resolutions, std::vector<int64_t> sizes,
                                                      std::vector<int64_t> offsets, std::vector<bool> hashed,
                                                      bool smooth) {
   check_inputs(x, table);
-  check_directions(x, directions, n_jacobian);
+  nr_check_directions(x, directions, n_jacobian);
   directions = directions.contiguous();
   auto lay = make_layout(scales, resolutions, sizes, offsets, hashed);
   const int64_t n = x.size(0), F = table.size(1), d = x.size(1);
@@ -434,7 +426,7 @@ std::vector<torch::Tensor> hashgrid_jacobian_backward(torch::Tensor gy, torch::T
                                                       std::vector<int64_t> offsets, std::vector<bool> hashed,
                                                       bool smooth, bool need_x, bool need_table) {
   check_inputs(x, table);
-  check_directions(x, directions, n_jacobian);
+  nr_check_directions(x, directions, n_jacobian);
   directions = directions.contiguous();
   gy = gy.contiguous();
   gdirs = gdirs.contiguous();

@@ -19,6 +19,16 @@
 
 #define NR_BIND_OP(name) m.def(#name, &name);
 
+// The Jacobian kernels' directions (d, d) and count of points with rows, checked alike by
+// both bindings.
+inline void nr_check_directions(const torch::Tensor& x, const torch::Tensor& directions, int64_t n_jacobian) {
+  const int64_t d = x.size(1);
+  TORCH_CHECK(directions.dim() == 2 && directions.size(0) == d && directions.size(1) == d,
+              "directions must be (d, d)");
+  TORCH_CHECK(directions.scalar_type() == x.scalar_type(), "x and directions must share a dtype");
+  TORCH_CHECK(n_jacobian >= 0 && n_jacobian <= x.size(0), "n_jacobian must be within [0, N]");
+}
+
 #define NR_LAYOUT_ARGS                                                                                  \
   std::vector<double> scales, std::vector<int64_t> resolutions, std::vector<int64_t> sizes,            \
       std::vector<int64_t> offsets, std::vector<bool> hashed, bool smooth
