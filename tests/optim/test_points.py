@@ -409,3 +409,39 @@ def test_both_directions_in_one_similarity_call_are_the_two_calls(similarity):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
     if similarity == "custom":
         assert len(calls) == 4  # two a step, both ways
+
+
+@pytest.mark.parametrize("similarity", ["lncc", "mi"])
+def test_a_steps_terms_with_the_similarity_in_gradicons_passes_are_the_separate_ones(similarity):
+    """``Stage.terms`` (three map passes, the similarity's points in GradICON's) draws the
+    same points as ``similarity_both_ways`` then ``regularizer`` (five passes) and gives the
+    same three terms and gradients, rounding apart."""
+    from neuralreg import RegistrationConfig
+    from neuralreg.fields.affine import ComposedMap
+    from neuralreg.optim.registration import PairRegistration
+    from neuralreg.phantoms import knee_phantom_pair
+
+    pair = knee_phantom_pair(0, shape=(16, 32, 32))
+    reg = PairRegistration(pair["moving"], pair["fixed"], RegistrationConfig(affine_steps=0), run={"progress": False})
+    reg.make_fields()
+    reg.align()
+    reg.maps = (ComposedMap(reg.phi_ab, reg.affine, False), ComposedMap(reg.phi_ba, reg.affine, True))
+    with torch.no_grad():  # fields away from the identity: every layer's gradient counts
+        for field in (reg.phi_ab, reg.phi_ba):
+            field.mlp[-1].weight.normal_(0.0, 0.01, generator=torch.Generator().manual_seed(5))
+    params = list(reg.phi_ab.parameters()) + list(reg.phi_ba.parameters())
+    results = []
+    for folded in (True, False):
+        stage = reg.pair.stage(2, torch.Generator().manual_seed(3), 512, edge_fraction=0.5)
+        map_ab, map_ba = reg.maps
+        if folded:
+            terms = stage.terms(map_ab, map_ba, similarity, 256)
+        else:
+            terms = (*stage.similarity_both_ways(map_ab, map_ba, similarity), stage.regularizer(map_ab, map_ba, 256))
+        grads = torch.autograd.grad(terms[0] + 2 * terms[1] + 3 * terms[2], params)
+        results.append((torch.stack(terms).detach(), grads))
+    (values, grads), (values_apart, grads_apart) = results
+    torch.testing.assert_close(values, values_apart, rtol=1e-5, atol=1e-7)
+    assert values[2] > 0  # GradICON of fields away from the identity
+    for a, b in zip(grads, grads_apart, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
