@@ -124,20 +124,15 @@ class ComposedMap(nn.Module):
     def forward_with_jacobian(self, u: torch.Tensor, n_jacobian: int | None = None):
         """Phi(u) (N, d) and its Jacobian (n_jacobian, d, d) at the first ``n_jacobian`` points
         (None: all; 0: None), J_field(T u) times the linear part of T. Differentiable once."""
-        n = u.shape[0]
-        m = n if n_jacobian is None else n_jacobian
         if fused.applies(self, u):
-            return fused.map_pass(self, u, m)
-        if m == 0:
-            return self(u), None
-        if m < n:
-            y, jac = self.forward_with_jacobian(u[:m])
-            return torch.cat([y, self(u[m:])]), jac
+            return fused.map_pass(self, u, u.shape[0] if n_jacobian is None else n_jacobian)
         linear_t, offset = self.affine.rows(self.inverse)
         linear_t, offset = linear_t.to(u.dtype), offset.to(u.dtype)
-        y, jac = self.field.forward_with_jacobian(torch.addmm(offset, u, linear_t))
-        d = self.affine.n_dims
-        return y, torch.mm(jac.reshape(n * d, d), linear_t.T).view(n, d, d)
+        y, jac = self.field.forward_with_jacobian(torch.addmm(offset, u, linear_t), n_jacobian)
+        if jac is None:
+            return y, None
+        m, d = jac.shape[0], self.affine.n_dims
+        return y, torch.mm(jac.reshape(m * d, d), linear_t.T).view(m, d, d)
 
 
 def world_matrix(affine_normalized: np.ndarray, box) -> np.ndarray:
