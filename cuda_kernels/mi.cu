@@ -22,14 +22,7 @@ __global__ void mi_range_kernel(const T* __restrict__ w, const T* __restrict__ f
   if (t >= 2 * B) return;
   const int64_t b = t / 2;
   const int s = (int)(t % 2);
-  const T* v = (s == 0 ? w : f) + b * n;
-  T lo = v[0], hi = v[0];
-  for (int64_t p = 1; p < n; ++p) {
-    lo = v[p] < lo ? v[p] : lo;
-    hi = v[p] > hi ? v[p] : hi;
-  }
-  scale[b * 4 + 2 * s] = lo;
-  scale[b * 4 + 2 * s + 1] = hi - lo > eps ? hi - lo : eps;
+  nr::sample_range((s == 0 ? w : f) + b * n, n, eps, scale + b * 4 + 2 * s, scale + b * 4 + 2 * s + 1);
 }
 
 // One thread per (batch row, point): its nine weights added to the row's histogram (zeroed).

@@ -488,16 +488,8 @@ void mi_forward_impl(const T* w, const T* f, T* value, T* log_ratio, T* scale, i
       const T* x = w + b * n;
       const T* y = f + b * n;
       T* sc = scale + b * 4;
-      for (int s = 0; s < 2; ++s) {
-        const T* v = s == 0 ? x : y;
-        T lo = v[0], hi = v[0];
-        for (int64_t p = 1; p < n; ++p) {
-          lo = v[p] < lo ? v[p] : lo;
-          hi = v[p] > hi ? v[p] : hi;
-        }
-        sc[2 * s] = lo;
-        sc[2 * s + 1] = hi - lo > eps ? hi - lo : eps;
-      }
+      nr::sample_range(x, n, eps, sc, sc + 1);
+      nr::sample_range(y, n, eps, sc + 2, sc + 3);
       std::fill(joint.begin(), joint.end(), T(0));
       for (int64_t p = 0; p < n; ++p) {
         int ia[3], ib[3];

@@ -172,6 +172,18 @@ NR_HD T spline_bins(T x, T lo, T span, int bins, int* index, T* weight) {
   return d;
 }
 
+// A sample's range as spline_bins reads it: its lowest value lo and span = max(hi - lo, eps).
+template <typename T>
+NR_HD void sample_range(const T* v, int64_t n, T eps, T* lo_out, T* span_out) {
+  T lo = v[0], hi = v[0];
+  for (int64_t p = 1; p < n; ++p) {
+    lo = v[p] < lo ? v[p] : lo;
+    hi = v[p] > hi ? v[p] : hi;
+  }
+  *lo_out = lo;
+  *span_out = hi - lo > eps ? hi - lo : eps;
+}
+
 // d(-MI)/d(warped value) of one point (losses/similarity.py, _MutualInformation.backward):
 // the gradient of -MI with respect to a joint entry is (1 - log_ratio) grad / n; the point
 // gathers it from its nine entries, weighted by the fixed value's window, times the
