@@ -360,6 +360,24 @@ def test_fields_stages_draw_for_several_steps_at_once():
     assert reg.pair.stage(4, torch.Generator(), 100).fixed_sampler.draws_at_once == 1
 
 
+def _fields_away_from_identity(cfg, similarities=None):
+    """A ``PairRegistration`` of a small knee phantom pair, its global part aligned, its maps
+    made and both fields' last layers drawn away from zero (every layer's gradient counts)."""
+    from neuralreg.fields.affine import ComposedMap
+    from neuralreg.optim.registration import PairRegistration
+    from neuralreg.phantoms import knee_phantom_pair
+
+    pair = knee_phantom_pair(0, shape=(16, 32, 32))
+    reg = PairRegistration(pair["moving"], pair["fixed"], cfg, run={"progress": False}, similarities=similarities)
+    reg.make_fields()
+    reg.align()
+    reg.maps = (ComposedMap(reg.phi_ab, reg.affine, False), ComposedMap(reg.phi_ba, reg.affine, True))
+    with torch.no_grad():
+        for field in (reg.phi_ab, reg.phi_ba):
+            field.mlp[-1].weight.normal_(0.0, 0.01, generator=torch.Generator().manual_seed(5))
+    return reg
+
+
 @pytest.mark.parametrize("similarity", ["lncc", "mi", "custom"])
 def test_both_directions_in_one_similarity_call_are_the_two_calls(similarity):
     """A field step's two similarity terms: a batched similarity sees both directions as one
@@ -367,10 +385,7 @@ def test_both_directions_in_one_similarity_call_are_the_two_calls(similarity):
     rounding); a similarity of a run's own table that is not batched is called twice."""
     from neuralreg import RegistrationConfig
     from neuralreg.losses import SIMILARITIES
-    from neuralreg.optim.registration import PairRegistration
-    from neuralreg.phantoms import knee_phantom_pair
 
-    pair = knee_phantom_pair(0, shape=(16, 32, 32))
     calls = []
 
     def custom(warped, fixed):  # not in BATCHED: one direction a call
@@ -379,15 +394,7 @@ def test_both_directions_in_one_similarity_call_are_the_two_calls(similarity):
 
     table = {**SIMILARITIES, "custom": custom}
     cfg = RegistrationConfig(affine_steps=0, similarity="lncc" if similarity == "lncc" else "mse")
-    reg = PairRegistration(pair["moving"], pair["fixed"], cfg, run={"progress": False}, similarities=table)
-    reg.make_fields()
-    reg.align()
-    from neuralreg.fields.affine import ComposedMap
-
-    reg.maps = (ComposedMap(reg.phi_ab, reg.affine, False), ComposedMap(reg.phi_ba, reg.affine, True))
-    with torch.no_grad():  # fields away from the identity: every layer's gradient counts
-        for field in (reg.phi_ab, reg.phi_ba):
-            field.mlp[-1].weight.normal_(0.0, 0.01, generator=torch.Generator().manual_seed(5))
+    reg = _fields_away_from_identity(cfg, table)
     results = []
     for together in (True, False):
         stage = reg.pair.stage(2, torch.Generator().manual_seed(3), 512, edge_fraction=0.5)
@@ -417,18 +424,8 @@ def test_a_steps_terms_with_the_similarity_in_gradicons_passes_are_the_separate_
     same points as ``similarity_both_ways`` then ``regularizer`` (five passes) and gives the
     same three terms and gradients, rounding apart."""
     from neuralreg import RegistrationConfig
-    from neuralreg.fields.affine import ComposedMap
-    from neuralreg.optim.registration import PairRegistration
-    from neuralreg.phantoms import knee_phantom_pair
 
-    pair = knee_phantom_pair(0, shape=(16, 32, 32))
-    reg = PairRegistration(pair["moving"], pair["fixed"], RegistrationConfig(affine_steps=0), run={"progress": False})
-    reg.make_fields()
-    reg.align()
-    reg.maps = (ComposedMap(reg.phi_ab, reg.affine, False), ComposedMap(reg.phi_ba, reg.affine, True))
-    with torch.no_grad():  # fields away from the identity: every layer's gradient counts
-        for field in (reg.phi_ab, reg.phi_ba):
-            field.mlp[-1].weight.normal_(0.0, 0.01, generator=torch.Generator().manual_seed(5))
+    reg = _fields_away_from_identity(RegistrationConfig(affine_steps=0))
     params = list(reg.phi_ab.parameters()) + list(reg.phi_ba.parameters())
     results = []
     for folded in (True, False):
