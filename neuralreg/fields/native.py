@@ -113,7 +113,7 @@ def _build(kind: str, src: Path):
         raise RuntimeError("torch without CUDA, or no CUDA toolkit (nvcc)")
     return cpp_extension.load(
         name=name,
-        sources=[str(src / name) for name in ("native_cuda.cpp", "hashgrid.cu", "warp.cu", "mi.cu")],
+        sources=[str(src / source) for source in ("native_cuda.cpp", "hashgrid.cu", "warp.cu", "mi.cu")],
         extra_include_paths=[str(src)],
         extra_cflags=["-O3", "-std=c++17"],
         extra_cuda_cflags=["-O3", "-std=c++17"],
