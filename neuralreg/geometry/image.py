@@ -87,9 +87,12 @@ class Image:
         return sample_image(self.data.float(), voxel_points, mode=mode, padding=padding)
 
     def downsample(self, factor: int) -> Image:
-        """Box-average by an integer factor per axis (trailing voxels dropped), affine updated."""
+        """Box-average by an integer factor per axis (trailing voxels dropped), affine updated;
+        float32 data at every factor (itself where that is already so): the engine samples its
+        levels as float32, and a float64 level (as nibabel reads most files) was converted
+        anew on each read, a whole-volume copy four times a step."""
         if factor == 1:
-            return self
+            return self if self.data.dtype == torch.float32 else self.with_data(self.data.float())
         d = self.n_dims
         f = [min(factor, n) for n in self.shape]
         pool = F.avg_pool3d if d == 3 else F.avg_pool2d

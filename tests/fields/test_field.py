@@ -119,6 +119,19 @@ def test_image_downsample_keeps_world_position():
     assert small.data[0, 0].item() == pytest.approx(img.data[:2, :2].mean().item())
 
 
+def test_image_downsample_gives_float32_at_every_factor():
+    """A float64 image (as nibabel reads most files) gives float32 levels, the finest
+    included: the engine reads a level as float32 several times a step, and a float64 level
+    was converted anew on each read. A float32 level at factor 1 is the image itself."""
+    img = Image(torch.rand(6, 6, 4, dtype=torch.float64), np.eye(4))
+    for factor in (1, 2):
+        level = img.downsample(factor)
+        assert level.data.dtype == torch.float32
+    torch.testing.assert_close(img.downsample(1).data, img.data.float())
+    same = Image(torch.rand(4, 4), np.eye(3))
+    assert same.downsample(1) is same
+
+
 @pytest.mark.parametrize("activation", ["relu", "silu", "softplus", "tanh"])
 @pytest.mark.parametrize("layers", [0, 1, 2])
 def test_mlp_push_forward_matches_autograd_and_gradcheck(activation, layers):
