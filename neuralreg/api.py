@@ -17,6 +17,7 @@ from neuralreg.geometry.image import Image
 from neuralreg.io import read_image, read_pair
 from neuralreg.io.folders import OutputFolder
 from neuralreg.optim.registration import PairRegistration
+from neuralreg.optim.threads import run_threads
 from neuralreg.report.outputs import write_outputs
 from neuralreg.result import Registration
 
@@ -92,16 +93,19 @@ def register_files(
             reg = run.run()
         except InputError as exc:  # the optimizer names the image, not its file
             raise InputError(_with_path(str(exc), paths)) from None
-        report = write_outputs(
-            folder,
-            reg,
-            images["moving"],
-            images["fixed"],
-            images["moving_labels"],
-            images["fixed_labels"],
-            extra_report={"inputs": records, **(extra_report or {})},
-            original_moving=images["moving_original"],
-        )
+        changes = (reg.info.get("threads") or {}).get("changes")
+        # the outputs on the thread count the run ended on: fewer where other processes are busy
+        with run_threads(changes[-1]["threads"] if changes else None):
+            report = write_outputs(
+                folder,
+                reg,
+                images["moving"],
+                images["fixed"],
+                images["moving_labels"],
+                images["fixed_labels"],
+                extra_report={"inputs": records, **(extra_report or {})},
+                original_moving=images["moving_original"],
+            )
     return reg, report
 
 

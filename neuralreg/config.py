@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import re
 import typing
 from dataclasses import dataclass, field
@@ -259,7 +260,9 @@ def regularizer_points(config: RegistrationConfig, similarity_count: int) -> int
 class RunConfig:
     """How a run executes, apart from what it optimizes: the device, the CPU threads, what
     it shows, how often the host reads the loss. On one device a run's result does not
-    depend on ``threads`` or ``progress``.
+    depend on ``progress``, and on ``threads`` only by rounding (sums split across threads:
+    a few thousandths of a millimetre); the same run on the same thread count repeats
+    exactly.
 
     Attributes:
         device: ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
@@ -269,6 +272,12 @@ class RunConfig:
         check_every: steps between reads of the loss terms by the host (NaN check,
             watchdog, history, progress bar); None: every step on the CPU, where reading is
             free, every 10 on a GPU, whose steps then run without host synchronisation.
+        share_cpus: on the CPU with more than one thread, run on fewer while other
+            processes keep this process's CPUs busy (``optim.threads.CpuShare``: waiting
+            threads spin, which collapses beside a busy process), recorded in
+            ``info["threads"]``; False keeps the count fixed, for a run that repeats to the
+            last bit whatever else the machine does. Default: on, unless the environment
+            sets ``NEURALREG_SHARE_CPUS=0``.
     """
 
     device: str = dataclasses.field(
@@ -279,6 +288,7 @@ class RunConfig:
     )
     progress: bool = True
     check_every: int | None = None
+    share_cpus: bool = dataclasses.field(default_factory=lambda: os.environ.get("NEURALREG_SHARE_CPUS", "1") != "0")
 
     def __post_init__(self):
         if not isinstance(self.device, str) or not re.fullmatch(r"cpu|cuda(:\d+)?", self.device):
@@ -286,6 +296,7 @@ class RunConfig:
         _int(self, "threads", 1, 1024, optional=True)
         _bool(self, "progress")
         _int(self, "check_every", 1, MAX_STEPS, optional=True)
+        _bool(self, "share_cpus")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -5,12 +5,14 @@ from __future__ import annotations
 import os
 
 # OpenMP threads that spin while they wait collapse when another process holds one of their
-# cores. A knee phantom pair (80x192x192, --threads 2) beside one busy process, whole command,
-# median of two (benchmarks/shared_cpu.py): libgomp's default spin 85 s (2.9x its 30 s alone),
-# spinning 500 rounds 44 s (1.5x, 29 s alone), passive waiting 41 s but 34 s alone. The runtime
-# reads its settings once, when torch loads it, so they are set here, before the imports
-# below; a user's own OMP_WAIT_POLICY or GOMP_SPINCOUNT wins.
-if "OMP_WAIT_POLICY" not in os.environ:
+# cores; they are also what makes a second thread pay on a small image. A run that shares
+# its CPUs (RunConfig.share_cpus, the default) keeps libgomp's spin and drops threads while
+# other processes are busy (optim/threads.py). A run that does not spins briefly instead: a
+# knee phantom pair (80x192x192, --threads 2) beside one busy process, whole command
+# (benchmarks/shared_cpu.py): libgomp's default spin 2.9x its time alone, 500 rounds 1.5x.
+# The runtime reads its settings once, when torch loads it, so they are set here, before the
+# imports below; a user's own OMP_WAIT_POLICY or GOMP_SPINCOUNT wins.
+if "OMP_WAIT_POLICY" not in os.environ and os.environ.get("NEURALREG_SHARE_CPUS") == "0":
     os.environ.setdefault("GOMP_SPINCOUNT", "500")
 
 import argparse

@@ -168,9 +168,9 @@ def _register_into(out: Path, spec: PairSpec, cfg, run, modality, ct_window, opt
     import warnings
 
     from neuralreg.errors import RegistrationWarning
-    from neuralreg.optim.registration import scoped_threads
+    from neuralreg.optim.threads import run_threads
 
-    with scoped_threads(run.threads), warnings.catch_warnings():
+    with run_threads(run.threads), warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=RegistrationWarning)
         register_files(
             spec.fixed,

@@ -271,6 +271,7 @@ def _fit_level(group: list[AffineFit], s: int, key: tuple, bar) -> None:
     optimizers = [fit.optimizer for fit in group]
     together = all(isinstance(opt, Adam) for opt in optimizers)
     for k in range(lead.per_level[s]):
+        pair.poll_cpus()
         frac = 0.5 * (1 + math.cos(math.pi * lead.steps_done / max(cfg.affine_steps, 1)))
         for opt in optimizers:
             opt.lr = cfg.affine_learning_rate * (0.05 + 0.95 * frac)

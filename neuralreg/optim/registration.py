@@ -17,7 +17,6 @@ this order by ``run``:
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import inspect
 import math
@@ -53,6 +52,7 @@ from neuralreg.optim.adam import Adam
 from neuralreg.optim.alignment import AffineFit, choose_start, interior_within
 from neuralreg.optim.points import field_of_view
 from neuralreg.optim.stage import FIELD_DRAWS_AT_ONCE, PairData, Stage, stage_steps
+from neuralreg.optim.threads import CpuShare, run_threads
 from neuralreg.optim.watchdog import Snapshot, Watchdog
 from neuralreg.quality import assess
 from neuralreg.result import Registration
@@ -148,6 +148,7 @@ class PairRegistration:
         self.search: dict | None = None
         self.contrast: dict | None = None
         self.interior_shares: dict | None = None
+        self.cpu_share: CpuShare | None = None  # while ``run`` runs, where it shares its CPUs
         self.prealign = np.eye(self.fixed.n_dims + 1)
 
     def run(self) -> Registration:
@@ -156,7 +157,8 @@ class PairRegistration:
         Raises ``RegistrationDiverged`` (NaN loss beyond recovery); warns
         ``RegistrationWarning`` when the self-check finds the result doubtful or probably
         wrong (the verdict and its reasons are in ``info["quality"]``)."""
-        with scoped_threads(self.run_config.threads):
+        share = self.run_config.share_cpus and self.device.type == "cpu"
+        with run_threads(self.run_config.threads, share) as self.cpu_share:
             self.clock = (time.perf_counter(), time.process_time())
             self.make_fields()
             self.align()
@@ -186,6 +188,7 @@ class PairRegistration:
             similarities=self.similarities,
             optimizer=self.make_optimizer,
             check_every=self.run_config.check_every or (1 if self.device.type == "cpu" else 10),
+            cpu_share=self.cpu_share,
         )
 
     def align(self) -> None:
@@ -200,6 +203,7 @@ class PairRegistration:
         self._find_interior()
         if cfg.affine_overlap:
             self.pair.fields_of_view = (field_of_view(self.pair.moving), field_of_view(self.pair.fixed))
+        self.pair.poll_cpus()
         if cfg.affine_init == "search":
             fit, self.search = choose_start(self.pair, self.run_config.progress)
         else:
@@ -392,6 +396,7 @@ class PairRegistration:
         pending: list[tuple[int, int, torch.Tensor]] = []  # (step, stage, [loss, sim_ab, sim_ba, reg]) not yet read
         i = 0
         while i < n_steps:
+            self.pair.poll_cpus()
             if self.step % SNAPSHOT_EVERY == 0 and self.candidate is None:
                 self.candidate = self._snapshot()
             step = self.step
@@ -497,6 +502,12 @@ class PairRegistration:
             # global NCC after the global part, and what the first field stage fitted (``_check_contrast``)
             "contrast": self.contrast,
             "run": self.run_config.to_dict(),
+            # the threads the run used: its count, and where it shared its CPUs (``threads.CpuShare``)
+            # each change of the count for other processes' load
+            "threads": {
+                "count": torch.get_num_threads() if self.cpu_share is None else self.cpu_share.most,
+                "changes": [] if self.cpu_share is None else list(self.cpu_share.changes),
+            },
         }
         reg = Registration(
             self.phi_ab,
@@ -527,17 +538,3 @@ def _caller_level() -> int:
     while frame is not None and frame.f_code.co_filename.startswith(package + os.sep):
         frame, level = frame.f_back, level + 1
     return level
-
-
-@contextlib.contextmanager
-def scoped_threads(threads: int | None):
-    """The run's CPU thread count (``RunConfig.threads``; None: the caller's), the caller's
-    restored afterwards: a library call leaves the process as it found it. (Every random
-    number of a run comes from generators of its own, seeded by ``RegistrationConfig.seed``.)"""
-    callers = torch.get_num_threads()
-    if threads:
-        torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(callers)

@@ -20,6 +20,7 @@ from neuralreg.geometry.image import Image
 from neuralreg.losses import BATCHED, REGULARIZERS, SIMILARITIES, WINDOWED
 from neuralreg.optim.adam import Adam
 from neuralreg.optim.points import VoxelSampler, edge_weights
+from neuralreg.optim.threads import CpuShare
 
 
 @dataclasses.dataclass
@@ -52,6 +53,13 @@ class PairData:
     similarities: Mapping[str, Callable] = dataclasses.field(default_factory=lambda: dict(SIMILARITIES))
     optimizer: Callable = Adam
     check_every: int = 1  # steps between host reads of the loss (``RunConfig.check_every``)
+    cpu_share: CpuShare | None = None  # the run's threads where it shares its CPUs: polled between steps
+
+    def poll_cpus(self) -> None:
+        """Between two steps: the run's thread count follows other processes' load
+        (``threads.CpuShare``), where the run shares its CPUs."""
+        if self.cpu_share is not None:
+            self.cpu_share.poll()
 
     def stage(
         self,

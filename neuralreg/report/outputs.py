@@ -156,6 +156,8 @@ def _write_files(tmp: Path, reg, moving, fixed, moving_labels, fixed_labels, ext
             "registration_cpu_seconds": reg.info.get("cpu_seconds"),
             "output_seconds": time.perf_counter() - t0,
         },
+        # the registration's thread count, and each change of it for other processes' load
+        "threads": reg.info.get("threads"),
         "backend": reg.info.get("backend"),
         "recoveries": reg.info.get("recoveries"),
         "global_search": reg.info.get("search"),

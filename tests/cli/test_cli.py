@@ -312,21 +312,26 @@ def test_main_leaves_the_callers_warnings_and_signals_as_they_were(tmp_path, cap
     assert torch.get_num_threads() == threads
 
 
-def test_the_command_spins_briefly_unless_the_user_says_otherwise():
+def test_the_command_spins_briefly_only_where_it_does_not_share_its_cpus():
+    """Sharing its CPUs (the default) the command keeps libgomp's spin; with
+    ``NEURALREG_SHARE_CPUS=0`` it spins 500 rounds, unless the user set a policy or a count."""
     import os
     import subprocess
     import sys
 
     code = "import neuralreg.cli, os; print(os.environ.get('GOMP_SPINCOUNT'))"
-    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    env = {
+        k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "NEURALREG_SHARE_CPUS")
+    }
 
     def spin(**extra):
         run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**env, **extra})
         return run.stdout.strip()
 
-    assert spin() == "500"
-    assert spin(GOMP_SPINCOUNT="7") == "7"
-    assert spin(OMP_WAIT_POLICY="ACTIVE") == "None"  # the user's policy decides
+    assert spin() == "None"
+    assert spin(NEURALREG_SHARE_CPUS="0") == "500"
+    assert spin(NEURALREG_SHARE_CPUS="0", GOMP_SPINCOUNT="7") == "7"
+    assert spin(NEURALREG_SHARE_CPUS="0", OMP_WAIT_POLICY="ACTIVE") == "None"  # the user's policy decides
     lazy = "import sys, neuralreg; print('torch' in sys.modules, neuralreg.RegistrationConfig().steps)"
     out = subprocess.run([sys.executable, "-c", lazy], capture_output=True, text=True, env=env, check=True).stdout
     assert out.split() == ["False", "500"]  # `import neuralreg` alone loads no torch; its names load on use
