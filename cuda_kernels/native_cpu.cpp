@@ -245,6 +245,61 @@ void jacobian_backward_impl(const T* __restrict__ gy, const T* __restrict__ gdir
   const int64_t L = lay.n_levels();
   const int64_t F = FC > 0 ? FC : F_;  // compile-time for the common widths
   const int64_t LF = L * F;
+  if (g_x && g_T && L >= 2 * at::get_num_threads()) {
+    // Both gradients from one visit of each (point, level): its cell, weights and their
+    // derivatives computed once, not once per gradient. Threads own levels (the table's
+    // rows of a level are its own); point p's share of g_x from level l goes to part[l][p],
+    // summed over the levels after. Where the levels are too few to keep every thread busy
+    // the two passes below run instead (g_x by points).
+    std::vector<T> part(L * n * D);
+    at::parallel_for(0, L, 1, [&](int64_t lbegin, int64_t lend) {
+      for (int64_t l = lbegin; l < lend; ++l) {
+        for (int64_t p = 0; p < n; ++p) {
+          T xc[D], inside[D], m[D][D], G[8 * D];
+          nr::clamp_point<D, T>(x + p * D, xc, inside);
+          const bool with_dirs = p < n_jac;
+          if (with_dirs) {
+            nr::direction_matrix<D, T>(dmat, inside, m);
+            jacobian_rows_grad<D, T>(gdirs, m, p, l, F, LF, G);
+          }
+          auto cell = cell_at<D, T>(xc, lay, l, smooth);
+          const T* g = gy + p * LF + l * F;
+          T acc[D] = {};
+          for (int c = 0; c < (1 << D); ++c) {
+            T w, dw[D], d2w[D][D];
+            cell.corner(c, w, dw, with_dirs ? d2w : nullptr);
+            const T* row = table + (int64_t)cell.rows[c] * F;
+            T* grow = g_T + (int64_t)cell.rows[c] * F;
+            for (int64_t f = 0; f < F; ++f) {
+              T a = w * g[f];
+              if (with_dirs)
+                for (int i = 0; i < D; ++i) a += dw[i] * G[f * D + i];
+              grow[f] += a;
+              for (int j = 0; j < D; ++j) {
+                T b = g[f] * dw[j];
+                if (with_dirs)
+                  for (int i = 0; i < D; ++i) b += G[f * D + i] * d2w[i][j];
+                acc[j] += row[f] * b;
+              }
+            }
+          }
+          for (int j = 0; j < D; ++j) part[(l * n + p) * D + j] = acc[j];
+        }
+      }
+    });
+    at::parallel_for(0, n, 2048, [&](int64_t begin, int64_t end) {
+      for (int64_t p = begin; p < end; ++p) {
+        T xc[D], inside[D];
+        nr::clamp_point<D, T>(x + p * D, xc, inside);
+        for (int j = 0; j < D; ++j) {
+          T sum = T(0);
+          for (int64_t l = 0; l < L; ++l) sum += part[(l * n + p) * D + j];
+          g_x[p * D + j] = sum * inside[j];
+        }
+      }
+    });
+    return;
+  }
   if (g_x) {
     at::parallel_for(0, n, 512, [&](int64_t begin, int64_t end) {
       for (int64_t p = begin; p < end; ++p) {

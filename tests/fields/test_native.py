@@ -276,6 +276,40 @@ def test_encoding_jacobian_kernels_match_reference(d, interp, device):
         torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-11, msg=name)
 
 
+@pytest.mark.parametrize("threads", [1, 2, 8])
+def test_encoding_jacobian_backward_gives_both_gradients_as_it_gives_each(threads):
+    """The CPU twin computes both gradients (points and table) in one visit of each point
+    and level where the levels outnumber the threads two to one, and in two passes
+    otherwise: either way what it gives for one is what it gives for that one alone (float64)."""
+    enc = _encoding(3, "Smoothstep")
+    layout = enc.layout.first(enc.n_active)
+    x = _points(3, 96)
+    g = torch.Generator().manual_seed(7)
+    lin = torch.eye(3, dtype=torch.float64) + 0.1 * torch.randn(3, 3, generator=g, dtype=torch.float64)
+    table = enc.table.detach()
+    feats, rows = native._mod(x).hashgrid_forward_jacobian(x, table, lin, 40, *native._layout_args(layout), True)
+    gy, gd = (
+        torch.randn(feats.shape, generator=g, dtype=torch.float64),
+        torch.randn(rows.shape, generator=g, dtype=torch.float64),
+    )
+
+    def backward(need_x, need_table):
+        return native._mod(x).hashgrid_jacobian_backward(
+            gy, gd, x, table, lin, 40, *native._layout_args(layout), True, need_x, need_table
+        )
+
+    callers = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        both, x_only, table_only = backward(True, True), backward(True, False), backward(False, True)
+    finally:
+        torch.set_num_threads(callers)
+    assert x_only[1] is None and table_only[0] is None  # undefined: not computed
+    torch.testing.assert_close(both[0], x_only[0], rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(both[1], table_only[1], rtol=1e-12, atol=1e-14)
+    assert both[0].abs().sum() > 0 and both[1].abs().sum() > 0
+
+
 def test_every_build_exposes_the_same_ops():
     """One op table (cuda_kernels/ops.h): CPU twin, CUDA sources compiled for emulation and, with a GPU, CUDA."""
     cpu = native.ops("cpu")
