@@ -234,9 +234,27 @@ inline void jacobian_rows_grad(const T* gdirs, const T (*m)[D], int64_t p, int64
     }
 }
 
+// One corner's share of g_x (before the clamp's mask): acc[j] += sum_f T[row,f] (gy[f] dw_j + sum_i G[f,i] d2w_ij).
+template <int D, typename T>
+inline void add_x_share(const T* row, const T* g, const T* G, const T* dw, const T (*d2w)[D], int64_t F,
+                        bool with_dirs, T* acc) {
+  for (int64_t f = 0; f < F; ++f)
+    for (int j = 0; j < D; ++j) {
+      T a = g[f] * dw[j];
+      if (with_dirs)
+        for (int i = 0; i < D; ++i) a += G[f * D + i] * d2w[i][j];
+      acc[j] += row[f] * a;
+    }
+}
+
 // Backward of (y, dirs) against (gy, gdirs), G as in jacobian_rows_grad (zero for p >= n_jac):
 //   g_T[row,f] += w_c gy[p,l,f] + sum_i dw_c/dx_i G[f,i]
 //   g_x[p,j]    = inside_j sum_{l,c,f} T[row,f] (gy[p,l,f] dw_c/dx_j + sum_i G[f,i] d2w_c/dx_i dx_j)
+// g_T by levels (threads own levels: a level's rows of the table are its own). Where both
+// are wanted and the levels outnumber the threads two to one, that pass also gives each
+// point's share of g_x from each level (part[l][p], summed over the levels after): a point's
+// cell, weights and their derivatives are computed once, not once per gradient. Otherwise
+// g_x has a pass of its own, by points.
 template <int D, int FC, typename T>
 void jacobian_backward_impl(const T* __restrict__ gy, const T* __restrict__ gdirs, const T* __restrict__ x,
                             const T* __restrict__ table, const T* __restrict__ dmat, T* __restrict__ g_x,
@@ -245,13 +263,9 @@ void jacobian_backward_impl(const T* __restrict__ gy, const T* __restrict__ gdir
   const int64_t L = lay.n_levels();
   const int64_t F = FC > 0 ? FC : F_;  // compile-time for the common widths
   const int64_t LF = L * F;
-  if (g_x && g_T && L >= 2 * at::get_num_threads()) {
-    // Both gradients from one visit of each (point, level): its cell, weights and their
-    // derivatives computed once, not once per gradient. Threads own levels (the table's
-    // rows of a level are its own); point p's share of g_x from level l goes to part[l][p],
-    // summed over the levels after. Where the levels are too few to keep every thread busy
-    // the two passes below run instead (g_x by points).
-    std::vector<T> part(L * n * D);
+  const bool x_by_levels = g_x && g_T && L >= 2 * at::get_num_threads();
+  std::vector<T> part(x_by_levels ? L * n * D : 0);
+  if (g_T) {
     at::parallel_for(0, L, 1, [&](int64_t lbegin, int64_t lend) {
       for (int64_t l = lbegin; l < lend; ++l) {
         for (int64_t p = 0; p < n; ++p) {
@@ -267,26 +281,23 @@ void jacobian_backward_impl(const T* __restrict__ gy, const T* __restrict__ gdir
           T acc[D] = {};
           for (int c = 0; c < (1 << D); ++c) {
             T w, dw[D], d2w[D][D];
-            cell.corner(c, w, dw, with_dirs ? d2w : nullptr);
-            const T* row = table + (int64_t)cell.rows[c] * F;
+            cell.corner(c, w, dw, x_by_levels && with_dirs ? d2w : nullptr);
             T* grow = g_T + (int64_t)cell.rows[c] * F;
             for (int64_t f = 0; f < F; ++f) {
               T a = w * g[f];
               if (with_dirs)
                 for (int i = 0; i < D; ++i) a += dw[i] * G[f * D + i];
               grow[f] += a;
-              for (int j = 0; j < D; ++j) {
-                T b = g[f] * dw[j];
-                if (with_dirs)
-                  for (int i = 0; i < D; ++i) b += G[f * D + i] * d2w[i][j];
-                acc[j] += row[f] * b;
-              }
             }
+            if (x_by_levels) add_x_share<D, T>(table + (int64_t)cell.rows[c] * F, g, G, dw, d2w, F, with_dirs, acc);
           }
-          for (int j = 0; j < D; ++j) part[(l * n + p) * D + j] = acc[j];
+          if (x_by_levels)
+            for (int j = 0; j < D; ++j) part[(l * n + p) * D + j] = acc[j];
         }
       }
     });
+  }
+  if (x_by_levels) {
     at::parallel_for(0, n, 2048, [&](int64_t begin, int64_t end) {
       for (int64_t p = begin; p < end; ++p) {
         T xc[D], inside[D];
@@ -298,9 +309,7 @@ void jacobian_backward_impl(const T* __restrict__ gy, const T* __restrict__ gdir
         }
       }
     });
-    return;
-  }
-  if (g_x) {
+  } else if (g_x) {
     at::parallel_for(0, n, 512, [&](int64_t begin, int64_t end) {
       for (int64_t p = begin; p < end; ++p) {
         T xc[D], inside[D], m[D][D], G[8 * D];
@@ -315,46 +324,10 @@ void jacobian_backward_impl(const T* __restrict__ gy, const T* __restrict__ gdir
           for (int c = 0; c < (1 << D); ++c) {
             T w, dw[D], d2w[D][D];
             cell.corner(c, w, dw, with_dirs ? d2w : nullptr);
-            const T* row = table + (int64_t)cell.rows[c] * F;
-            for (int64_t f = 0; f < F; ++f) {
-              for (int j = 0; j < D; ++j) {
-                T a = g[f] * dw[j];
-                if (with_dirs)
-                  for (int i = 0; i < D; ++i) a += G[f * D + i] * d2w[i][j];
-                acc[j] += row[f] * a;
-              }
-            }
+            add_x_share<D, T>(table + (int64_t)cell.rows[c] * F, g, G, dw, d2w, F, with_dirs, acc);
           }
         }
         for (int j = 0; j < D; ++j) g_x[p * D + j] = acc[j] * inside[j];
-      }
-    });
-  }
-  if (g_T) {
-    at::parallel_for(0, L, 1, [&](int64_t lbegin, int64_t lend) {
-      for (int64_t l = lbegin; l < lend; ++l) {
-        for (int64_t p = 0; p < n; ++p) {
-          T xc[D], inside[D], m[D][D], G[8 * D];
-          nr::clamp_point<D, T>(x + p * D, xc, inside);
-          const bool with_dirs = p < n_jac;
-          if (with_dirs) {
-            nr::direction_matrix<D, T>(dmat, inside, m);
-            jacobian_rows_grad<D, T>(gdirs, m, p, l, F, LF, G);
-          }
-          auto cell = cell_at<D, T>(xc, lay, l, smooth);
-          const T* g = gy + p * LF + l * F;
-          for (int c = 0; c < (1 << D); ++c) {
-            T w, dw[D];
-            cell.corner(c, w, dw, nullptr);
-            T* row = g_T + (int64_t)cell.rows[c] * F;
-            for (int64_t f = 0; f < F; ++f) {
-              T a = w * g[f];
-              if (with_dirs)
-                for (int i = 0; i < D; ++i) a += dw[i] * G[f * D + i];
-              row[f] += a;
-            }
-          }
-        }
       }
     });
   }
