@@ -45,17 +45,18 @@ def busy_cpu_seconds(cpus: set[int] | None = None, path: str = PROC_STAT) -> flo
     except OSError:
         return None
     ticks = 0
-    for line in lines:
-        name, *fields = line.split()
-        if not name.startswith("cpu") or len(fields) < 8:
-            continue
-        if cpus is None and name != "cpu":
-            continue
-        if cpus is not None and (name == "cpu" or int(name[3:]) not in cpus):
-            continue
-        user, nice, system, _idle, _iowait, irq, softirq, steal = (int(v) for v in fields[:8])
-        ticks += user + nice + system + irq + softirq + steal
-    return ticks / os.sysconf("SC_CLK_TCK")
+    try:
+        for line in lines:
+            name, *fields = line.split() or [""]
+            if not name.startswith("cpu") or len(fields) < 8:
+                continue
+            if (name != "cpu") if cpus is None else (name == "cpu" or int(name[3:]) not in cpus):
+                continue
+            user, nice, system, _idle, _iowait, irq, softirq, steal = (int(v) for v in fields[:8])
+            ticks += user + nice + system + irq + softirq + steal
+        return ticks / os.sysconf("SC_CLK_TCK")
+    except (ValueError, OSError):  # a format this does not know: no reading
+        return None
 
 
 def own_cpu_seconds() -> float:
@@ -119,7 +120,7 @@ class CpuShare:
         reading = self._read()
         (t0, busy0, own0), (t1, busy1, own1) = self._last, reading
         self._last = reading
-        if busy1 is None:
+        if busy1 is None or t1 <= t0:
             return
         others = max(0.0, ((busy1 - busy0) - (own1 - own0)) / (t1 - t0))
         wanted = self.wanted(others)

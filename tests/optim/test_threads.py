@@ -92,6 +92,8 @@ def test_busy_seconds_are_read_from_proc_stat_for_the_cpus_given(tmp_path):
     assert busy_cpu_seconds(None, str(stat)) == pytest.approx(440 / hz)  # all but idle and iowait
     assert busy_cpu_seconds({1}, str(stat)) == pytest.approx(280 / hz)
     assert busy_cpu_seconds(None, str(tmp_path / "missing")) is None
+    stat.write_text("cpu  300 10 100 9000 50 5 5 20 0 0\ncpuX 1 2 3 4 5 6 7 8\n")
+    assert busy_cpu_seconds({0}, str(stat)) is None  # a format it does not know: no reading
 
 
 def test_run_threads_restores_the_callers_count_and_shares_only_several_threads():
@@ -113,10 +115,11 @@ def test_a_registration_beside_a_busy_process_runs_on_fewer_threads_and_says_so(
     from neuralreg import RegistrationConfig, register_pair
     from neuralreg.phantoms import knee_phantom_pair
 
-    clock = iter(range(10**6))  # a second per reading: the interval has always passed
-    monkeypatch.setattr(threads.time, "monotonic", lambda: float(next(clock)))
-    own = threads.own_cpu_seconds
-    monkeypatch.setattr(threads, "busy_cpu_seconds", lambda cpus: own() + threads.time.monotonic())
+    # a reading at every poll, and the CPUs busy with one CPU's worth of other work besides
+    # this process's own, whatever the run's speed
+    monkeypatch.setattr(threads, "POLL_SECONDS", 0.0)
+    own, clock = threads.own_cpu_seconds, threads.time.monotonic
+    monkeypatch.setattr(threads, "busy_cpu_seconds", lambda cpus: own() + clock())
     pair = knee_phantom_pair(0, shape=(24, 48, 48))
     cfg = RegistrationConfig(steps=40, affine_steps=10, seed=0)
     callers = torch.get_num_threads()
