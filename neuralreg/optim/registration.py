@@ -159,11 +159,16 @@ class PairRegistration:
         wrong (the verdict and its reasons are in ``info["quality"]``)."""
         share = self.run_config.share_cpus and self.device.type == "cpu"
         with run_threads(self.run_config.threads, share) as self.cpu_share:
-            self.clock = (time.perf_counter(), time.process_time())
-            self.make_fields()
-            self.align()
-            self.fit_fields()
-            return self.result()
+            try:
+                self.clock = (time.perf_counter(), time.process_time())
+                self.make_fields()
+                self.align()
+                self.fit_fields()
+                return self.result()
+            finally:  # a phase called after the run leaves the process's thread count alone
+                self.cpu_share = None
+                if getattr(self, "pair", None) is not None:
+                    self.pair.cpu_share = None
 
     def make_fields(self) -> None:
         """Phi_AB and Phi_BA, new (the identity), on the run's device and backend; the pair's

@@ -139,3 +139,23 @@ def test_a_registration_beside_a_busy_process_runs_on_fewer_threads_and_says_so(
     a, b = (r.displacement_on_grid() for r in (shared, fixed))
     a, b = (x[0] if isinstance(x, tuple) else x for x in (a, b))
     assert float((a - b).abs().max()) < 0.05
+
+
+def test_a_run_stops_polling_its_share_when_it_ends():
+    """After ``run`` the registration and its pair hold no share: a phase called again
+    (``fit_fields``) leaves the caller's thread count as it is."""
+    from neuralreg import RegistrationConfig
+    from neuralreg.optim.registration import PairRegistration
+    from neuralreg.phantoms import knee_phantom_pair
+
+    pair = knee_phantom_pair(0, shape=(16, 32, 32))
+    run = PairRegistration(
+        pair["moving"],
+        pair["fixed"],
+        RegistrationConfig(steps=6, affine_steps=4),
+        run={"progress": False, "threads": 2, "share_cpus": True},
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        run.run()
+    assert run.cpu_share is None and run.pair.cpu_share is None
