@@ -229,19 +229,22 @@ class AffineFit:
 
 
 def fit_together(fits: list[AffineFit], levels, progress: bool = False, bar=None) -> None:
-    """Fit the levels ``levels`` of several ``AffineFit`` s, in order, those that draw the
-    same points (the same ``AffineFit.draw_key``) in lockstep.
+    """Fit the levels ``levels`` of several ``AffineFit`` s, in order, all of a level in
+    lockstep: one batch of terms, one backward and one Adam step a step.
 
     Every start's fit draws from a generator of ``config.seed`` on the same voxels (a start
     moves only the moving image's world frame, not its voxels or masks), so fits on the same
-    level, drawing from the same masks, from the same generator state, draw the same points
-    and read the same target values.
+    level, drawing from the same masks, from the same generator state (the same
+    ``AffineFit.draw_key``), draw the same points and read the same target values: such a
+    group draws once. Groups that draw apart (the interior-only fits and those that drew
+    from everything on the coarsest level) each draw their own points, and still step in
+    one batch.
 
-    A lockstep step draws once and computes every fit's two terms in one batch
-    (``_terms``: the fits' maps as one (B, d+1, d+1) stack, one warp of all their points,
-    the similarity of the batch, one backward, one ``adam.step_together``): each fit takes
-    the steps it would take alone, for the operations of about one. The fits must have
-    taken the same number of steps (as the starts of ``choose_start`` have).
+    A lockstep step computes every fit's two terms in one batch (``_terms``: the fits' maps
+    as one (B, d+1, d+1) stack, one warp of all their points, the similarity of the batch,
+    one backward, one ``adam.step_together``): each fit takes the steps it would take
+    alone, for the operations of about one. The fits must have taken the same number of
+    steps (as the starts of ``choose_start`` have).
     """
     if not fits:
         return
@@ -255,20 +258,31 @@ def fit_together(fits: list[AffineFit], levels, progress: bool = False, bar=None
         groups: dict = {}
         for fit in fits:
             groups.setdefault(fit.draw_key(s), []).append(fit)
+        by_points: dict = {}  # one batch per point count: the draws' shapes must agree
         for key, group in groups.items():
-            _fit_level(group, s, key, bar)
+            by_points.setdefault(key[2], []).append((key, group))
+        for batch in by_points.values():
+            _fit_level(batch, s, bar)
     if own:
         bar.close()
 
 
-def _fit_level(group: list[AffineFit], s: int, key: tuple, bar) -> None:
-    """Level ``s`` of fits that draw the same points (``key``), stepping together."""
-    lead = group[0]
+def _fit_level(groups: list[tuple[tuple, list[AffineFit]]], s: int, bar) -> None:
+    """Level ``s`` of groups of fits, each group drawing its own points (its ``key``, the
+    ``AffineFit.draw_key`` of its fits), all stepping together."""
+    lead = groups[0][1][0]
+    fits = [fit for _, group in groups for fit in group]
     cfg, pair = lead.pair.cfg, lead.pair
-    stage = pair.stage(cfg.affine_pyramid[s], lead.generator, key[2], key[1], cfg.affine_edge_fraction)
-    geometry = _Geometry(group, stage)
+    stages = [
+        (
+            len(group),
+            group[0].pair.stage(cfg.affine_pyramid[s], group[0].generator, key[2], key[1], cfg.affine_edge_fraction),
+        )
+        for key, group in groups
+    ]
+    geometry = _Geometry(fits, stages[0][1])
     pending: list[tuple[int, torch.Tensor]] = []  # (step, (B, 3) [loss, sim_ab, sim_ba]) not yet read
-    optimizers = [fit.optimizer for fit in group]
+    optimizers = [fit.optimizer for fit in fits]
     together = all(isinstance(opt, Adam) for opt in optimizers)
     for k in range(lead.per_level[s]):
         pair.poll_cpus()
@@ -276,8 +290,8 @@ def _fit_level(group: list[AffineFit], s: int, key: tuple, bar) -> None:
         for opt in optimizers:
             opt.lr = cfg.affine_learning_rate * (0.05 + 0.95 * frac)
             opt.zero_grad()
-        draw = _draw(stage, cfg.affine_similarity, pair.fused_warp)
-        terms = _terms(group, geometry, draw, pair.fused_warp)  # (B, 2)
+        draws = [(n, _draw(stage, cfg.affine_similarity, pair.fused_warp)) for n, stage in stages]
+        terms = _terms(fits, geometry, draws, pair.fused_warp)  # (B, 2)
         losses = terms.sum(1)
         losses.sum().backward()
         if together:
@@ -286,15 +300,16 @@ def _fit_level(group: list[AffineFit], s: int, key: tuple, bar) -> None:
             for opt in optimizers:
                 opt.step()
         pending.append((lead.steps_done, torch.cat([losses[:, None], terms], 1).detach()))
-        for fit in group:
+        for fit in fits:
             fit.steps_done += 1
-        bar.update(len(group))
+        bar.update(len(fits))
         if len(pending) == pair.check_every or k == lead.per_level[s] - 1:
-            _read(group, pending, s, bar)  # one host synchronisation per check, as in the fields' loop
+            _read(fits, pending, s, bar)  # one host synchronisation per check, as in the fields' loop
             pending = []
-    state = lead.generator.get_state()
-    for fit in group[1:]:  # on from where drawing them left the generator, each fit's own
-        fit.generator.set_state(state)
+    for _, group in groups:
+        state = group[0].generator.get_state()
+        for fit in group[1:]:  # on from where drawing them left the generator, each fit's own
+            fit.generator.set_state(state)
 
 
 class _Geometry:
@@ -323,9 +338,23 @@ def _draw(stage: Stage, similarity: str, fused: bool) -> tuple:
     return tuple(stage.draw(target, similarity, fused) for target in ("fixed", "moving"))
 
 
-def _terms(fits: list[AffineFit], geometry: _Geometry, draw: tuple, fused: bool) -> torch.Tensor:
+def _per_fit(draws: list, target: int, part: int, fov: Image | None = None) -> torch.Tensor:
+    """Part ``part`` of the draws' ``target`` draw (0: voxels (N, d), 1: values (N,)), or
+    ``fov`` sampled at the voxels, one row per fit: (B, N, ...), each group's draw repeated
+    for its fits (a view where one group draws for all)."""
+    rows = []
+    for n, draw in draws:
+        x = draw[target][part]
+        if fov is not None:
+            x = sample(fov, x, False)
+        rows.append(x.expand(n, *x.shape))
+    return rows[0] if len(rows) == 1 else torch.cat(rows)
+
+
+def _terms(fits: list[AffineFit], geometry: _Geometry, draws: list, fused: bool) -> torch.Tensor:
     """(B, 2): sim(A o T, B) at the fixed points and sim(B o T^-1, A) at the moving points
-    (``config.affine_similarity``) for each fit's T, from one ``_draw``."""
+    (``config.affine_similarity``) for each fit's T. ``draws``: (fits, ``_draw``) per group
+    of fits that drew together, in the fits' order (the counts add up to B)."""
     stage, pair = geometry.stage, fits[0].pair
     forward = torch.stack([fit.affine.matrix() for fit in fits])  # (B, d+1, d+1), normalized
     maps = {  # target voxels -> source voxels
@@ -337,25 +366,24 @@ def _terms(fits: list[AffineFit], geometry: _Geometry, draw: tuple, fused: bool)
     batched = loss in BATCHED
     fov = stage.fields_of_view if loss is mi else None  # name -> Image of its field of view, or None
     terms = []
-    for (vox, target_vals), target, source in zip(draw, ("fixed", "moving"), (stage.moving, stage.fixed), strict=True):
+    for t, (target, source) in enumerate(zip(("fixed", "moving"), (stage.moving, stage.fixed), strict=True)):
         m = maps[target]
-        d = vox.shape[1]
-        points = torch.baddbmm(m[:, None, :d, d], vox.expand(len(fits), -1, -1), m[:, :d, :d].transpose(1, 2))
-        warped = sample(source, points.reshape(-1, d), fused)
-        shape = target_vals.shape
-        warped = warped.reshape(len(fits), *shape)
+        vox, target_vals = _per_fit(draws, t, 0), _per_fit(draws, t, 1)  # (B, N, d), (B, N)
+        d = vox.shape[-1]
+        points = torch.baddbmm(m[:, None, :d, d], vox, m[:, :d, :d].transpose(1, 2))
+        warped = sample(source, points.reshape(-1, d), fused).reshape(target_vals.shape)
         if fov is not None:  # the overlap's mutual information (``losses.similarity.overlap_mi``)
             source_name = "moving" if target == "fixed" else "fixed"
             inside = sample(fov[source_name], points.reshape(-1, d), fused).reshape(warped.shape)
-            terms.append(overlap_mi(warped, target_vals, inside * sample(fov[target], vox, False)))
+            terms.append(overlap_mi(warped, target_vals, inside * _per_fit(draws, t, 0, fov[target])))
             continue
         if similarity in WINDOWED:
-            shape = (-1, pair.cfg.lncc_patch_points)
-            warped, target_vals = warped.reshape(len(fits), *shape), target_vals.reshape(shape)
+            shape = (len(fits), -1, pair.cfg.lncc_patch_points)
+            warped, target_vals = warped.reshape(shape), target_vals.reshape(shape)
         if batched:
-            terms.append(loss(warped, target_vals.expand_as(warped)))
+            terms.append(loss(warped, target_vals))
         else:
-            terms.append(torch.stack([loss(w, target_vals) for w in warped]))
+            terms.append(torch.stack([loss(w, v) for w, v in zip(warped, target_vals, strict=True)]))
     return torch.stack(terms, 1)
 
 
@@ -391,5 +419,5 @@ def judge(fits: list[AffineFit], level: int, draws: int = 4) -> list[float]:
     stage = pair.stage(pair.cfg.affine_pyramid[level], gen, pair.points, True, pair.cfg.affine_edge_fraction)
     shared = [_draw(stage, pair.cfg.affine_similarity, False) for _ in range(draws)]
     geometry = _Geometry(fits, stage)
-    total = sum(_terms(fits, geometry, draw, False).sum(1) for draw in shared)
+    total = sum(_terms(fits, geometry, [(len(fits), draw)], False).sum(1) for draw in shared)
     return (total / draws).tolist()
