@@ -13,12 +13,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import re
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from neuralreg.cpus import shares_cpus_by_default
 from neuralreg.errors import ConfigError
 from neuralreg.losses.similarity import WINDOWED
 
@@ -288,7 +288,7 @@ class RunConfig:
     )
     progress: bool = True
     check_every: int | None = None
-    share_cpus: bool = dataclasses.field(default_factory=lambda: os.environ.get("NEURALREG_SHARE_CPUS", "1") != "0")
+    share_cpus: bool = dataclasses.field(default_factory=shares_cpus_by_default)
 
     def __post_init__(self):
         if not isinstance(self.device, str) or not re.fullmatch(r"cpu|cuda(:\d+)?", self.device):

@@ -12,7 +12,9 @@ import os
 # (benchmarks/shared_cpu.py): libgomp's default spin 2.9x its time alone, 500 rounds 1.5x.
 # The runtime reads its settings once, when torch loads it, so they are set here, before the
 # imports below; a user's own OMP_WAIT_POLICY or GOMP_SPINCOUNT wins.
-if "OMP_WAIT_POLICY" not in os.environ and os.environ.get("NEURALREG_SHARE_CPUS") == "0":
+from neuralreg.cpus import available_cpus, shares_cpus_by_default  # imports no torch
+
+if "OMP_WAIT_POLICY" not in os.environ and not shares_cpus_by_default():
     os.environ.setdefault("GOMP_SPINCOUNT", "500")
 
 import argparse
@@ -157,8 +159,6 @@ def _use_threads(threads: int | None) -> None:
     """``--threads`` for the whole command (reading and writing too, not only the registration);
     by default as many as the CPUs this process may use (affinity and cgroup quota)."""
     import torch
-
-    from neuralreg.cli.cpus import available_cpus
 
     torch.set_num_threads(threads or min(torch.get_num_threads(), available_cpus()))
 

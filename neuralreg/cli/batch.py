@@ -287,10 +287,10 @@ def _summary_from_report(folder: Path) -> dict:
 
 def default_workers(device: str) -> tuple[int, int]:
     """(workers, torch threads per worker): one per GPU, else about one per two of the CPUs this
-    process may use (``cpus.available_cpus``: affinity and cgroup quota), at least 1."""
+    process may use (``neuralreg.cpus.available_cpus``: affinity and cgroup quota), at least 1."""
     import torch
 
-    from neuralreg.cli.cpus import available_cpus
+    from neuralreg.cpus import available_cpus
 
     if device.startswith("cuda") and torch.cuda.is_available():
         return torch.cuda.device_count(), 2

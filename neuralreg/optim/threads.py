@@ -29,6 +29,8 @@ from collections.abc import Callable, Iterator
 
 import torch
 
+from neuralreg.cpus import process_cpus
+
 PROC_STAT = "/proc/stat"
 DROP_AT = 0.5  # other work of this many CPUs (and one more per further thread) takes a thread away
 RESTORE_BELOW = 0.25  # ... and other work under this many CPUs gives it back
@@ -95,10 +97,7 @@ class CpuShare:
         set_threads: Callable[[int], None] = torch.set_num_threads,
     ):
         if cpus is None:
-            try:
-                cpus = set(os.sched_getaffinity(0))
-            except (AttributeError, OSError):
-                cpus = None
+            cpus = process_cpus()
         self.most = self.threads = threads
         self.n_cpus = len(cpus) if cpus else (os.cpu_count() or 1)
         self.interval = POLL_SECONDS if interval is None else interval

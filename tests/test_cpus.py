@@ -1,10 +1,10 @@
-"""The CPUs a process may use: affinity and cgroup quota (``neuralreg.cli.cpus``)."""
+"""The CPUs a process may use: affinity and cgroup quota (``neuralreg.cpus``)."""
 
 import os
 
 import pytest
 
-from neuralreg.cli.cpus import available_cpus, cgroup_quota
+from neuralreg.cpus import available_cpus, cgroup_quota, shares_cpus_by_default
 
 
 def test_cgroup_quota_v2_and_v1(tmp_path):
@@ -32,3 +32,13 @@ def test_available_cpus_follows_the_affinity_mask():
     finally:
         os.sched_setaffinity(0, before)
     assert 1 <= available_cpus() <= len(before)
+
+
+def test_runs_share_their_cpus_unless_the_environment_says_0(monkeypatch):
+    from neuralreg.config import RunConfig
+
+    monkeypatch.delenv("NEURALREG_SHARE_CPUS", raising=False)
+    assert shares_cpus_by_default() and RunConfig().share_cpus
+    monkeypatch.setenv("NEURALREG_SHARE_CPUS", "0")
+    assert not shares_cpus_by_default() and not RunConfig().share_cpus
+    assert RunConfig(share_cpus=True).share_cpus
