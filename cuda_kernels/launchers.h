@@ -52,4 +52,16 @@ int nr_mi_backward_f32(const float* grad, const float* w, const float* f, const 
                        float* g, int64_t B, int64_t n, int bins, cudaStream_t s);
 int nr_mi_backward_f64(const double* grad, const double* w, const double* f, const double* scale,
                        const double* log_ratio, double* g, int64_t B, int64_t n, int bins, cudaStream_t s);
+int nr_overlap_mi_forward_f32(const float* w, const float* f, const float* weight, float* value, float* entry_grad,
+                              float* scale, float* joint, float* stats, int64_t B, int64_t n, int bins, float eps,
+                              cudaStream_t s);
+int nr_overlap_mi_forward_f64(const double* w, const double* f, const double* weight, double* value,
+                              double* entry_grad, double* scale, double* joint, double* stats, int64_t B, int64_t n,
+                              int bins, double eps, cudaStream_t s);
+int nr_overlap_mi_backward_f32(const float* grad, const float* w, const float* f, const float* weight,
+                               const float* scale, const float* entry_grad, float* g_w, float* g_weight, int64_t B,
+                               int64_t n, int bins, cudaStream_t s);
+int nr_overlap_mi_backward_f64(const double* grad, const double* w, const double* f, const double* weight,
+                               const double* scale, const double* entry_grad, double* g_w, double* g_weight,
+                               int64_t B, int64_t n, int bins, cudaStream_t s);
 }

@@ -597,4 +597,117 @@ torch::Tensor mi_backward(torch::Tensor grad, torch::Tensor warped, torch::Tenso
   return g;
 }
 
+namespace {
+
+void check_overlap_mi(const torch::Tensor& warped, const torch::Tensor& fixed, const torch::Tensor& weight,
+                      int64_t bins) {
+  check_mi(warped, fixed, bins);
+  TORCH_CHECK(weight.device().is_cpu(), "CPU tensors expected");
+  TORCH_CHECK(weight.sizes() == warped.sizes(), "weight must be (B, N) as warped");
+  TORCH_CHECK(weight.scalar_type() == warped.scalar_type(), "warped and weight must share a dtype");
+}
+
+// One batch row per task: the counted ranges, the weighted histogram, the marginals, the
+// log ratios, the value and each entry's gradient (pointmath.h: overlap_entry_grad).
+template <typename T>
+void overlap_mi_forward_impl(const T* w, const T* f, const T* weight, T* value, T* entry_grad, T* scale, int64_t B,
+                             int64_t n, int bins, T eps) {
+  at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+    std::vector<T> joint(bins * bins), pa(bins), pb(bins);
+    for (int64_t b = b0; b < b1; ++b) {
+      const T* x = w + b * n;
+      const T* y = f + b * n;
+      const T* m = weight + b * n;
+      T* sc = scale + b * 4;
+      nr::counted_range(x, m, n, eps, sc, sc + 1);
+      nr::counted_range(y, m, n, eps, sc + 2, sc + 3);
+      std::fill(joint.begin(), joint.end(), T(0));
+      for (int64_t p = 0; p < n; ++p) {
+        int ia[3], ib[3];
+        T wa[3], wb[3];
+        nr::spline_bins(x[p], sc[0], sc[1], bins, ia, wa);
+        nr::spline_bins(y[p], sc[2], sc[3], bins, ib, wb);
+        for (int k = 0; k < 3; ++k)
+          for (int k2 = 0; k2 < 3; ++k2) joint[ia[k] * bins + ib[k2]] += m[p] * wa[k] * wb[k2];
+      }
+      T s = T(0);
+      for (auto& e : joint) s += e;
+      s /= T(n);
+      const T norm = T(1) / (T(n) * (s > eps ? s : eps));  // joint -> q
+      std::fill(pa.begin(), pa.end(), T(0));
+      std::fill(pb.begin(), pb.end(), T(0));
+      for (int i = 0; i < bins; ++i)
+        for (int j = 0; j < bins; ++j) {
+          pa[i] += joint[i * bins + j] * norm;
+          pb[j] += joint[i * bins + j] * norm;
+        }
+      T info = T(0);
+      T* g = entry_grad + b * bins * bins;
+      for (int i = 0; i < bins; ++i)
+        for (int j = 0; j < bins; ++j) {
+          const T q = joint[i * bins + j] * norm;
+          g[i * bins + j] = nr::mi_log_ratio(q, pa[i], pb[j]);
+          info -= q * g[i * bins + j];
+        }
+      for (int e = 0; e < bins * bins; ++e) g[e] = nr::overlap_entry_grad(g[e], info, s, eps);
+      value[b] = s * info;
+    }
+  });
+}
+
+}  // namespace
+
+std::vector<torch::Tensor> overlap_mi_forward(torch::Tensor warped, torch::Tensor fixed, torch::Tensor weight,
+                                              int64_t bins, double eps) {
+  check_overlap_mi(warped, fixed, weight, bins);
+  warped = warped.contiguous();
+  fixed = fixed.contiguous();
+  weight = weight.contiguous();
+  const int64_t B = warped.size(0), n = warped.size(1);
+  TORCH_CHECK(n > 0, "empty samples");
+  auto value = torch::empty({B}, warped.options());
+  auto entry_grad = torch::empty({B, bins, bins}, warped.options());
+  auto scale = torch::empty({B, 4}, warped.options());
+  AT_DISPATCH_FLOATING_TYPES(warped.scalar_type(), "overlap_mi_forward", [&] {
+    overlap_mi_forward_impl<scalar_t>(warped.data_ptr<scalar_t>(), fixed.data_ptr<scalar_t>(),
+                                      weight.data_ptr<scalar_t>(), value.data_ptr<scalar_t>(),
+                                      entry_grad.data_ptr<scalar_t>(), scale.data_ptr<scalar_t>(), B, n, (int)bins,
+                                      (scalar_t)eps);
+  });
+  return {value, entry_grad, scale};
+}
+
+std::vector<torch::Tensor> overlap_mi_backward(torch::Tensor grad, torch::Tensor warped, torch::Tensor fixed,
+                                               torch::Tensor weight, torch::Tensor scale, torch::Tensor entry_grad,
+                                               int64_t bins) {
+  check_overlap_mi(warped, fixed, weight, bins);
+  warped = warped.contiguous();
+  fixed = fixed.contiguous();
+  weight = weight.contiguous();
+  grad = grad.contiguous();
+  scale = scale.contiguous();
+  entry_grad = entry_grad.contiguous();
+  const int64_t B = warped.size(0), n = warped.size(1);
+  auto g_w = torch::empty_like(warped);
+  auto g_weight = torch::empty_like(warped);
+  AT_DISPATCH_FLOATING_TYPES(warped.scalar_type(), "overlap_mi_backward", [&] {
+    const scalar_t* gr = grad.data_ptr<scalar_t>();
+    const scalar_t* x = warped.data_ptr<scalar_t>();
+    const scalar_t* y = fixed.data_ptr<scalar_t>();
+    const scalar_t* m = weight.data_ptr<scalar_t>();
+    const scalar_t* sc = scale.data_ptr<scalar_t>();
+    const scalar_t* eg = entry_grad.data_ptr<scalar_t>();
+    scalar_t* out_w = g_w.data_ptr<scalar_t>();
+    scalar_t* out_m = g_weight.data_ptr<scalar_t>();
+    at::parallel_for(0, B * n, 2048, [&](int64_t s, int64_t e) {
+      for (int64_t q = s; q < e; ++q) {
+        const int64_t b = q / n;
+        nr::overlap_mi_point_gradients<scalar_t>(x[q], y[q], m[q], sc + b * 4, eg + b * bins * bins,
+                                                 gr[b] / scalar_t(n), (int)bins, out_w + q, out_m + q);
+      }
+    });
+  });
+  return {g_w, g_weight};
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { NR_OPS(NR_BIND_OP) }

@@ -283,4 +283,69 @@ torch::Tensor mi_backward(torch::Tensor grad, torch::Tensor warped, torch::Tenso
   return g;
 }
 
+std::vector<torch::Tensor> overlap_mi_forward(torch::Tensor warped, torch::Tensor fixed, torch::Tensor weight,
+                                              int64_t bins, double eps) {
+  warped = warped.contiguous();
+  fixed = fixed.contiguous();
+  weight = weight.contiguous();
+  for (auto* t : {&warped, &fixed, &weight}) check(*t, "overlap_mi_forward's inputs");
+  TORCH_CHECK(warped.dim() == 2 && warped.sizes() == fixed.sizes() && warped.sizes() == weight.sizes(),
+              "warped, fixed and weight must be (B, N) alike");
+  TORCH_CHECK(warped.scalar_type() == fixed.scalar_type() && warped.scalar_type() == weight.scalar_type(),
+              "warped, fixed and weight must share a dtype");
+  TORCH_CHECK(bins >= 4, "at least 4 bins");
+  const int64_t B = warped.size(0), n = warped.size(1);
+  TORCH_CHECK(n > 0, "empty samples");
+  auto value = torch::empty({B}, warped.options());
+  auto entry_grad = torch::empty({B, bins, bins}, warped.options());
+  auto scale = torch::empty({B, 4}, warped.options());
+  auto joint = torch::zeros({B, bins, bins}, warped.options());
+  auto stats = torch::zeros({B, 3}, warped.options());
+  NR_DEVICE_GUARD(warped);
+  auto stream = NR_STREAM;
+  if (warped.scalar_type() == torch::kFloat64)
+    check_status(nr_overlap_mi_forward_f64(warped.data_ptr<double>(), fixed.data_ptr<double>(),
+                                           weight.data_ptr<double>(), value.data_ptr<double>(),
+                                           entry_grad.data_ptr<double>(), scale.data_ptr<double>(),
+                                           joint.data_ptr<double>(), stats.data_ptr<double>(), B, n, (int)bins, eps,
+                                           stream));
+  else
+    check_status(nr_overlap_mi_forward_f32(warped.data_ptr<float>(), fixed.data_ptr<float>(), weight.data_ptr<float>(),
+                                           value.data_ptr<float>(), entry_grad.data_ptr<float>(),
+                                           scale.data_ptr<float>(), joint.data_ptr<float>(), stats.data_ptr<float>(), B,
+                                           n, (int)bins, (float)eps, stream));
+  return {value, entry_grad, scale};
+}
+
+std::vector<torch::Tensor> overlap_mi_backward(torch::Tensor grad, torch::Tensor warped, torch::Tensor fixed,
+                                               torch::Tensor weight, torch::Tensor scale, torch::Tensor entry_grad,
+                                               int64_t bins) {
+  grad = grad.contiguous();
+  warped = warped.contiguous();
+  fixed = fixed.contiguous();
+  weight = weight.contiguous();
+  scale = scale.contiguous();
+  entry_grad = entry_grad.contiguous();
+  for (auto* t : {&grad, &warped, &fixed, &weight, &scale, &entry_grad}) check(*t, "overlap_mi_backward's inputs");
+  TORCH_CHECK(warped.dim() == 2 && warped.sizes() == fixed.sizes() && warped.sizes() == weight.sizes(),
+              "warped, fixed and weight must be (B, N) alike");
+  const int64_t B = warped.size(0), n = warped.size(1);
+  auto g_w = torch::empty_like(warped);
+  auto g_weight = torch::empty_like(warped);
+  NR_DEVICE_GUARD(warped);
+  auto stream = NR_STREAM;
+  if (warped.scalar_type() == torch::kFloat64)
+    check_status(nr_overlap_mi_backward_f64(grad.data_ptr<double>(), warped.data_ptr<double>(),
+                                            fixed.data_ptr<double>(), weight.data_ptr<double>(),
+                                            scale.data_ptr<double>(), entry_grad.data_ptr<double>(),
+                                            g_w.data_ptr<double>(), g_weight.data_ptr<double>(), B, n, (int)bins,
+                                            stream));
+  else
+    check_status(nr_overlap_mi_backward_f32(grad.data_ptr<float>(), warped.data_ptr<float>(), fixed.data_ptr<float>(),
+                                            weight.data_ptr<float>(), scale.data_ptr<float>(),
+                                            entry_grad.data_ptr<float>(), g_w.data_ptr<float>(),
+                                            g_weight.data_ptr<float>(), B, n, (int)bins, stream));
+  return {g_w, g_weight};
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { NR_OPS(NR_BIND_OP) }

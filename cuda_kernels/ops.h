@@ -15,7 +15,9 @@
   X(hashgrid_jacobian_backward)  \
   X(warp_forward)                \
   X(mi_forward)                  \
-  X(mi_backward)
+  X(mi_backward)                 \
+  X(overlap_mi_forward)          \
+  X(overlap_mi_backward)
 
 #define NR_BIND_OP(name) m.def(#name, &name);
 
@@ -66,3 +68,15 @@ std::vector<torch::Tensor> mi_forward(torch::Tensor warped, torch::Tensor fixed,
 // d(-MI)/d warped (B, N), times grad (B,), from mi_forward's scale and log_ratio.
 torch::Tensor mi_backward(torch::Tensor grad, torch::Tensor warped, torch::Tensor fixed, torch::Tensor scale,
                           torch::Tensor log_ratio, int64_t bins);
+// The overlap's mutual information (losses/similarity.py, overlap_mi) of B pairs of samples
+// (warped, fixed) (B, N) with weights (B, N) in [0, 1]: each row's joint histogram weighted,
+// both samples' ranges over the points of weight > 0, value = s * (-MI of the normalized
+// histogram), s = the mean weight. Returns (value (B), entry_grad (B, bins, bins) = d value /
+// d(joint entry), scale (B, 4) as mi_forward's).
+std::vector<torch::Tensor> overlap_mi_forward(torch::Tensor warped, torch::Tensor fixed, torch::Tensor weight,
+                                              int64_t bins, double eps);
+// (d value / d warped, d value / d weight) (B, N) each, times grad (B,), from
+// overlap_mi_forward's scale and entry_grad.
+std::vector<torch::Tensor> overlap_mi_backward(torch::Tensor grad, torch::Tensor warped, torch::Tensor fixed,
+                                               torch::Tensor weight, torch::Tensor scale, torch::Tensor entry_grad,
+                                               int64_t bins);

@@ -206,6 +206,72 @@ NR_HD T mi_point_gradient(T x, T y, const T* scale, const T* row, T grad_over_n,
   return gd * T(bins - 3) / scale[1];
 }
 
+// The range of the counted points of a sample (``weight`` > 0), as the overlap's mutual
+// information reads it (losses/similarity.py, overlap_mi): lo and span = max(hi - lo, eps)
+// over those points; with none counted, lo = the sample's largest value and span = eps.
+template <typename T>
+NR_HD void counted_range(const T* v, const T* weight, int64_t n, T eps, T* lo_out, T* span_out) {
+  T lo = T(0), hi = T(0), top = v[0];
+  bool any = false;
+  for (int64_t p = 0; p < n; ++p) {
+    top = v[p] > top ? v[p] : top;
+    if (!(weight[p] > T(0))) continue;
+    lo = any && lo < v[p] ? lo : v[p];
+    hi = any && hi > v[p] ? hi : v[p];
+    any = true;
+  }
+  if (!any) lo = hi = top;
+  *lo_out = lo;
+  *span_out = hi - lo > eps ? hi - lo : eps;
+}
+
+// log(q / (p_i p_j)) of a joint entry q and its marginals, the product floored at 1e-12
+// and the ratio too, as mi's (losses/similarity.py, _information).
+template <typename T>
+NR_HD T mi_log_ratio(T q, T pa, T pb) {
+  T den = pa * pb;
+  den = den > T(1e-12) ? den : T(1e-12);
+  const T r = q / den;
+  return nr_log(r > T(1e-12) ? r : T(1e-12));
+}
+
+// The overlap's mutual information is value = s I(q) (losses/similarity.py, overlap_mi):
+// s the overlap's share (the sum of the weighted joint histogram J over n), q = J / c,
+// c = max(s, eps), I = -sum q log ratio. Its derivative with respect to one entry of J, from
+// that entry's log ratio ``lr``: I + (s / c)(1 - lr) - [s > eps](1 + I), which is -lr where
+// s > eps. Where the ratio is floored (an empty entry) the floor has no derivative, as in
+// autograd through the op-by-op path: 2 - lr in place of 1 - lr.
+template <typename T>
+NR_HD T overlap_entry_grad(T lr, T info, T s, T eps) {
+  const T c = s > eps ? s : eps;
+  const T own = lr > nr_log(T(1e-12)) ? T(1) : T(2);
+  return info + s / c * (own - lr) - (s > eps ? T(1) + info : T(0));
+}
+
+// The overlap's mutual information's gradients at one point: d value / d(warped value)
+// into *g_x and d value / d weight into *g_weight, times grad / n (``grad_over_n``), from
+// the row's ``entry_grad`` (overlap_entry_grad of each entry) and ``scale`` (lo, span of the warped
+// sample, lo, span of the fixed one).
+template <typename T>
+NR_HD void overlap_mi_point_gradients(T x, T y, T weight, const T* scale, const T* entry_grad, T grad_over_n, int bins,
+                                      T* g_x, T* g_weight) {
+  int ia[3], ib[3];
+  T wa[3], wb[3];
+  spline_bins(x, scale[0], scale[1], bins, ia, wa);
+  spline_bins(y, scale[2], scale[3], bins, ib, wb);
+  T g[3], gw = T(0);
+  for (int k = 0; k < 3; ++k) {
+    T a = T(0);
+    for (int k2 = 0; k2 < 3; ++k2) a += entry_grad[ia[k] * bins + ib[k2]] * wb[k2];
+    g[k] = a * grad_over_n;
+    gw += a * wa[k];
+  }
+  *g_weight = gw * grad_over_n;
+  T d = wa[2] - wa[0];  // the offset from the bin's centre
+  T gd = d * (g[0] - T(2) * g[1] + g[2]) + T(0.5) * (g[2] - g[0]);
+  *g_x = gd * weight * T(bins - 3) / scale[1];
+}
+
 // Linear interpolation of a scalar volume (row-major, axis 0 slowest) at a voxel-index
 // point, with the spatial gradient unless ``grad`` is null (values only); vertices outside
 // the grid count as 0.

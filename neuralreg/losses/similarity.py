@@ -245,15 +245,60 @@ def overlap_mi(warped: torch.Tensor, fixed: torch.Tensor, weight: torch.Tensor, 
     """
     batch, n = warped.shape[:-1], warped.shape[-1]
     weight = weight.expand_as(warped).reshape(-1, n)
+    fixed = fixed.expand_as(warped).reshape(-1, n)
+    if not fixed.requires_grad and _native_kernels(warped) is not None and warped.dtype == weight.dtype:
+        return _OverlapMI.apply(warped.reshape(-1, n), fixed, weight, bins).reshape(batch)
+    return _overlap_mi(warped.reshape(-1, n), fixed, weight, bins).reshape(batch)
+
+
+def _overlap_mi(warped: torch.Tensor, fixed: torch.Tensor, weight: torch.Tensor, bins: int) -> torch.Tensor:
+    """``overlap_mi`` of (B, N) samples and weights, op by op (autograd differentiates it, to second order)."""
+    n = warped.shape[-1]
     counted = weight.detach() > 0  # the histograms span the counted points' range
-    ia, wa = _spline_bins(warped.reshape(-1, n), bins, counted)
-    ib, wb = _spline_bins(fixed.expand_as(warped).reshape(-1, n), bins, counted)
+    ia, wa = _spline_bins(warped, bins, counted)
+    ib, wb = _spline_bins(fixed, bins, counted)
     entry = (wa[:, :, None, :] * wb[:, None, :, :] * weight[:, None, None, :]).reshape(-1)
     joint = torch.zeros(ia.shape[0] * bins * bins, device=warped.device, dtype=entry.dtype)
     joint = joint.index_add(0, _joint_index(ia, ib, bins), entry).reshape(-1, bins, bins) / n
     share = joint.sum((-2, -1))
-    value = share * _information(joint / share.clamp(min=_EPS)[:, None, None])[0]
-    return value.reshape(batch)
+    return share * _information(joint / share.clamp(min=_EPS)[:, None, None])[0]
+
+
+class _OverlapMI(torch.autograd.Function):
+    """``overlap_mi`` of (B, N) samples, a constant fixed one, on the native kernels: one call
+    each way (``overlap_mi_forward``, ``overlap_mi_backward``: ``cuda_kernels/mi.cu`` and its
+    CPU twin) instead of a few dozen operations on (B, 9, N) and their graph.
+
+    With s the overlap's share and q the normalized joint histogram, value = s I(q) and its
+    derivative with respect to a joint entry is -log(q_ij / (q_i q_j)) (where s > eps: the
+    share's own derivative cancels the normalization's); a point gathers it from its nine
+    entries, times its weight and the derivative of its window for the warped value, times
+    its window products for the weight. The same values and gradients as ``_overlap_mi`` to
+    rounding, the floors of its logarithms included (tests). A gradient of the gradient
+    goes through ``_overlap_mi`` (autograd's)."""
+
+    @staticmethod
+    def forward(ctx, warped, fixed, weight, bins):
+        module = _native_kernels(warped)
+        value, entry_grad, scale = module.overlap_mi_forward(warped, fixed, weight, bins, _EPS)
+        ctx.save_for_backward(warped, fixed, weight, scale, entry_grad)
+        ctx.bins = bins
+        return value
+
+    @staticmethod
+    def backward(ctx, grad):
+        warped, fixed, weight, scale, entry_grad = ctx.saved_tensors
+        if torch.is_grad_enabled():  # a graph of the gradient (second derivatives): autograd's
+            with torch.enable_grad():
+                need = [t for t, k in ((warped, 0), (weight, 2)) if ctx.needs_input_grad[k]]
+                grads = iter(
+                    torch.autograd.grad(_overlap_mi(warped, fixed, weight, ctx.bins), need, grad, create_graph=True)
+                )
+                return tuple(next(grads) if k in (0, 2) and ctx.needs_input_grad[k] else None for k in range(4))
+        g_w, g_m = _native_kernels(warped).overlap_mi_backward(
+            grad.contiguous(), warped, fixed, weight, scale, entry_grad, ctx.bins
+        )
+        return g_w, None, g_m, None
 
 
 def normalized_mi(a: torch.Tensor, b: torch.Tensor, bins: int = MI_BINS) -> float:

@@ -319,6 +319,43 @@ def test_every_build_exposes_the_same_ops():
         assert native.ops("cuda") == cpu
 
 
+def test_overlap_mutual_information_kernels_match_reference(device, monkeypatch):
+    """``overlap_mi_forward`` / ``overlap_mi_backward`` against the op-by-op path of
+    ``similarity.overlap_mi`` (float64): the value and the gradients in the warped sample and
+    in the weights, a batch of pairs each with its own histogram and its own counted range,
+    weights of 0 (outside the overlap, their values outside the counted range), of 1 and in
+    between, and a row with nothing counted (value and gradients 0)."""
+    from neuralreg.losses import similarity
+
+    g = torch.Generator().manual_seed(1)
+    b, n = 3, 900
+    warped = torch.rand(b, n, generator=g, dtype=torch.float64)
+    fixed = (warped + 0.3 * torch.rand(b, n, generator=g, dtype=torch.float64)) ** 2
+    weight = torch.rand(b, n, generator=g, dtype=torch.float64).clamp(max=0.8) / 0.8  # a share at exactly 1
+    weight[:, :100] = 0.0
+    warped[:, :100] += 2.0  # outside the counted range: clamped to the edge bins
+    weight[2] = 0.0  # no overlap at all
+    results = []
+    for path in ("native", "reference"):
+        if path == "reference":
+            monkeypatch.setattr(similarity, "_native_kernels", lambda x: None)
+        else:
+            assert similarity._native_kernels(warped.to(device)) is not None
+        w = warped.to(device).requires_grad_(True)
+        m = weight.to(device).requires_grad_(True)
+        value = similarity.overlap_mi(w, fixed.to(device), m, bins=16)
+        scaled = (value * torch.arange(1.0, b + 1, dtype=value.dtype, device=device)).sum()
+        grads = torch.autograd.grad(scaled, (w, m))
+        results.append((value.detach().cpu(), *(x.cpu() for x in grads)))
+        monkeypatch.undo()
+    for native_result, reference in zip(*results, strict=True):
+        torch.testing.assert_close(native_result, reference, rtol=1e-9, atol=1e-12)
+    value, g_w, g_m = results[0]
+    assert value[2] == 0 and g_w[2].abs().max() == 0 and g_m[2].abs().max() == 0
+    assert g_w[:2, 100:].abs().min(1).values.max() > 0 and g_m[:2].abs().max() > 0
+    assert g_w[:2, :100].abs().max() == 0  # a point of weight 0 moves nothing in the histogram
+
+
 @pytest.mark.parametrize("batch", [1, 2])
 def test_mutual_information_kernels_match_reference(batch, device, monkeypatch):
     """``mi_forward`` / ``mi_backward`` against the written-out PyTorch path of
