@@ -2,7 +2,7 @@
 // (losses/similarity.py, mi), and its gradient with respect to the warped sample; and the
 // overlap's mutual information (overlap_mi: weighted points, ranges over the counted ones,
 // times the overlap's share), with its gradients in the warped sample and the weights. Same
-// per-point math as the CPU twin (pointmath.h: spline_bins, mi_point_gradient,
+// per-point math as the CPU twin (pointmath.h: joint_entries, mi_point_gradient,
 // counted_range, overlap_mi_point_gradients). Three launches forward (ranges, histogram by
 // atomics, entropies; the overlap's four), one backward; no shared
 // memory or barriers, so the emulation of cuda_compat.h runs them as they are. Compiles with
@@ -35,14 +35,11 @@ __global__ void mi_histogram_kernel(const T* __restrict__ w, const T* __restrict
   int64_t q = blockIdx.x * (int64_t)blockDim.x + threadIdx.x;
   if (q >= B * n) return;
   const int64_t b = q / n;
-  const T* sc = scale + b * 4;
-  int ia[3], ib[3];
-  T wa[3], wb[3];
-  nr::spline_bins(w[q], sc[0], sc[1], bins, ia, wa);
-  nr::spline_bins(f[q], sc[2], sc[3], bins, ib, wb);
+  int entry[9];
+  T product[9];
+  nr::joint_entries(w[q], f[q], scale + b * 4, bins, entry, product);
   T* row = joint + b * bins * bins;
-  for (int k = 0; k < 3; ++k)
-    for (int k2 = 0; k2 < 3; ++k2) atomicAdd(row + ia[k] * bins + ib[k2], wa[k] * wb[k2]);
+  for (int k = 0; k < 9; ++k) atomicAdd(row + entry[k], product[k]);
 }
 
 // One thread per (batch row, entry): its marginals by loops over its row and column, its
@@ -124,15 +121,12 @@ __global__ void overlap_histogram_kernel(const T* __restrict__ w, const T* __res
   int64_t q = blockIdx.x * (int64_t)blockDim.x + threadIdx.x;
   if (q >= B * n) return;
   const int64_t b = q / n;
-  const T* sc = scale + b * 4;
-  int ia[3], ib[3];
-  T wa[3], wb[3];
-  nr::spline_bins(w[q], sc[0], sc[1], bins, ia, wa);
-  nr::spline_bins(f[q], sc[2], sc[3], bins, ib, wb);
+  int entry[9];
+  T product[9];
+  nr::joint_entries(w[q], f[q], scale + b * 4, bins, entry, product);
   T* row = joint + b * bins * bins;
   const T m = weight[q];
-  for (int k = 0; k < 3; ++k)
-    for (int k2 = 0; k2 < 3; ++k2) atomicAdd(row + ia[k] * bins + ib[k2], m * wa[k] * wb[k2]);
+  for (int k = 0; k < 9; ++k) atomicAdd(row + entry[k], m * product[k]);
   atomicAdd(stats + 3 * b, m / T(n));  // the nine weights sum to 1
 }
 

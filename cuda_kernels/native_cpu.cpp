@@ -520,12 +520,10 @@ void mi_forward_impl(const T* w, const T* f, T* value, T* log_ratio, T* scale, i
       nr::sample_range(y, n, eps, sc + 2, sc + 3);
       std::fill(joint.begin(), joint.end(), T(0));
       for (int64_t p = 0; p < n; ++p) {
-        int ia[3], ib[3];
-        T wa[3], wb[3];
-        nr::spline_bins(x[p], sc[0], sc[1], bins, ia, wa);
-        nr::spline_bins(y[p], sc[2], sc[3], bins, ib, wb);
-        for (int k = 0; k < 3; ++k)
-          for (int k2 = 0; k2 < 3; ++k2) joint[ia[k] * bins + ib[k2]] += wa[k] * wb[k2];
+        int entry[9];
+        T product[9];
+        nr::joint_entries(x[p], y[p], sc, bins, entry, product);
+        for (int k = 0; k < 9; ++k) joint[entry[k]] += product[k];
       }
       for (auto& e : joint) e /= T(n);
       std::fill(pa.begin(), pa.end(), T(0));
@@ -623,12 +621,10 @@ void overlap_mi_forward_impl(const T* w, const T* f, const T* weight, T* value, 
       nr::counted_range(y, m, n, eps, sc + 2, sc + 3);
       std::fill(joint.begin(), joint.end(), T(0));
       for (int64_t p = 0; p < n; ++p) {
-        int ia[3], ib[3];
-        T wa[3], wb[3];
-        nr::spline_bins(x[p], sc[0], sc[1], bins, ia, wa);
-        nr::spline_bins(y[p], sc[2], sc[3], bins, ib, wb);
-        for (int k = 0; k < 3; ++k)
-          for (int k2 = 0; k2 < 3; ++k2) joint[ia[k] * bins + ib[k2]] += m[p] * wa[k] * wb[k2];
+        int entry[9];
+        T product[9];
+        nr::joint_entries(x[p], y[p], sc, bins, entry, product);
+        for (int k = 0; k < 9; ++k) joint[entry[k]] += m[p] * product[k];
       }
       T s = T(0);
       for (auto& e : joint) s += e;

@@ -172,6 +172,21 @@ NR_HD T spline_bins(T x, T lo, T span, int bins, int* index, T* weight) {
   return d;
 }
 
+// A point's nine joint-histogram entries (row-major in a bins x bins row) and their window
+// products, its warped value x and fixed value y scaled by ``scale`` (lo, span of each).
+template <typename T>
+NR_HD void joint_entries(T x, T y, const T* scale, int bins, int* entry, T* product) {
+  int ia[3], ib[3];
+  T wa[3], wb[3];
+  spline_bins(x, scale[0], scale[1], bins, ia, wa);
+  spline_bins(y, scale[2], scale[3], bins, ib, wb);
+  for (int k = 0; k < 3; ++k)
+    for (int k2 = 0; k2 < 3; ++k2) {
+      entry[3 * k + k2] = ia[k] * bins + ib[k2];
+      product[3 * k + k2] = wa[k] * wb[k2];
+    }
+}
+
 // A sample's range as spline_bins reads it: its lowest value lo and span = max(hi - lo, eps).
 template <typename T>
 NR_HD void sample_range(const T* v, int64_t n, T eps, T* lo_out, T* span_out) {
