@@ -148,7 +148,8 @@ def test_overlap_mi_counts_only_the_overlap_times_its_share():
 
 def test_overlap_mi_gradients_in_values_and_weights_match_finite_differences():
     """The overlap's edge moves with the map: overlap_mi is differentiable in the warped
-    values and in the weights (a mask sampled at the warped points); float64 gradcheck."""
+    values and in the weights (a mask sampled at the warped points); float64 gradcheck and
+    gradgradcheck (through the native kernels where they are loaded, as here on the CPU)."""
     from neuralreg.losses.similarity import overlap_mi
 
     g = torch.Generator().manual_seed(1)
@@ -163,6 +164,7 @@ def test_overlap_mi_gradients_in_values_and_weights_match_finite_differences():
         return overlap_mi(torch.cat([w, anchors]), torch.cat([fixed, anchors]), torch.cat([v, one]), bins=8)
 
     assert torch.autograd.gradcheck(f, (warped, weight))
+    assert torch.autograd.gradgradcheck(f, (warped, weight))  # the native path's gradient of its gradient
 
 
 def test_overlap_mi_does_not_reward_a_small_overlap_that_matches():
