@@ -71,7 +71,9 @@ def test_a_failed_build_is_loud_and_names_the_compilers_first_error(tmp_path):
     broken = tmp_path / "kernels"
     shutil.copytree(native.kernels_dir(), broken)
     source = broken / "native_cpu.cpp"
-    source.write_text(source.read_text().replace("namespace {", "namespace { this_is_not_cpp;", 1))
+    # a header that is missing stops the compiler at once (a syntax error deep in the file
+    # costs the parse of torch's headers, twice)
+    source.write_text('#include "this_is_not_cpp.h"\n' + source.read_text())
     pair = triangles_pair(1, size=24)
     write_image(pair["fixed"], tmp_path / "f.nii.gz")
     env = {**os.environ, "NEURALREG_KERNELS_DIR": str(broken), "TORCH_EXTENSIONS_DIR": str(tmp_path / "ext")}
