@@ -58,7 +58,7 @@ def _float(obj, key: str, low: float, high: float = math.inf, low_open: bool = F
     setattr(obj, key, float(value))
 
 
-Similarity = Literal["mse", "ncc", "lncc", "mi", "lncc_mi"]  # the names of losses.SIMILARITIES
+Similarity = Literal["mse", "ncc", "lncc", "mi", "lncc_mi", "mind", "mind_mi"]  # the names of losses.SIMILARITIES
 Regularizer = Literal["gradicon", "gradicon_fd", "icon", "diffusion", "bending", "none"]  # losses.REGULARIZERS
 Backend = Literal["auto", "torch", "native", "tcnn"]
 Activation = Literal["relu", "silu", "softplus", "tanh"]
@@ -317,9 +317,13 @@ class RegistrationConfig:
     Attributes:
         field: the neural field (both directions use the same architecture).
         similarity: the fields' similarity: ``"mse"``, ``"ncc"`` (global), ``"lncc"``
-            (local windows of sampled points), ``"mi"`` (mutual information) or
-            ``"lncc_mi"`` (both added: ``losses.similarity``), in the first (coarsest)
-            pyramid stage, and in every stage where ``fine_similarity`` is None.
+            (local windows of sampled points), ``"mi"`` (mutual information),
+            ``"lncc_mi"`` (both added: ``losses.similarity``), ``"mind"`` (MIND-SSC
+            descriptors: where structures lie, whatever their intensities) or
+            ``"mind_mi"`` (mutual information plus the descriptors:
+            ``losses.descriptors``; they hold 12 more floats per voxel of each image and
+            level, and sample them by ``grid_sample``, not the native warp), in the first
+            (coarsest) pyramid stage, and in every stage where ``fine_similarity`` is None.
         fine_similarity: the fields' similarity in the pyramid stages after the first; None:
             ``similarity`` (``stage_similarity``). Local NCC in the coarsest stage pulls the
             bones in from an imperfect global alignment; mutual information after it keeps
@@ -329,7 +333,13 @@ class RegistrationConfig:
             (``"lncc"``) scores higher (docs/benchmarks.md, "The fields' similarity"). Where
             a local-NCC first stage leaves the images' windows correlating almost perfectly
             (one anatomy in one contrast: ``registration.ONE_CONTRAST_LNCC``), the later
-            stages fit local NCC in its place (``report.json``: ``contrast``).
+            stages fit local NCC in its place (``report.json``: ``contrast``); that check,
+            and the first stage's switch to mutual information where contrasts are
+            inverted or it loses shared information, run only with ``"mi"`` here.
+            ``"mind_mi"`` lifted the knees that mutual information loses (one subject's
+            layer of another tissue slid onto the other's bone) on the `filled` and
+            `contrast` families, at 1.5-1.8x the time (docs/benchmarks.md, "Structure and
+            tissue classes together"); not yet the default.
         regularizer: ``"gradicon"`` (autograd Jacobian), ``"gradicon_fd"`` (finite
             differences), ``"icon"``, ``"diffusion"``, ``"bending"`` or ``"none"``.
         regularizer_weight: lambda multiplying the regularizer.

@@ -2,7 +2,9 @@
 read these tables, so a new term is a function here and one entry below.
 
 ``SIMILARITIES[name](warped (N,) or (W, k), fixed same) -> scalar`` loss (lower is better);
-those in ``BATCHED`` also take leading batch axes, one loss each.
+those in ``BATCHED`` also take leading batch axes, one loss each. Those in ``DESCRIPTORS``
+read, instead of the intensities, a volume of C channels made from each image per pyramid
+level: their inputs are (N, C).
 
 ``REGULARIZERS[name]`` is a ``Regularizer``: ``make(config, box)`` gives the term
 ``(phi_a, phi_b, u (N, d) normalized points) -> scalar``. An inverse-consistency term
@@ -19,9 +21,18 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from neuralreg.losses import regularizers
+from neuralreg.losses.descriptors import DESCRIPTORS, mind, mind_mi
 from neuralreg.losses.similarity import WINDOWED, lncc, lncc_mi, mi, mse, ncc
 
-SIMILARITIES: dict[str, Callable] = {"mse": mse, "ncc": ncc, "lncc": lncc, "mi": mi, "lncc_mi": lncc_mi}
+SIMILARITIES: dict[str, Callable] = {
+    "mse": mse,
+    "ncc": ncc,
+    "lncc": lncc,
+    "mi": mi,
+    "lncc_mi": lncc_mi,
+    "mind": mind,
+    "mind_mi": mind_mi,
+}
 # the similarities that take a batch of samples (leading axes) and give a loss each: the
 # affine fits of several starts step together through one call (another function is
 # called once a start)
@@ -67,4 +78,4 @@ REGULARIZERS: dict[str, Regularizer | None] = {
     "none": None,
 }
 
-__all__ = ["BATCHED", "REGULARIZERS", "SIMILARITIES", "WINDOWED", "Regularizer"]
+__all__ = ["BATCHED", "DESCRIPTORS", "REGULARIZERS", "SIMILARITIES", "WINDOWED", "Regularizer"]

@@ -397,7 +397,7 @@ class PairRegistration:
         for f in (self.phi_ab, self.phi_ba):
             f.encoding.set_active_levels(active)
         self.watchdog.reset()
-        self.watchdog.relative = stage_similarity(cfg, s) == "mse"  # mse's scale is the images'
+        self.watchdog.relative = stage_similarity(cfg, s) in ("mse", "mind")  # their scales are the data's
         pending: list[tuple[int, int, torch.Tensor]] = []  # (step, stage, [loss, sim_ab, sim_ba, reg]) not yet read
         i = 0
         while i < n_steps:

@@ -17,7 +17,8 @@ import torch
 from neuralreg.config import RegistrationConfig
 from neuralreg.geometry.coordinates import NormalizedBox, PointMap
 from neuralreg.geometry.image import Image
-from neuralreg.losses import BATCHED, REGULARIZERS, SIMILARITIES, WINDOWED
+from neuralreg.geometry.interpolation import sample_image
+from neuralreg.losses import BATCHED, DESCRIPTORS, REGULARIZERS, SIMILARITIES, WINDOWED
 from neuralreg.optim.adam import Adam
 from neuralreg.optim.points import VoxelSampler, edge_weights
 from neuralreg.optim.threads import CpuShare
@@ -164,11 +165,22 @@ class Stage:
             vox = sampler.sample_windows(max(1, self.points // k), k, cfg.lncc_window).to(device)
         else:
             vox = sampler.sample(self.points).to(device)
+        if similarity in DESCRIPTORS:
+            return vox, sample_image(self.descriptors(similarity)[target], vox)
         if self.pair.fused_warp if fused is None else fused:
             from neuralreg.fields import native
 
             return vox, native.sample_values(image.data.float(), vox.float())
         return vox, image.sample(vox)
+
+    def descriptors(self, similarity: str) -> dict:
+        """Name ("moving", "fixed") -> the level's descriptor volume (C, *shape) that
+        ``similarity`` reads (``losses.DESCRIPTORS``), made on first use."""
+        cache = self.__dict__.setdefault("_descriptors", {})
+        if similarity not in cache:
+            make = DESCRIPTORS[similarity]
+            cache[similarity] = {"moving": make(self.moving.data), "fixed": make(self.fixed.data)}
+        return cache[similarity]
 
     def warped(
         self, mapping, source: str, target: str, similarity: str, draw: tuple | None = None, fused: bool | None = None
@@ -179,10 +191,14 @@ class Stage:
         fused = self.pair.fused_warp if fused is None else fused
         vox, target_vals = draw if draw is not None else self.draw(target, similarity, fused)
         evaluate = getattr(mapping, "forward_once", mapping)  # a map's one-node pass where it has one
-        return self._sample_mapped(evaluate(self.vox_to_u[target](vox)), source, fused), target_vals
+        mapped = evaluate(self.vox_to_u[target](vox))
+        return self._sample_mapped(mapped, source, fused, similarity), target_vals
 
-    def _sample_mapped(self, mapped: torch.Tensor, source: str, fused: bool) -> torch.Tensor:
-        """The ``source`` image at normalized points ``mapped`` (N, d) -> (N,)."""
+    def _sample_mapped(self, mapped: torch.Tensor, source: str, fused: bool, similarity: str = "") -> torch.Tensor:
+        """The ``source`` image at normalized points ``mapped`` (N, d) -> (N,), or the
+        descriptors ``similarity`` reads -> (N, C)."""
+        if similarity in DESCRIPTORS:
+            return sample_image(self.descriptors(similarity)[source], self.u_to_vox[source](mapped))
         image = self.moving if source == "moving" else self.fixed
         return sample(image, self.u_to_vox[source](mapped), fused)
 
@@ -237,7 +253,12 @@ class Stage:
         u_moving, u_fixed = self._regularizer_points(n_points)
         at = (self.vox_to_u["fixed"](draw_ab[0]), self.vox_to_u["moving"](draw_ba[0]))
         reg, (y_ab, y_ba) = both_ways(map_ab, map_ba, u_moving, u_fixed, values_at=at)
-        warped = torch.stack([self._sample_mapped(y_ab, "moving", fused), self._sample_mapped(y_ba, "fixed", fused)])
+        warped = torch.stack(
+            [
+                self._sample_mapped(y_ab, "moving", fused, similarity),
+                self._sample_mapped(y_ba, "fixed", fused, similarity),
+            ]
+        )
         target = torch.stack([draw_ab[1], draw_ba[1]])
         sim_ab, sim_ba = loss(*self._windowed(similarity, warped, target)).unbind()
         return sim_ab, sim_ba, reg

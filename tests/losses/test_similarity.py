@@ -107,14 +107,15 @@ def test_mi_gradient_gathered_from_the_histogram_is_autograds():
 
 @pytest.mark.parametrize("name", sorted(SIMILARITIES))
 def test_a_batch_of_samples_gives_each_samples_loss_and_gradient(name):
-    """``BATCHED`` similarities: (B, N) or (B, P, K) -> (B,), each the loss of its sample
+    """``BATCHED`` similarities: (B, N), (B, P, K) or (B, N, C) -> (B,), each the loss of its sample
     alone, with the same gradients (the affine fits of several starts in one call)."""
-    from neuralreg.losses import BATCHED
+    from neuralreg.losses import BATCHED, DESCRIPTORS
 
     loss = SIMILARITIES[name]
     assert loss in BATCHED
     g = torch.Generator().manual_seed(3)
-    shape = (3, 16, 32) if name in WINDOWED else (3, 512)
+    # windows of points, points with the 13 channels that ``mind_mi`` reads, or points
+    shape = (3, 16, 32) if name in WINDOWED else (3, 512, 13) if name in DESCRIPTORS else (3, 512)
     fixed = torch.rand(shape[1:], generator=g, dtype=torch.float64)
     warped = (fixed + 0.3 * torch.rand(shape, generator=g, dtype=torch.float64)).requires_grad_()
     batch = loss(warped, fixed.expand_as(warped))
