@@ -336,10 +336,11 @@ class RegistrationConfig:
             stages fit local NCC in its place (``report.json``: ``contrast``); that check,
             and the first stage's switch to mutual information where contrasts are
             inverted or it loses shared information, run only with ``"mi"`` here.
-            ``"mind_mi"`` lifted the knees that mutual information loses (one subject's
-            layer of another tissue slid onto the other's bone) on the `filled` and
-            `contrast` families, at 1.5-1.8x the time (docs/benchmarks.md, "Structure and
-            tissue classes together"); not yet the default.
+            ``"mind_mi"`` lifted five of the six knees that mutual information loses
+            (one subject's layer of another tissue slid onto the other's bone) over the
+            bone line, at up to twice the time and memory, and costs some good pairs
+            cartilage (docs/benchmarks.md, "Structure and tissue classes together"): an
+            option while a whole family's run decides.
         regularizer: ``"gradicon"`` (autograd Jacobian), ``"gradicon_fd"`` (finite
             differences), ``"icon"``, ``"diffusion"``, ``"bending"`` or ``"none"``.
         regularizer_weight: lambda multiplying the regularizer.

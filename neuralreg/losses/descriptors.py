@@ -77,8 +77,10 @@ def mind(warped: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
 
 
 # mutual information spans about 0.3 nats between an aligned and a misaligned knee, the
-# descriptors' mean squared difference about 0.03: this weight gives the two like ranges
-MIND_WEIGHT = 10.0
+# descriptors' mean squared difference about 0.03. At 10 (like ranges) the fields folded
+# (up to 6 % of the voxels) and broke their round trips against GradICON's lambda = 1; at 3
+# they kept 0-0.15 % folds and most of the gain (docs/benchmarks.md)
+MIND_WEIGHT = 3.0
 
 
 def intensity_and_mind_ssc(image: torch.Tensor) -> torch.Tensor:
