@@ -132,6 +132,7 @@ class Stage:
         }
         self.u_to_vox = {k: v.inverse() for k, v in self.vox_to_u.items()}
         self.factor = factor
+        self._descriptors: dict = {}  # similarity -> name -> (C, *shape), ``descriptors``
 
     @functools.cached_property
     def fields_of_view(self) -> dict | None:
@@ -176,11 +177,10 @@ class Stage:
     def descriptors(self, similarity: str) -> dict:
         """Name ("moving", "fixed") -> the level's descriptor volume (C, *shape) that
         ``similarity`` reads (``losses.DESCRIPTORS``), made on first use."""
-        cache = self.__dict__.setdefault("_descriptors", {})
-        if similarity not in cache:
+        if similarity not in self._descriptors:
             make = DESCRIPTORS[similarity]
-            cache[similarity] = {"moving": make(self.moving.data), "fixed": make(self.fixed.data)}
-        return cache[similarity]
+            self._descriptors[similarity] = {"moving": make(self.moving.data), "fixed": make(self.fixed.data)}
+        return self._descriptors[similarity]
 
     def warped(
         self, mapping, source: str, target: str, similarity: str, draw: tuple | None = None, fused: bool | None = None

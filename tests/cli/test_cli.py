@@ -361,6 +361,6 @@ def test_the_register_flags_are_read_from_the_config_dataclasses(capsys):
         assert exit_.value.code == 0
         text = " ".join(capsys.readouterr().out.split())
         assert all(flag in text for flag in flags), [f for f in flags if f not in text]
-        assert "{mse,ncc,lncc,mi,lncc_mi}" in text and "{auto,torch,native,tcnn}" in text
+        assert "{mse,ncc,lncc,mi,lncc_mi,mind,mind_mi}" in text and "{auto,torch,native,tcnn}" in text
         assert "similarity measure (default: lncc)" in text and "optimization steps (default: 500)" in text
         assert "between the first and the last (default: 0.0)" in text
