@@ -426,9 +426,9 @@ class RegistrationConfig:
         max_recoveries: NaN/Inf losses recovered from (restore, halve the learning rate)
             before the run is declared diverged; also the most rollbacks for a jump.
         divergence_tolerance: a similarity term whose 5-step running mean rises this far
-            above its best within a pyramid stage (in units of 1 - NCC; for ``mse`` as a
-            fraction of its best) rolls both fields back to the last healthy snapshot at
-            half the learning rate (0: off).
+            above its best within a pyramid stage (in units of 1 - NCC; for
+            ``losses.DATA_SCALED`` (``mse``, ``mind``) as a fraction of its best) rolls both
+            fields back to the last healthy snapshot at half the learning rate (0: off).
     """
 
     field: FieldConfig = field(default_factory=FieldConfig)

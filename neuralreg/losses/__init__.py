@@ -37,6 +37,9 @@ SIMILARITIES: dict[str, Callable] = {
 # affine fits of several starts step together through one call (another function is
 # called once a start)
 BATCHED: frozenset = frozenset(SIMILARITIES.values())
+# the similarities whose values have the data's scale (squared differences), not a bounded
+# one: a jump of theirs is judged relative to their best (``watchdog.Watchdog.relative``)
+DATA_SCALED: tuple = ("mse", "mind")
 
 
 @dataclass(frozen=True)
@@ -78,4 +81,4 @@ REGULARIZERS: dict[str, Regularizer | None] = {
     "none": None,
 }
 
-__all__ = ["BATCHED", "DESCRIPTORS", "REGULARIZERS", "SIMILARITIES", "WINDOWED", "Regularizer"]
+__all__ = ["BATCHED", "DATA_SCALED", "DESCRIPTORS", "REGULARIZERS", "SIMILARITIES", "WINDOWED", "Regularizer"]

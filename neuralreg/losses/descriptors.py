@@ -31,6 +31,8 @@ import itertools
 import torch
 import torch.nn.functional as F
 
+from neuralreg.losses.similarity import mi
+
 
 def _ssc_pairs(d: int) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
     """The pairs of face-neighbour offsets (unit vectors, +-) at squared distance 2."""
@@ -91,8 +93,6 @@ def intensity_and_mind_ssc(image: torch.Tensor) -> torch.Tensor:
 def mind_mi(warped: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
     """Mutual information of the intensities (channel 0) plus ``MIND_WEIGHT`` times ``mind``
     of the descriptors (the other channels): inputs (..., N, 1 + C), one loss per leading index."""
-    from neuralreg.losses.similarity import mi
-
     return mi(warped[..., 0], fixed[..., 0]) + MIND_WEIGHT * mind(warped[..., 1:], fixed[..., 1:])
 
 

@@ -43,7 +43,7 @@ from neuralreg.fields.affine import AffineMap, ComposedMap
 from neuralreg.fields.field import NeuralField
 from neuralreg.geometry.coordinates import NormalizedBox
 from neuralreg.geometry.image import Image
-from neuralreg.losses import SIMILARITIES, WINDOWED
+from neuralreg.losses import DATA_SCALED, SIMILARITIES, WINDOWED
 from neuralreg.losses.similarity import lncc as local_ncc
 from neuralreg.losses.similarity import ncc as global_ncc
 from neuralreg.losses.similarity import normalized_mi
@@ -397,7 +397,7 @@ class PairRegistration:
         for f in (self.phi_ab, self.phi_ba):
             f.encoding.set_active_levels(active)
         self.watchdog.reset()
-        self.watchdog.relative = stage_similarity(cfg, s) in ("mse", "mind")  # their scales are the data's
+        self.watchdog.relative = stage_similarity(cfg, s) in DATA_SCALED
         pending: list[tuple[int, int, torch.Tensor]] = []  # (step, stage, [loss, sim_ab, sim_ba, reg]) not yet read
         i = 0
         while i < n_steps:

@@ -13,7 +13,7 @@ class Watchdog:
 
     Within one pyramid stage it tracks the ``window``-step running mean of each similarity
     term and its best (lowest) value; a term whose running mean rises more than
-    ``tolerance`` above its best has diverged (in units of 1 - NCC; for ``mse`` relative
+    ``tolerance`` above its best has diverged (in units of 1 - NCC; for ``losses.DATA_SCALED`` relative
     to its best). Seen on real-geometry knee pairs: one field jumped within 3 steps of a
     stage start to a 40 mm offset outside the other image, where the similarity has no
     gradient and GradICON (blind to a constant shift of the composition) cannot pull it back.
