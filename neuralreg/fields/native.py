@@ -34,6 +34,7 @@ import os
 import platform
 import sys
 import threading
+import time
 import warnings
 from pathlib import Path
 
@@ -46,6 +47,7 @@ _modules: dict = {}
 _errors: dict = {}
 _cpu_route = {"kind": "cpu"}  # which build serves CPU tensors: "cpu" or "emulated" (tests)
 KINDS = ("cpu", "cuda", "emulated")
+STALE_LOCK_S = 600.0  # a build lock older than this was left by a killed build (a build takes 1-3 min)
 
 
 def kernels_dir() -> Path | None:
@@ -98,6 +100,7 @@ def _build(kind: str, src: Path):
         cached = any(Path(cpp_extension._get_build_directory(name, verbose=False)).glob(f"{name}*.so"))
     except Exception:
         cached = False
+    wait_for_build_lock(name)  # torch takes the build's lock even to load a cached build
     if not cached:
         print(f"neuralreg: building the native {kind.upper()} kernels (once, about a minute)...", file=sys.stderr)
     if kind in ("cpu", "emulated"):
@@ -119,6 +122,42 @@ def _build(kind: str, src: Path):
         extra_cuda_cflags=["-O3", "-std=c++17"],
         verbose=False,
     )
+
+
+def wait_for_build_lock(name: str, poll_s: float = 0.5) -> None:
+    """Wait while another process builds extension ``name``; remove a lock left by a killed build.
+
+    torch's ``cpp_extension.load`` takes ``<build dir>/lock`` while it builds and, finding the file,
+    waits for it to go, without limit. A build killed midway (Ctrl-C, a job's time limit) leaves the
+    file behind, and every later run would then hang silently. The lock is never touched while a
+    build runs, so its age is the build's: one older than ``STALE_LOCK_S`` is removed with one
+    ``NativeBuildWarning`` naming it; a younger one is waited for, with one line saying so.
+    """
+    from torch.utils import cpp_extension
+
+    try:
+        lock = Path(cpp_extension._get_build_directory(name, verbose=False)) / "lock"
+    except Exception:
+        return
+    said = False
+    while True:
+        try:
+            age = time.time() - lock.stat().st_mtime
+        except OSError:  # no lock (or it just went): the build may start
+            return
+        if age > STALE_LOCK_S:
+            with contextlib.suppress(OSError):
+                lock.unlink()
+            warnings.warn(
+                f"removed the lock {lock}, left {age / 60:.0f} min ago by a build that did not finish",
+                NativeBuildWarning,
+                stacklevel=4,
+            )
+            return
+        if not said:
+            print(f"neuralreg: waiting for another process's build of the native kernels ({lock})", file=sys.stderr)
+            said = True
+        time.sleep(poll_s)
 
 
 def _load(kind: str = "cpu"):

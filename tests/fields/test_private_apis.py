@@ -49,3 +49,53 @@ def test_the_engine_says_which_gradients_a_backward_pass_uses():
 def test_tinycudann_exposes_its_module_function():
     tcnn = pytest.importorskip("tinycudann", reason="tinycudann is installed by hand on CUDA machines only")
     assert hasattr(tcnn.modules, "_module_function") and hasattr(tcnn._C, "batch_size_granularity")
+
+
+def test_a_lock_left_by_a_killed_build_is_removed_and_named(tmp_path, monkeypatch):
+    """torch waits without limit for ``<build dir>/lock``; a killed build leaves it behind. An old
+    one goes, with one warning naming it; then torch's own ``load`` finds no lock to wait for."""
+    import os
+    import time
+
+    from torch.utils import cpp_extension
+
+    from neuralreg.errors import NativeBuildWarning
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    folder = tmp_path / "neuralreg_lock_probe"
+    assert cpp_extension._get_build_directory("neuralreg_lock_probe", verbose=False) == str(folder)
+    folder.mkdir(exist_ok=True)
+    lock = folder / "lock"
+    lock.touch()
+    old = time.time() - native.STALE_LOCK_S - 60
+    os.utime(lock, (old, old))
+    with pytest.warns(NativeBuildWarning, match=f"removed the lock {lock}, left 11 min ago"):
+        native.wait_for_build_lock("neuralreg_lock_probe")
+    assert not lock.exists()
+
+
+def test_a_build_in_progress_is_waited_for_not_broken(tmp_path, monkeypatch, capsys, recwarn):
+    """A young lock belongs to a build that is running: wait until its owner releases it."""
+    import threading
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    lock = tmp_path / "neuralreg_lock_probe" / "lock"
+    lock.parent.mkdir()
+    lock.touch()
+    seen = []
+
+    def owner():  # the other build: it releases its lock once the waiter has said it waits
+        for _ in range(400):  # at most about 20 s, so that a waiter that never speaks fails, not hangs
+            if "waiting for another process's build" in "".join(seen):
+                break
+            seen.append(capsys.readouterr().err)
+            threading.Event().wait(0.05)
+        lock.unlink()
+
+    thread = threading.Thread(target=owner)
+    thread.start()
+    native.wait_for_build_lock("neuralreg_lock_probe", poll_s=0.05)
+    thread.join()
+    assert not lock.exists()
+    assert f"neuralreg: waiting for another process's build of the native kernels ({lock})" in "".join(seen)
+    assert not [w for w in recwarn if "lock" in str(w.message)]
