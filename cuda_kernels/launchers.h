@@ -44,6 +44,10 @@ int nr_warp_f32(int d, const float* image, const int64_t* shape, const float* po
                 int64_t n, cudaStream_t s);
 int nr_warp_f64(int d, const double* image, const int64_t* shape, const double* points, double* values,
                 double* grads, int64_t n, cudaStream_t s);
+int nr_warp_channels_f32(int d, const float* image, const int64_t* shape, int64_t channels, const float* points,
+                         float* values, float* grads, int64_t n, cudaStream_t s);
+int nr_warp_channels_f64(int d, const double* image, const int64_t* shape, int64_t channels, const double* points,
+                         double* values, double* grads, int64_t n, cudaStream_t s);
 int nr_mi_forward_f32(const float* w, const float* f, float* value, float* log_ratio, float* scale, float* joint,
                       int64_t B, int64_t n, int bins, float eps, cudaStream_t s);
 int nr_mi_forward_f64(const double* w, const double* f, double* value, double* log_ratio, double* scale,

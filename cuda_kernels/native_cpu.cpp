@@ -481,19 +481,32 @@ std::vector<torch::Tensor> warp_forward(torch::Tensor image, torch::Tensor point
   points = points.contiguous();
   TORCH_CHECK(image.scalar_type() == points.scalar_type(), "image and points must share a dtype");
   const int64_t d = points.size(1), n = points.size(0);
-  TORCH_CHECK(image.dim() == d, "image dimensionality must match the points");
-  auto values = torch::empty({n}, points.options());
-  auto grads = with_gradient ? torch::empty({n, d}, points.options()) : torch::Tensor();
-  std::vector<int64_t> shape(image.sizes().begin(), image.sizes().end());
+  TORCH_CHECK(image.dim() == d || image.dim() == d + 1,
+              "image must be (*spatial) or channel-last (*spatial, C), spatial matching the points");
+  const bool channels = image.dim() == d + 1;
+  const int64_t C = channels ? image.size(d) : 1;
+  auto values = channels ? torch::empty({n, C}, points.options()) : torch::empty({n}, points.options());
+  auto grads = !with_gradient ? torch::Tensor()
+               : channels     ? torch::empty({n, C, d}, points.options())
+                              : torch::empty({n, d}, points.options());
+  std::vector<int64_t> shape(image.sizes().begin(), image.sizes().begin() + d);
   AT_DISPATCH_FLOATING_TYPES(points.scalar_type(), "warp_forward", [&] {
     const scalar_t* img = image.data_ptr<scalar_t>();
     const scalar_t* pts = points.data_ptr<scalar_t>();
     scalar_t* val = values.data_ptr<scalar_t>();
     scalar_t* grd = with_gradient ? grads.data_ptr<scalar_t>() : nullptr;
-    DISPATCH_DIMS(d, at::parallel_for(0, n, 2048, [&](int64_t b, int64_t e) {
-      for (int64_t p = b; p < e; ++p)
-        val[p] = nr::sample_with_gradient<D, scalar_t>(img, shape.data(), pts + p * D, grd ? grd + p * D : nullptr);
-    }));
+    if (channels) {
+      DISPATCH_DIMS(d, at::parallel_for(0, n, 512, [&](int64_t b, int64_t e) {
+        for (int64_t p = b; p < e; ++p)
+          nr::sample_channels_with_gradient<D, scalar_t>(img, shape.data(), C, pts + p * D, val + p * C,
+                                                          grd ? grd + p * C * D : nullptr);
+      }));
+    } else {
+      DISPATCH_DIMS(d, at::parallel_for(0, n, 2048, [&](int64_t b, int64_t e) {
+        for (int64_t p = b; p < e; ++p)
+          val[p] = nr::sample_with_gradient<D, scalar_t>(img, shape.data(), pts + p * D, grd ? grd + p * D : nullptr);
+      }));
+    }
   });
   return {values, grads};
 }

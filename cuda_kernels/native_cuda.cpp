@@ -217,13 +217,24 @@ std::vector<torch::Tensor> warp_forward(torch::Tensor image, torch::Tensor point
   check(points, "points");
   const int d = (int)points.size(1);
   const int64_t n = points.size(0);
-  TORCH_CHECK(image.dim() == d, "image dimensionality must match the points");
+  TORCH_CHECK(image.dim() == d || image.dim() == d + 1,
+              "image must be (*spatial) or channel-last (*spatial, C), spatial matching the points");
+  const bool channels = image.dim() == d + 1;
+  const int64_t C = channels ? image.size(d) : 1;
   int64_t shape[3] = {image.size(0), image.size(1), d == 3 ? image.size(2) : 1};
-  auto values = torch::empty({n}, points.options());
-  auto grads = with_gradient ? torch::empty({n, d}, points.options()) : torch::Tensor();
+  auto values = channels ? torch::empty({n, C}, points.options()) : torch::empty({n}, points.options());
+  auto grads = !with_gradient ? torch::Tensor()
+               : channels     ? torch::empty({n, C, d}, points.options())
+                              : torch::empty({n, d}, points.options());
   NR_DEVICE_GUARD(points);
   auto stream = NR_STREAM;
-  if (points.scalar_type() == torch::kFloat64)
+  if (channels && points.scalar_type() == torch::kFloat64)
+    check_status(nr_warp_channels_f64(d, image.data_ptr<double>(), shape, C, points.data_ptr<double>(),
+                                      values.data_ptr<double>(), ptr_if<double>(with_gradient, grads), n, stream));
+  else if (channels)
+    check_status(nr_warp_channels_f32(d, image.data_ptr<float>(), shape, C, points.data_ptr<float>(),
+                                      values.data_ptr<float>(), ptr_if<float>(with_gradient, grads), n, stream));
+  else if (points.scalar_type() == torch::kFloat64)
     check_status(nr_warp_f64(d, image.data_ptr<double>(), shape, points.data_ptr<double>(), values.data_ptr<double>(),
                              ptr_if<double>(with_gradient, grads), n, stream));
   else

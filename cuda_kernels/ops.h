@@ -56,7 +56,8 @@ std::vector<torch::Tensor> hashgrid_jacobian_backward(torch::Tensor gy, torch::T
                                                       torch::Tensor table, torch::Tensor directions,
                                                       int64_t n_jacobian, NR_LAYOUT_ARGS, bool need_x,
                                                       bool need_table);
-// Fused warp: (values (N), spatial gradients (N, d)) of an image at voxel-index points; the
+// Fused warp: (values (N), spatial gradients (N, d)) of an image (*spatial) at voxel-index
+// points; of a channel-last image (*spatial, C): (values (N, C), gradients (N, C, d)). The
 // gradients undefined (not computed) unless with_gradient.
 std::vector<torch::Tensor> warp_forward(torch::Tensor image, torch::Tensor points, bool with_gradient);
 // Negative mutual information of B pairs of samples (warped, fixed) (B, N), each pair's

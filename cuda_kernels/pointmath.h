@@ -325,4 +325,46 @@ NR_HD T sample_with_gradient(const T* image, const int64_t* shape, const T* p, T
   return value;
 }
 
+// Linear interpolation of a C-channel volume stored channel-last (row-major (*shape, C), so a
+// vertex's C values are contiguous) at a voxel-index point: value[k] for k < C and, unless
+// ``grad`` is null, grad[k * D + i] = d value[k] / d p[i]; vertices outside the grid count as 0.
+// The corner weights and their derivatives are made once for all channels.
+template <int D, typename T>
+NR_HD void sample_channels_with_gradient(const T* image, const int64_t* shape, int64_t channels, const T* p, T* value,
+                                         T* grad) {
+  int64_t base[D];
+  T f[D];
+  for (int i = 0; i < D; ++i) {
+    T fl = nr_floor(p[i]);
+    base[i] = (int64_t)fl;
+    f[i] = p[i] - fl;
+  }
+  for (int64_t k = 0; k < channels; ++k) value[k] = T(0);
+  if (grad)
+    for (int64_t k = 0; k < channels * D; ++k) grad[k] = T(0);
+  for (int c = 0; c < (1 << D); ++c) {
+    int64_t offset = 0;
+    bool inside = true;
+    for (int i = 0; i < D; ++i) {
+      int64_t v = base[i] + ((c >> i) & 1);
+      if (v < 0 || v >= shape[i]) inside = false;
+      offset = offset * shape[i] + v;
+    }
+    if (!inside) continue;
+    const T* val = image + offset * channels;
+    T w = T(1);
+    for (int i = 0; i < D; ++i) w *= ((c >> i) & 1) ? f[i] : T(1) - f[i];
+    for (int64_t k = 0; k < channels; ++k) value[k] += w * val[k];
+    if (!grad) continue;
+    T dw[D];
+    for (int i = 0; i < D; ++i) {
+      dw[i] = ((c >> i) & 1) ? T(1) : T(-1);
+      for (int j = 0; j < D; ++j)
+        if (j != i) dw[i] *= ((c >> j) & 1) ? f[j] : T(1) - f[j];
+    }
+    for (int64_t k = 0; k < channels; ++k)
+      for (int i = 0; i < D; ++i) grad[k * D + i] += dw[i] * val[k];
+  }
+}
+
 }  // namespace nr

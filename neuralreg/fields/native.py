@@ -23,7 +23,8 @@ Exposed operations (same semantics as the references, tested against them):
   ``x`` and ``table`` (forward, backward and double-backward kernels);
 - ``warp(image, points)``: fused linear sample returning values whose backward uses the
   spatial gradient computed in the same pass (``interpolation.sample_image`` semantics,
-  zeros outside; gradient w.r.t. points only); ``sample_values`` the values alone.
+  zeros outside; gradient w.r.t. points only), of a scalar image or of a channel-last one
+  (descriptors); ``sample_values`` the values alone.
 """
 
 from __future__ import annotations
@@ -373,11 +374,15 @@ class _Warp(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         (grads,) = ctx.saved_tensors
+        if grads.dim() == 3:  # channels: (N, C) against (N, C, d)
+            return None, torch.einsum("nc,ncd->nd", grad_out, grads)
         return None, grad_out[:, None] * grads
 
 
 def warp(image: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
-    """Fused linear sample of a scalar ``image`` (*spatial) at voxel-index ``points`` (N, d) -> (N,)."""
+    """Fused linear sample at voxel-index ``points`` (N, d) of a scalar ``image`` (*spatial) ->
+    (N,), or of a channel-last one (*spatial, C) -> (N, C) (each vertex's C values contiguous:
+    one set of corner weights serves them all)."""
     _mod(points)
     if image.requires_grad:
         raise ValueError("the fused warp differentiates with respect to points only")
@@ -385,7 +390,8 @@ def warp(image: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
 
 
 def sample_values(image: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
-    """``warp``'s values without its spatial gradient (not differentiable): e.g. the fixed image at its own points."""
+    """``warp``'s values without its spatial gradient (not differentiable): e.g. the fixed image at its own points
+    ((N,) of an image (*spatial), (N, C) of a channel-last one (*spatial, C))."""
     with torch.no_grad():
         values, _ = _mod(points).warp_forward(image.to(points.dtype).contiguous(), points.contiguous(), False)
     return values

@@ -132,7 +132,7 @@ class Stage:
         }
         self.u_to_vox = {k: v.inverse() for k, v in self.vox_to_u.items()}
         self.factor = factor
-        self._descriptors: dict = {}  # similarity -> name -> (C, *shape), ``descriptors``
+        self._descriptors: dict = {}  # similarity -> name -> (*shape, C), ``descriptors``
 
     @functools.cached_property
     def fields_of_view(self) -> dict | None:
@@ -166,21 +166,38 @@ class Stage:
             vox = sampler.sample_windows(max(1, self.points // k), k, cfg.lncc_window).to(device)
         else:
             vox = sampler.sample(self.points).to(device)
+        fused = self.pair.fused_warp if fused is None else fused
         if similarity in DESCRIPTORS:
-            return vox, sample_image(self.descriptors(similarity)[target], vox)
-        if self.pair.fused_warp if fused is None else fused:
+            return vox, self._sample_descriptors(self.descriptors(similarity)[target], vox, fused)
+        if fused:
             from neuralreg.fields import native
 
             return vox, native.sample_values(image.data.float(), vox.float())
         return vox, image.sample(vox)
 
     def descriptors(self, similarity: str) -> dict:
-        """Name ("moving", "fixed") -> the level's descriptor volume (C, *shape) that
-        ``similarity`` reads (``losses.DESCRIPTORS``), made on first use."""
+        """Name ("moving", "fixed") -> the level's descriptor volume that ``similarity`` reads
+        (``losses.DESCRIPTORS``), made on first use: channel-last (*shape, C), so that a
+        point's C values lie together (the fused warp reads them with one set of weights)."""
         if similarity not in self._descriptors:
             make = DESCRIPTORS[similarity]
-            self._descriptors[similarity] = {"moving": make(self.moving.data), "fixed": make(self.fixed.data)}
+            self._descriptors[similarity] = {
+                name: make(image.data).movedim(0, -1).contiguous()
+                for name, image in (("moving", self.moving), ("fixed", self.fixed))
+            }
         return self._descriptors[similarity]
+
+    @staticmethod
+    def _sample_descriptors(volume: torch.Tensor, vox: torch.Tensor, fused: bool) -> torch.Tensor:
+        """A channel-last descriptor ``volume`` (*shape, C) at voxel-index points (N, d) -> (N, C),
+        differentiable in the points: by the fused native warp, or ``sample_image``."""
+        if fused:
+            from neuralreg.fields import native
+
+            if vox.requires_grad:
+                return native.warp(volume, vox.float())
+            return native.sample_values(volume, vox.float())
+        return sample_image(volume.movedim(-1, 0), vox)
 
     def warped(
         self, mapping, source: str, target: str, similarity: str, draw: tuple | None = None, fused: bool | None = None
@@ -198,7 +215,7 @@ class Stage:
         """The ``source`` image at normalized points ``mapped`` (N, d) -> (N,), or the
         descriptors ``similarity`` reads -> (N, C)."""
         if similarity in DESCRIPTORS:
-            return sample_image(self.descriptors(similarity)[source], self.u_to_vox[source](mapped))
+            return self._sample_descriptors(self.descriptors(similarity)[source], self.u_to_vox[source](mapped), fused)
         image = self.moving if source == "moving" else self.fixed
         return sample(image, self.u_to_vox[source](mapped), fused)
 

@@ -194,6 +194,30 @@ def test_fused_warp_matches_grid_sample(d, device):
     assert torch.autograd.gradcheck(lambda p: native.warp(image, p), (b[inside_cells][:20].detach().requires_grad_(),))
 
 
+@pytest.mark.parametrize("d", [2, 3])
+def test_fused_warp_of_channels_matches_grid_sample(d, device):
+    """A channel-last volume (*spatial, C), e.g. MIND descriptors: values (N, C) and the points'
+    gradient of any weighted sum, as ``sample_image`` of the channel-first volume gives them."""
+    shape, channels = (7, 9, 8)[:d], 5
+    image = torch.rand((*shape, channels), generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    image = image.to(device)
+    g = torch.Generator().manual_seed(6)
+    upper = torch.tensor(shape, dtype=torch.float64) - 1
+    pts = (torch.rand(300, d, generator=g, dtype=torch.float64) * (upper + 3) - 1.5).to(device)  # some outside
+    a = pts.clone().requires_grad_(True)
+    b = pts.clone().requires_grad_(True)
+    va, vb = sample_image(image.movedim(-1, 0), a), native.warp(image, b)
+    assert vb.shape == (300, channels)
+    torch.testing.assert_close(vb, va)
+    torch.testing.assert_close(native.sample_values(image, pts), vb.detach(), rtol=0, atol=0)
+    w = torch.randn(300, channels, generator=g, dtype=torch.float64).to(device)
+    (ga,) = torch.autograd.grad((va * w).sum(), a)
+    (gb,) = torch.autograd.grad((vb * w).sum(), b)
+    torch.testing.assert_close(gb, ga)
+    inside = b[((pts > 0) & (pts < upper.to(device) - 1)).all(1)][:20].detach().requires_grad_()
+    assert torch.autograd.gradcheck(lambda p: native.warp(image, p), (inside,))
+
+
 @pytest.mark.parametrize("backend", ["torch", "native"])
 @pytest.mark.parametrize(
     "activation, layers", [("relu", 2), ("silu", 2), ("tanh", 2), ("softplus", 2), ("relu", 1), ("relu", 0)]

@@ -98,3 +98,27 @@ def test_descriptor_similarities_run_in_2d(similarity):
         warnings.simplefilter("ignore", RegistrationWarning)
         reg = register_pair(pair["moving"], pair["fixed"], cfg, run={"progress": False})
     assert len(reg.history) == 6 and all(torch.isfinite(torch.tensor(h["loss"])) for h in reg.history)
+
+
+@pytest.mark.parametrize("similarity", ["mind", "mind_mi"])
+def test_descriptor_similarities_read_alike_by_the_fused_warp_and_the_reference(similarity):
+    """A stage reads the descriptors with the native fused warp (channel-last) or with
+    ``sample_image``: the same points give the same similarity and the same gradient."""
+    from neuralreg.geometry.coordinates import NormalizedBox
+    from neuralreg.optim.stage import PairData, Stage
+    from neuralreg.phantoms import knee_phantom_pair
+
+    pair = knee_phantom_pair(0, shape=(24, 32, 32))
+    moving, fixed = pair["moving"], pair["fixed"]
+    cfg = RegistrationConfig(**CONFIG, fine_similarity=similarity)
+    box = NormalizedBox.around([(moving.shape, moving.affine), (fixed.shape, fixed.affine)], cfg.margin)
+    results = []
+    for fused in (True, False):
+        data = PairData(cfg, moving, fixed, None, None, box, torch.device("cpu"), fused, 2048)
+        stage = Stage(data, 2, torch.Generator().manual_seed(0), 2048, inside_body=False)
+        shift = torch.tensor([0.01, -0.02, 0.015], requires_grad=True)
+        value = stage.similarity(lambda u, s=shift: u + s, "moving", "fixed", similarity)
+        results.append((value.detach(), torch.autograd.grad(value, shift)[0]))
+        assert stage.descriptors(similarity)["moving"].shape[:3] == stage.moving.shape  # channel-last
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(results[0][1], results[1][1], rtol=1e-4, atol=1e-6)
