@@ -322,7 +322,7 @@ class RegistrationConfig:
             descriptors: where structures lie, whatever their intensities) or
             ``"mind_mi"`` (mutual information plus the descriptors:
             ``losses.descriptors``; they hold 12 more floats per voxel of each image and
-            level, and sample them by ``grid_sample``, not the native warp), in the first
+            level, stored channel-last for the fused warp), in the first
             (coarsest) pyramid stage, and in every stage where ``fine_similarity`` is None.
         fine_similarity: the fields' similarity in the pyramid stages after the first; None:
             ``similarity`` (``stage_similarity``). Local NCC in the coarsest stage pulls the
@@ -335,7 +335,7 @@ class RegistrationConfig:
             (one anatomy in one contrast: ``registration.ONE_CONTRAST_LNCC``), the later
             stages fit local NCC in its place (``report.json``: ``contrast``); that check,
             and the first stage's switch to mutual information where contrasts are
-            inverted or it loses shared information, run only with ``"mi"`` here.
+            inverted or it loses shared information, run with ``"mi"`` or ``"mind_mi"`` here.
             ``"mind_mi"`` lifted five of the six knees that mutual information loses
             (one subject's layer of another tissue slid onto the other's bone) over the
             bone line, at up to twice the time and memory, and costs some good pairs

@@ -40,6 +40,11 @@ BATCHED: frozenset = frozenset(SIMILARITIES.values())
 # the similarities whose values have the data's scale (squared differences), not a bounded
 # one: a jump of theirs is judged relative to their best (``watchdog.Watchdog.relative``)
 DATA_SCALED: tuple = ("mse", "mind")
+# the similarities that hold across contrasts (tissue classes by mutual information, with
+# structure by MIND for "mind_mi"): where the fields fit one of them after a windowed first
+# stage, a first stage that inverted contrasts or lost shared information would pull the
+# wrong way is fitted with it instead (``registration.PairRegistration._check_contrast``)
+CROSS_CONTRAST: tuple = ("mi", "mind_mi")
 
 
 @dataclass(frozen=True)
@@ -81,4 +86,13 @@ REGULARIZERS: dict[str, Regularizer | None] = {
     "none": None,
 }
 
-__all__ = ["BATCHED", "DATA_SCALED", "DESCRIPTORS", "REGULARIZERS", "SIMILARITIES", "WINDOWED", "Regularizer"]
+__all__ = [
+    "BATCHED",
+    "CROSS_CONTRAST",
+    "DATA_SCALED",
+    "DESCRIPTORS",
+    "REGULARIZERS",
+    "SIMILARITIES",
+    "WINDOWED",
+    "Regularizer",
+]

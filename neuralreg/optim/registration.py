@@ -43,7 +43,7 @@ from neuralreg.fields.affine import AffineMap, ComposedMap
 from neuralreg.fields.field import NeuralField
 from neuralreg.geometry.coordinates import NormalizedBox
 from neuralreg.geometry.image import Image
-from neuralreg.losses import DATA_SCALED, SIMILARITIES, WINDOWED
+from neuralreg.losses import CROSS_CONTRAST, DATA_SCALED, SIMILARITIES, WINDOWED
 from neuralreg.losses.similarity import lncc as local_ncc
 from neuralreg.losses.similarity import ncc as global_ncc
 from neuralreg.losses.similarity import normalized_mi
@@ -271,14 +271,15 @@ class PairRegistration:
         which asks each window's intensities to rise together, then pulls the first stage the
         wrong way (a head in another contrast: the fields ran 48-81 mm off under three seeds,
         0.39 mm with mutual information; docs/benchmarks.md), so the first stage fits
-        ``fine_similarity`` (mutual information) instead, and ``first_stage_similarity``
-        says so. Only where the first stage fits a windowed similarity and the later ones
-        mutual information (the defaults); without a global part (``affine_steps=0``) the images'
+        ``fine_similarity`` (mutual information, or ``mind_mi``) instead, and
+        ``first_stage_similarity`` says so. Only where the first stage fits a windowed
+        similarity and the later ones one that holds across contrasts (``losses.CROSS_CONTRAST``:
+        the defaults, or ``mind_mi``); without a global part (``affine_steps=0``) the images'
         physical alignment is what is measured. Where the first stage stays windowed, the
         images' shared information after the global part (``nmi_after_global``,
         ``_shared_information``) is what ``_check_first_stage`` compares against."""
         cfg = self.config
-        if cfg.similarity not in WINDOWED or cfg.fine_similarity != "mi":
+        if cfg.similarity not in WINDOWED or cfg.fine_similarity not in CROSS_CONTRAST:
             return
         generator = torch.Generator(device=self.device).manual_seed(cfg.seed + 104729)
         stage = self.pair.stage(cfg.pyramid[0], generator, self.pair.points, cfg.field_interior)

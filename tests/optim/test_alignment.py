@@ -261,6 +261,21 @@ def test_inverted_contrast_fits_the_first_stage_with_mutual_information(phantom)
     assert runs["same"].config.similarity == "lncc"
 
 
+def test_inverted_contrast_fits_the_first_stage_with_mind_mi_where_the_fields_fit_it(phantom):
+    """The contrast checks run for every later similarity that holds across contrasts
+    (``losses.CROSS_CONTRAST``): with ``fine_similarity="mind_mi"``, an inverted pair's first
+    stage fits ``mind_mi``, not the local NCC that would pull it the wrong way."""
+    fixed = phantom["fixed"]
+    x = fixed.data
+    inverted = fixed.with_data(torch.where(x > 0.05, 1.05 - x, x))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RegistrationWarning)
+        config = RegistrationConfig(**{**CONFIG, "affine_steps": 0, "fine_similarity": "mind_mi"})
+        reg = register_pair(inverted, fixed, config, run={"progress": False})
+    assert reg.info["contrast"]["first_stage_similarity"] == "mind_mi"
+    assert reg.config.similarity == "mind_mi" and reg.info["contrast"]["ncc_after_global"] < -0.5
+
+
 def test_one_anatomy_in_one_contrast_keeps_local_ncc_after_the_first_stage(phantom):
     """The phantom pair (one knee, deformed) in one contrast: after the local-NCC first stage
     the windows correlate almost perfectly (``ONE_CONTRAST_LNCC``), so the later stages fit
