@@ -42,8 +42,9 @@ BATCHED: frozenset = frozenset(SIMILARITIES.values())
 DATA_SCALED: tuple = ("mse", "mind")
 # the similarities that hold across contrasts (tissue classes by mutual information, with
 # structure by MIND for "mind_mi"): where the fields fit one of them after a windowed first
-# stage, a first stage that inverted contrasts or lost shared information would pull the
-# wrong way is fitted with it instead (``registration.PairRegistration._check_contrast``)
+# stage, the contrast checks run (``registration.PairRegistration._check_contrast``), and a
+# first stage that inverted contrasts or lost shared information would pull the wrong way
+# fits mutual information instead
 CROSS_CONTRAST: tuple = ("mi", "mind_mi")
 
 

@@ -79,6 +79,12 @@ LOST_NMI_SHARE = 0.1
 # another contrast reached 0.948 and lost precision with local NCC after it (0.49 -> 0.74 mm), so the line
 # keeps clear of it (docs/benchmarks.md, "One anatomy in one contrast")
 ONE_CONTRAST_LNCC = 0.97
+# what a first field stage fits where the contrast checks find local NCC's model broken (inverted
+# contrasts, shared information lost): mutual information, whatever the later stages fit. It matches
+# tissue classes at the coarse level, where descriptors of two subjects' knees tell little; with
+# ``mind_mi`` there as well, a contrast knee whose first stage had lost information ended 0.21 bone
+# Dice lower (docs/benchmarks.md, "Whole families with mind_mi")
+FIRST_STAGE_FALLBACK = "mi"
 
 
 class PairRegistration:
@@ -271,7 +277,7 @@ class PairRegistration:
         which asks each window's intensities to rise together, then pulls the first stage the
         wrong way (a head in another contrast: the fields ran 48-81 mm off under three seeds,
         0.39 mm with mutual information; docs/benchmarks.md), so the first stage fits
-        ``fine_similarity`` (mutual information, or ``mind_mi``) instead, and
+        mutual information (``FIRST_STAGE_FALLBACK``) instead, and
         ``first_stage_similarity`` says so. Only where the first stage fits a windowed
         similarity and the later ones one that holds across contrasts (``losses.CROSS_CONTRAST``:
         the defaults, or ``mind_mi``); without a global part (``affine_steps=0``) the images'
@@ -288,7 +294,7 @@ class PairRegistration:
             ncc = 1.0 - float(global_ncc(warped, fixed_values))  # not the run's similarity table: a measurement
         first = cfg.similarity
         if ncc < INVERTED_NCC:
-            first = cfg.fine_similarity
+            first = FIRST_STAGE_FALLBACK
             self._fit_first_stage_with(first)
         self.contrast = {"ncc_after_global": ncc, "first_stage_similarity": first}
         if first in WINDOWED:
@@ -369,13 +375,13 @@ class PairRegistration:
         self.contrast["later_similarity"] = stage_similarity(self.config, 1)
 
     def _refit_first_stage(self, start: Snapshot, n_steps: int) -> None:
-        """The first stage again from the new fields (``start``), with ``fine_similarity``
-        (mutual information) instead of the windowed similarity that lost information; the
+        """The first stage again from the new fields (``start``), with mutual information
+        (``FIRST_STAGE_FALLBACK``) instead of the windowed similarity that lost information; the
         steps it takes come on top of ``config.steps``, and ``contrast`` says so."""
         start.restore(self.phi_ab, self.phi_ba, self.optimizer)
         self.snapshot, self.candidate = start, None
         self.learning_rate = self.optimizer.lr = self.config.learning_rate
-        self._fit_first_stage_with(self.config.fine_similarity)
+        self._fit_first_stage_with(FIRST_STAGE_FALLBACK)
         self.contrast.update(first_stage_similarity=self.config.similarity, first_stage_refit=True)
         self.bar.total += n_steps
         self.fit_stage(0, n_steps)

@@ -261,10 +261,11 @@ def test_inverted_contrast_fits_the_first_stage_with_mutual_information(phantom)
     assert runs["same"].config.similarity == "lncc"
 
 
-def test_inverted_contrast_fits_the_first_stage_with_mind_mi_where_the_fields_fit_it(phantom):
+def test_inverted_contrast_checks_run_where_the_fields_fit_mind_mi(phantom):
     """The contrast checks run for every later similarity that holds across contrasts
     (``losses.CROSS_CONTRAST``): with ``fine_similarity="mind_mi"``, an inverted pair's first
-    stage fits ``mind_mi``, not the local NCC that would pull it the wrong way."""
+    stage fits mutual information (``FIRST_STAGE_FALLBACK``), not the local NCC that would pull
+    it the wrong way, and the later stages keep ``mind_mi``."""
     fixed = phantom["fixed"]
     x = fixed.data
     inverted = fixed.with_data(torch.where(x > 0.05, 1.05 - x, x))
@@ -272,8 +273,8 @@ def test_inverted_contrast_fits_the_first_stage_with_mind_mi_where_the_fields_fi
         warnings.simplefilter("ignore", RegistrationWarning)
         config = RegistrationConfig(**{**CONFIG, "affine_steps": 0, "fine_similarity": "mind_mi"})
         reg = register_pair(inverted, fixed, config, run={"progress": False})
-    assert reg.info["contrast"]["first_stage_similarity"] == "mind_mi"
-    assert reg.config.similarity == "mind_mi" and reg.info["contrast"]["ncc_after_global"] < -0.5
+    assert reg.info["contrast"]["first_stage_similarity"] == "mi" and reg.info["contrast"]["ncc_after_global"] < -0.5
+    assert reg.config.similarity == "mi" and reg.config.fine_similarity == "mind_mi"
 
 
 def test_one_anatomy_in_one_contrast_keeps_local_ncc_after_the_first_stage(phantom):
