@@ -9,7 +9,8 @@ is no dissimilarity), and the maps are checked against each other:
 | check | verdict when it fails |
 |---|---|
 | share of fixed points that the map sends inside the moving image >= 50 % | failed |
-| round trip Phi_BA(Phi_AB(x)) within max(2 mm, 2 x the largest voxel side) of x (f) | failed |
+| round trip Phi_BA(Phi_AB(x)) within 1.5 x max(2 mm, 2 x the largest voxel side) of x (f) | failed |
+| round trip within max(2 mm, 2 x the largest voxel side) of x (f) | check |
 | local NCC of the full maps not below the affine part's (margin 0.02) (e) | check |
 | normalized mutual information of the registered images >= 1.03 (a) | failed |
 | global NCC of the registered images >= 0.85 (0.80 inside the body (c)), unless NMI >= 1.15 (g) | check |
@@ -39,9 +40,16 @@ unrelated images 19-61 mm. See docs/benchmarks.md (self-check) for the confusion
 (e) one knee scanned twice in two contrasts, registered with cartilage Dice 0.96, scored
 local NCC 0.06-0.07 below its affine part (and normalized MI 0.03-0.05 below): the fields
 fit inside the body what these windows score everywhere; it asks for a look, not a failure.
-(f) ``round_trip_fixed_mm``: the maps' round trip over this check's fixed-grid points.
+(f) ``round_trip_fixed_mm``: the maps' round trip over this check's fixed-grid points;
+``round_trip_limit_mm`` is the line of a look, 1.5 times it the line of a failure.
 ``report.json``'s ``inverse_consistency_error_mm`` (``metrics``) is the other composition,
-Phi_AB(Phi_BA(y)) over the moving grid's voxels.
+Phi_AB(Phi_BA(y)) over the moving grid's voxels. Over 140 knee registrations of two subjects
+(four generated families, defaults and ``mind_mi``) the round trip flagged no gross failure
+that another check did not (gross failures at 0.4-0.9 times the limit, one at 3.0 times,
+which shared almost no information); good ones with the defaults stay under 1.0 times it,
+with ``mind_mi`` (whose two maps agree less) under 1.14 times on the families the failure
+line was set on (``filled``, ``realistic``) and up to 1.62 times on the one kept to check it
+(``contrast``). Beyond 1.5 times, the maps disagree by more than fitting noise.
 
 (g) a scan against a deformed copy of itself in another contrast (tissues swapping order,
 ``examples/header_benchmark.py --contrast``), registered to within 0.3-0.6 mm, scores
@@ -77,6 +85,7 @@ GOOD_NCC_INSIDE = 0.80  # the same line, scored inside the body (c)
 MIN_LNCC_AFFINE = 0.05
 AFFINE_MARGIN = 0.02
 MAX_FOLDS_PERCENT = 1.0
+ROUND_TRIP_FAILED = 1.5  # round trips beyond this multiple of their limit fail; between 1 and it, a look (f)
 MAX_CORRECTION_MM = 9.0
 MIN_SCORED_POINTS = 100  # fewer points inside both images: no similarity (NaN)
 MIN_SCORED_WINDOWS = 10
@@ -204,9 +213,10 @@ def judge(measures: dict) -> Quality:
     if m["overlap_final"] < MIN_OVERLAP:
         failed.append(f"only {100 * m['overlap_final']:.0f} % of the fixed image maps inside the moving image")
     ice, ice_limit = m["round_trip_fixed_mm"], m["round_trip_limit_mm"]
-    if not ice <= ice_limit:
+    if not ice <= ROUND_TRIP_FAILED * ice_limit:
         failed.append(
-            f"a round trip Phi_BA(Phi_AB(x)) misses by {ice:.1f} mm (limit {ice_limit:.1f} mm): the two maps disagree"
+            f"a round trip Phi_BA(Phi_AB(x)) misses by {ice:.1f} mm (more than {ROUND_TRIP_FAILED * ice_limit:.1f} "
+            "mm): the two maps disagree"
         )
     lncc_identity, lncc_affine, lncc_final, ncc_final = (
         m[k] for k in ("lncc_identity", "lncc_affine", "lncc_final", "ncc_final")
@@ -228,6 +238,11 @@ def judge(measures: dict) -> Quality:
     if ncc_final < good_ncc and not shared:
         check.append(f"the registered images correlate only moderately (NCC {ncc_final:.3f} < {good_ncc})")
     correction = m.get("field_correction_mm", math.nan)
+    if ice_limit < ice <= ROUND_TRIP_FAILED * ice_limit:
+        check.append(
+            f"a round trip Phi_BA(Phi_AB(x)) misses by {ice:.1f} mm (more than {ice_limit:.1f} mm): the two maps "
+            "agree only roughly"
+        )
     if correction > MAX_CORRECTION_MM:
         check.append(
             f"the fields move points {correction:.1f} mm beyond the global alignment on average (more than "

@@ -149,7 +149,30 @@ def test_measures_stored_under_the_old_round_trip_names_are_judged_alike():
     old |= {"inverse_consistency_error_mm": 7.5, "inverse_consistency_limit_mm": 2.0}
     assert judge(old).verdict == judge(new).verdict == "failed"
     assert judge(old).reasons == judge(new).reasons
-    assert "round trip Phi_BA(Phi_AB(x)) misses by 7.5 mm (limit 2.0 mm)" in judge(new).reasons[0]
+    assert "round trip Phi_BA(Phi_AB(x)) misses by 7.5 mm (more than 3.0 mm)" in judge(new).reasons[0]
+
+
+# measured (2026-12-07): a `contrast` knee pair of two subjects registered with mind_mi, bone Dice
+# 0.929 in view (9007827-9008561): its maps' round trip 3.16 mm against a limit of 2.96 mm
+MIND_MI_GOOD = dict(FILLED_GOOD, round_trip_fixed_mm=3.16, round_trip_limit_mm=2.96)
+
+
+def test_a_round_trip_just_over_its_limit_asks_for_a_look_and_far_over_it_fails():
+    """Good mind_mi registrations end up to 1.6 times over the round trip's limit: a look. Beyond 1.5
+    times it the maps disagree: failed, with the line that was crossed."""
+    rough = judge(_measures(**MIND_MI_GOOD))
+    assert rough.verdict == "check"
+    assert (
+        "a round trip Phi_BA(Phi_AB(x)) misses by 3.2 mm (more than 3.0 mm): the two maps agree only roughly"
+    ) in rough.reasons
+    assert judge(_measures(**dict(MIND_MI_GOOD, round_trip_fixed_mm=4.43))).verdict == "check"  # 1.5 x 2.96 = 4.44
+    far = judge(_measures(**dict(MIND_MI_GOOD, round_trip_fixed_mm=4.45)))
+    assert far.verdict == "failed"
+    assert far.reasons[0] == (
+        "a round trip Phi_BA(Phi_AB(x)) misses by 4.5 mm (more than 4.4 mm): the two maps disagree"
+    )
+    assert judge(_measures(**dict(MIND_MI_GOOD, round_trip_fixed_mm=float("nan")))).verdict == "failed"
+    assert judge(_measures(round_trip_fixed_mm=2.0)).verdict == "good"  # at the limit
 
 
 # measured (2026-12-05): IXI heads against deformed copies of themselves in another contrast
