@@ -45,9 +45,32 @@ def _ssc_pairs(d: int) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
     return [(p, q) for p, q in itertools.combinations(faces, 2) if sum((a - b) ** 2 for a, b in zip(p, q)) == 2]
 
 
+def box_sum(x: torch.Tensor, radius: int, d: int) -> torch.Tensor:
+    """The sum over the box of side ``2 radius + 1`` around each voxel of the last ``d`` axes
+    of ``x`` (*batch, *spatial), the volume extended by its border values: (2 radius + 1)^d
+    times what ``avg_pool`` of the replicate-padded volume gives, up to rounding. Axis by
+    axis and in place on one copy a pass: 3 (2r + 1) reads a voxel in 3D instead of
+    (2r + 1)^3, and no padded volume."""
+    out = x
+    for axis in range(x.dim() - d, x.dim()):
+        n = out.shape[axis]
+        summed = out.clone()
+        for shift in range(1, radius + 1):
+            if shift < n:
+                summed.narrow(axis, shift, n - shift).add_(out.narrow(axis, 0, n - shift))  # the voxel shift before
+                summed.narrow(axis, 0, n - shift).add_(out.narrow(axis, shift, n - shift))  # the voxel shift after
+            k = min(shift, n)  # neighbours beyond a border take the border's value
+            summed.narrow(axis, 0, k).add_(out.narrow(axis, 0, 1))
+            summed.narrow(axis, n - k, k).add_(out.narrow(axis, n - 1, 1))
+        out = summed
+    return out
+
+
+@torch.no_grad()
 def mind_ssc(image: torch.Tensor, radius: int = 1, dilation: int = 2) -> torch.Tensor:
     """MIND-SSC descriptors of ``image`` (*spatial, 2D or 3D, float): (C, *spatial),
-    C = 12 in 3D and 4 in 2D, values in (0, 1]; the image is extended by its border values."""
+    C = 12 in 3D and 4 in 2D, values in (0, 1]; the image is extended by its border values.
+    Data for the similarity, made once per level: no gradient flows to ``image``."""
     d = image.dim()
     if d not in (2, 3):
         raise ValueError(f"mind_ssc takes a 2D or 3D image, not {d}D")
@@ -60,16 +83,17 @@ def mind_ssc(image: torch.Tensor, radius: int = 1, dilation: int = 2) -> torch.T
         return padded[index]
 
     pairs = _ssc_pairs(d)
-    diff = torch.stack([(shifted(p) - shifted(q)) ** 2 for p, q in pairs])  # (C, *spatial)
-    k = 2 * radius + 1
-    pool = F.avg_pool3d if d == 3 else F.avg_pool2d
-    padded_diff = F.pad(diff[None], (radius,) * (2 * d), mode="replicate")
-    ssd = pool(padded_diff, kernel_size=k, stride=1)[0]
-    ssd = ssd - ssd.min(0, keepdim=True).values
+    diff = torch.empty((len(pairs), *img.shape))  # (C, *spatial): the pairs' squared differences
+    for c, (p, q) in enumerate(pairs):
+        torch.sub(shifted(p), shifted(q), out=diff[c]).square_()
+    # box sums, not means: the box's size cancels in ssd / var below
+    ssd = box_sum(diff, radius, d)
+    del diff
+    ssd -= ssd.min(0, keepdim=True).values
     var = ssd.mean(0, keepdim=True)
     scale = var.mean()
     var = var.clamp(scale * 1e-3 + 1e-12, scale * 1e3 + 1e-12)
-    return torch.exp(-ssd / var)
+    return ssd.div_(var).neg_().exp_()
 
 
 def mind(warped: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:

@@ -10,7 +10,7 @@ from knee_poses import CONFIG
 
 from neuralreg import RegistrationConfig, RegistrationWarning, register_pair
 from neuralreg.losses import BATCHED, DESCRIPTORS, SIMILARITIES
-from neuralreg.losses.descriptors import MIND_WEIGHT, intensity_and_mind_ssc, mind, mind_mi, mind_ssc
+from neuralreg.losses.descriptors import MIND_WEIGHT, box_sum, intensity_and_mind_ssc, mind, mind_mi, mind_ssc
 from neuralreg.losses.similarity import mi
 from neuralreg.metrics import dice
 
@@ -39,6 +39,21 @@ def test_mind_ssc_describes_structure_not_intensity(shape, channels):
     inner = (..., slice(8, -8))
     torch.testing.assert_close(moved[inner], torch.roll(m, 3, dims=-1)[inner], atol=1e-4, rtol=0)
     assert not torch.allclose(moved[inner], m[inner], atol=1e-2)
+
+
+@pytest.mark.parametrize(
+    "shape, radius", [((2, 9, 11, 13), 1), ((3, 7, 8, 10), 2), ((2, 12, 15), 1), ((1, 6, 9), 2), ((1, 2, 9), 3)]
+)
+def test_box_sums_are_the_pooled_means_of_the_border_extended_volume(shape, radius):
+    """Axis by axis, the box's size times ``avg_pool`` of the replicate-padded volume (the
+    definition), float64 to rounding; 2D and 3D, boxes wider than one voxel's neighbours and
+    axes shorter than the box."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.rand(shape, generator=g, dtype=torch.float64)
+    d = len(shape) - 1
+    pool = F.avg_pool3d if d == 3 else F.avg_pool2d
+    expected = pool(F.pad(x[None], (radius,) * (2 * d), mode="replicate"), 2 * radius + 1, stride=1)[0]
+    torch.testing.assert_close(box_sum(x, radius, d) / (2 * radius + 1) ** d, expected, atol=1e-14, rtol=0)
 
 
 def test_mind_ssc_rejects_other_dimensions():
