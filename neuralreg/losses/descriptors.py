@@ -83,7 +83,7 @@ def mind_ssc(image: torch.Tensor, radius: int = 1, dilation: int = 2) -> torch.T
         return padded[index]
 
     pairs = _ssc_pairs(d)
-    diff = torch.empty((len(pairs), *img.shape))  # (C, *spatial): the pairs' squared differences
+    diff = img.new_empty((len(pairs), *img.shape))  # (C, *spatial): the pairs' squared differences
     for c, (p, q) in enumerate(pairs):
         torch.sub(shifted(p), shifted(q), out=diff[c]).square_()
     # box sums, not means: the box's size cancels in ssd / var below

@@ -56,6 +56,13 @@ def test_box_sums_are_the_pooled_means_of_the_border_extended_volume(shape, radi
     torch.testing.assert_close(box_sum(x, radius, d) / (2 * radius + 1) ** d, expected, atol=1e-14, rtol=0)
 
 
+def test_mind_ssc_stays_on_the_images_device():
+    """The descriptors are made where the image lies (a CUDA image's on the GPU): checked on the
+    meta device, which refuses any copy to another device as CUDA does."""
+    m = mind_ssc(torch.empty(6, 7, 8, device="meta"))
+    assert m.device.type == "meta" and m.shape == (12, 6, 7, 8)
+
+
 def test_mind_ssc_rejects_other_dimensions():
     with pytest.raises(ValueError, match="2D or 3D"):
         mind_ssc(torch.rand(10))
