@@ -213,10 +213,16 @@ def judge(measures: dict) -> Quality:
     if m["overlap_final"] < MIN_OVERLAP:
         failed.append(f"only {100 * m['overlap_final']:.0f} % of the fixed image maps inside the moving image")
     ice, ice_limit = m["round_trip_fixed_mm"], m["round_trip_limit_mm"]
-    if not ice <= ROUND_TRIP_FAILED * ice_limit:
+    ice_failed = ROUND_TRIP_FAILED * ice_limit
+    if not ice <= ice_failed:  # NaN included
         failed.append(
-            f"a round trip Phi_BA(Phi_AB(x)) misses by {ice:.1f} mm (more than {ROUND_TRIP_FAILED * ice_limit:.1f} "
-            "mm): the two maps disagree"
+            f"a round trip Phi_BA(Phi_AB(x)) misses by {ice:.1f} mm (more than {ice_failed:.1f} mm): the two maps "
+            "disagree"
+        )
+    elif ice > ice_limit:
+        check.append(
+            f"a round trip Phi_BA(Phi_AB(x)) misses by {ice:.1f} mm (more than {ice_limit:.1f} mm): the two maps "
+            "agree only roughly"
         )
     lncc_identity, lncc_affine, lncc_final, ncc_final = (
         m[k] for k in ("lncc_identity", "lncc_affine", "lncc_final", "ncc_final")
@@ -238,11 +244,6 @@ def judge(measures: dict) -> Quality:
     if ncc_final < good_ncc and not shared:
         check.append(f"the registered images correlate only moderately (NCC {ncc_final:.3f} < {good_ncc})")
     correction = m.get("field_correction_mm", math.nan)
-    if ice_limit < ice <= ROUND_TRIP_FAILED * ice_limit:
-        check.append(
-            f"a round trip Phi_BA(Phi_AB(x)) misses by {ice:.1f} mm (more than {ice_limit:.1f} mm): the two maps "
-            "agree only roughly"
-        )
     if correction > MAX_CORRECTION_MM:
         check.append(
             f"the fields move points {correction:.1f} mm beyond the global alignment on average (more than "
